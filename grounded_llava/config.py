@@ -1,0 +1,147 @@
+"""The model's configuration: one typed source, YAML only overrides (see `configs/*.yaml`)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from .codec import DEFAULT_NUM_BINS
+from .config_io import ConfigError, apply_overrides, from_dict, load_yaml, to_dict
+
+TINY_BASE = "tiny"
+
+
+@dataclass
+class TinyBaseConfig:
+    """Sizes of the random-init tiny LLaVA (CLIP ViT + Llama) used offline, in tests and for the default model."""
+
+    image_size: int = 224
+    """Square model canvas side in pixels."""
+    patch_size: int = 16
+    vision_hidden_size: int = 128
+    vision_layers: int = 3
+    vision_heads: int = 4
+    vision_intermediate_size: int = 256
+    text_hidden_size: int = 256
+    text_layers: int = 4
+    text_heads: int = 4
+    text_kv_heads: int = 2
+    text_intermediate_size: int = 512
+    max_position_embeddings: int = 1024
+    tokenizer_vocab_size: int = 1024
+    """Size of the byte-level BPE the project trains on its own corpus (before special tokens)."""
+    seed: int = 0
+    """Seed of the random initialisation (weights and tokenizer training are deterministic)."""
+
+    def __post_init__(self) -> None:
+        if self.image_size % self.patch_size:
+            raise ConfigError(f"tiny.image_size {self.image_size} is not a multiple of patch_size {self.patch_size}")
+        if self.text_hidden_size % self.text_heads or self.text_heads % self.text_kv_heads:
+            raise ConfigError("tiny.text_hidden_size must divide by text_heads, and text_heads by text_kv_heads")
+
+
+@dataclass
+class LoraSettings:
+    """peft LoRA on the language model only (the regex never matches the vision tower or the projector)."""
+
+    r: int = 8
+    alpha: int = 16
+    dropout: float = 0.05
+    target_regex: str = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
+
+    def __post_init__(self) -> None:
+        if self.r <= 0:
+            raise ConfigError(f"lora.r must be positive, got {self.r}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"lora.dropout must be in [0, 1), got {self.dropout}")
+        if "language_model" not in self.target_regex:
+            raise ConfigError("lora.target_regex must be restricted to the language model (contain 'language_model')")
+
+
+@dataclass
+class HeadSettings:
+    """The vision neck, the YOLO Detect head and the SAM mask decoder."""
+
+    neck_channels: int = 64
+    """Channels of every pyramid level (strides patch/2, patch, 2*patch: finest first)."""
+    categories: list[str] = field(default_factory=list)
+    """Names of the detection classes; class id = index. Incremental stages append to it."""
+    reg_max: int = 16
+    box_gain: float = 7.5
+    cls_gain: float = 0.5
+    dfl_gain: float = 1.5
+    mask_decoder_depth: int = 2
+    mask_decoder_heads: int = 4
+    mask_decoder_mlp_dim: int = 256
+    seg_mlp_hidden: int = 256
+    conf_threshold: float = 0.25
+    nms_iou: float = 0.6
+    match_iou: float = 0.5
+    """IoU for matching a text box to a head box at inference (DESIGN: reconciliation)."""
+
+    def __post_init__(self) -> None:
+        if self.neck_channels % self.mask_decoder_heads:
+            raise ConfigError("heads.neck_channels must divide by heads.mask_decoder_heads")
+        if len(set(self.categories)) != len(self.categories):
+            raise ConfigError(f"heads.categories has duplicates: {self.categories}")
+
+
+@dataclass
+class LossWeights:
+    lm: float = 1.0
+    det: float = 1.0
+    mask_bce: float = 2.0
+    mask_dice: float = 0.5
+
+
+@dataclass
+class GroundedLlavaConfig:
+    """Everything needed to build the model.
+
+    `base` is a hub id (e.g. llava-hf/llava-1.5-7b-hf), a local directory holding a
+    LlavaForConditionalGeneration, or "tiny" for the inline random-init preset `tiny`.
+    """
+
+    base: str = TINY_BASE
+    tiny: TinyBaseConfig = field(default_factory=TinyBaseConfig)
+    num_bins: int = DEFAULT_NUM_BINS
+    lora: LoraSettings = field(default_factory=LoraSettings)
+    heads: HeadSettings = field(default_factory=HeadSettings)
+    loss: LossWeights = field(default_factory=LossWeights)
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    load_in_4bit: bool = False
+    gradient_checkpointing: bool = False
+    system_prompt: str = (
+        "A chat between a curious human and an artificial intelligence assistant. "
+        "The assistant gives helpful, detailed, and polite answers to the human's questions."
+    )
+
+    def __post_init__(self) -> None:
+        if not 2 <= self.num_bins <= 1000:
+            raise ConfigError(f"num_bins must be in [2, 1000], got {self.num_bins}")
+        if self.load_in_4bit and self.dtype == "float32":
+            raise ConfigError("load_in_4bit needs dtype bfloat16 or float16 for the compute")
+
+    @property
+    def is_tiny(self) -> bool:
+        return self.base == TINY_BASE
+
+    @classmethod
+    def from_dict(cls, data: dict) -> GroundedLlavaConfig:
+        return from_dict(cls, data)
+
+    @classmethod
+    def from_yaml(cls, path: str | Path, overrides: Sequence[str] = (), *, section: str | None = "model"):
+        """Load from a YAML file (its `section`, e.g. `model:` of a training config) plus `key=value` overrides."""
+        data = load_yaml(path)
+        if section is not None and section in data:
+            data = data[section]
+        try:
+            return from_dict(cls, apply_overrides(data, overrides))
+        except ConfigError as err:
+            raise ConfigError(f"{path}: {err}") from None
+
+    def to_dict(self) -> dict:
+        return to_dict(self)

@@ -1,0 +1,132 @@
+"""Referring-expression metrics (REC boxes, RES masks) and the text <-> head agreement rate.
+
+One prediction per referring expression; a missing prediction (the model named no box, or no mask)
+scores IoU 0 against a non-empty target instead of being skipped, so a model cannot gain by abstaining.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+
+def box_iou_pairs(boxes_a: np.ndarray, boxes_b: np.ndarray) -> np.ndarray:
+    """IoU of row i of `boxes_a` with row i of `boxes_b`.
+
+    Args:
+        boxes_a, boxes_b: (N, 4) xyxy, same frame (original pixels). An inverted box has area 0.
+
+    Returns:
+        (N,) float64 IoUs in [0, 1]; 0 where the union is empty.
+    """
+    a = np.asarray(boxes_a, dtype=np.float64)
+    b = np.asarray(boxes_b, dtype=np.float64)
+    if a.shape != b.shape or a.ndim != 2 or a.shape[1] != 4:
+        raise ValueError(
+            f"box_iou_pairs needs two (N, 4) arrays of the same shape, got {a.shape} and {b.shape}"
+        )
+    inter_w = np.clip(np.minimum(a[:, 2], b[:, 2]) - np.maximum(a[:, 0], b[:, 0]), 0.0, None)
+    inter_h = np.clip(np.minimum(a[:, 3], b[:, 3]) - np.maximum(a[:, 1], b[:, 1]), 0.0, None)
+    inter = inter_w * inter_h
+    area_a = np.clip(a[:, 2] - a[:, 0], 0.0, None) * np.clip(a[:, 3] - a[:, 1], 0.0, None)
+    area_b = np.clip(b[:, 2] - b[:, 0], 0.0, None) * np.clip(b[:, 3] - b[:, 1], 0.0, None)
+    union = area_a + area_b - inter
+    return np.divide(inter, union, out=np.zeros_like(inter), where=union > 0)
+
+
+def rec_metrics(
+    pred_boxes: Sequence[Sequence[float] | None] | np.ndarray,
+    gt_boxes: Sequence[Sequence[float]] | np.ndarray,
+) -> dict[str, float]:
+    """Referring expression comprehension: one predicted box per expression against its target box.
+
+    Args:
+        pred_boxes: N rows, each a box (4,) xyxy original pixels, or None / a NaN row when the model
+            gave no box (counts as IoU 0).
+        gt_boxes: (N, 4) xyxy original pixels, finite, with x1 >= x0 and y1 >= y0.
+
+    Returns:
+        {"rec_acc50": fraction of expressions with IoU >= 0.5, "rec_miou": mean IoU}.
+    """
+    gt = np.asarray(gt_boxes, dtype=np.float64)
+    if gt.ndim != 2 or gt.shape[1] != 4 or len(gt) == 0:
+        raise ValueError(f"gt_boxes must be a non-empty (N, 4) xyxy array, got shape {gt.shape}")
+    if len(pred_boxes) != len(gt):
+        raise ValueError(f"pred_boxes has {len(pred_boxes)} rows but gt_boxes has {len(gt)}")
+    bad = np.flatnonzero(~np.isfinite(gt).all(axis=1) | (gt[:, 2] < gt[:, 0]) | (gt[:, 3] < gt[:, 1]))
+    if bad.size:
+        raise ValueError(
+            f"gt_boxes[{int(bad[0])}] = {gt[bad[0]].tolist()} is not a finite xyxy box with x1 >= x0, y1 >= y0"
+        )
+    pred = np.full((len(gt), 4), np.nan)
+    for index, box in enumerate(pred_boxes):
+        if box is None:
+            continue
+        box = np.asarray(box, dtype=np.float64)
+        if box.shape != (4,):
+            raise ValueError(f"pred_boxes[{index}] must be 4 numbers xyxy or None, got shape {box.shape}")
+        pred[index] = box
+    missing = ~np.isfinite(pred).all(axis=1)
+    ious = np.zeros(len(gt))
+    ious[~missing] = box_iou_pairs(pred[~missing], gt[~missing])
+    return {"rec_acc50": float(np.mean(ious >= 0.5)), "rec_miou": float(np.mean(ious))}
+
+
+def res_metrics(pred_masks: Sequence[np.ndarray | None], gt_masks: Sequence[np.ndarray]) -> dict[str, float]:
+    """Referring expression segmentation, with LISA's definitions.
+
+    Args:
+        pred_masks: N bool masks (H_i, W_i) at original image size, or None when the model gave no mask
+            (treated as an empty mask).
+        gt_masks: N bool masks (H_i, W_i), same sizes as the predictions.
+
+    Returns:
+        {"res_ciou": cumulative IoU = sum of intersections / sum of unions over all samples (large
+        objects weigh more), "res_giou": mean of the per-sample IoUs (every sample weighs the same)}.
+        A sample whose prediction and target are both empty has IoU 1.0 (a correct "no object"); it
+        adds nothing to the cIoU sums, and cIoU is 1.0 when every union is empty.
+    """
+    if len(pred_masks) != len(gt_masks):
+        raise ValueError(f"pred_masks has {len(pred_masks)} entries but gt_masks has {len(gt_masks)}")
+    if len(gt_masks) == 0:
+        raise ValueError("res_metrics needs at least one sample")
+    intersections = np.zeros(len(gt_masks))
+    unions = np.zeros(len(gt_masks))
+    for index, (pred, gt) in enumerate(zip(pred_masks, gt_masks, strict=True)):
+        gt = np.asarray(gt)
+        if gt.ndim != 2:
+            raise ValueError(f"gt_masks[{index}] must be a 2-D (H, W) mask, got shape {gt.shape}")
+        gt = gt.astype(bool)
+        pred = np.zeros_like(gt) if pred is None else np.asarray(pred).astype(bool)
+        if pred.shape != gt.shape:
+            raise ValueError(
+                f"pred_masks[{index}] has shape {pred.shape} but gt_masks[{index}] has {gt.shape}"
+            )
+        intersections[index] = np.logical_and(pred, gt).sum()
+        unions[index] = np.logical_or(pred, gt).sum()
+    per_sample = np.divide(intersections, unions, out=np.ones_like(unions), where=unions > 0)
+    total_union = unions.sum()
+    ciou = intersections.sum() / total_union if total_union > 0 else 1.0
+    return {"res_ciou": float(ciou), "res_giou": float(per_sample.mean())}
+
+
+def text_head_agreement(matched_counts: Sequence[int], total_counts: Sequence[int]) -> float | None:
+    """Share of text boxes that matched a detection-head box (DESIGN.md, "Reconciling text boxes").
+
+    Args:
+        matched_counts: per answer (or per batch), how many text boxes matched a head box.
+        total_counts: per answer, how many text boxes there were; same length, >= matched.
+
+    Returns:
+        sum(matched) / sum(total), pooled over answers; None when there was no text box at all.
+    """
+    if len(matched_counts) != len(total_counts):
+        raise ValueError(
+            f"matched_counts has {len(matched_counts)} entries but total_counts has {len(total_counts)}"
+        )
+    for index, (matched, total) in enumerate(zip(matched_counts, total_counts, strict=True)):
+        if not 0 <= matched <= total:
+            raise ValueError(f"entry {index}: need 0 <= matched ({matched}) <= total ({total})")
+    total = sum(total_counts)
+    return sum(matched_counts) / total if total else None

@@ -1,0 +1,189 @@
+"""Build or load the LLaVA base (tiny random-init, local directory or hub id) and wrap it with peft LoRA."""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from transformers import (
+    AutoImageProcessor,
+    AutoTokenizer,
+    CLIPVisionConfig,
+    LlamaConfig,
+    LlavaConfig,
+    LlavaForConditionalGeneration,
+    PreTrainedTokenizerBase,
+)
+
+from ..config import GroundedLlavaConfig, TinyBaseConfig
+from ..processor import CLIP_MEAN, CLIP_STD
+from ..tokenizer import IMAGE_TOKEN, GroundingTokenIds, add_grounding_tokens, train_tiny_tokenizer
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class BaseModelUnavailableError(RuntimeError):
+    """The base LLaVA weights cannot be loaded (offline hub id, missing directory)."""
+
+
+@dataclass
+class ImageSettings:
+    """What the processor needs to know about the vision tower."""
+
+    image_size: int
+    patch_size: int
+    image_mean: tuple[float, ...]
+    image_std: tuple[float, ...]
+    num_image_tokens: int
+
+    @property
+    def grid_size(self) -> int:
+        return self.image_size // self.patch_size
+
+
+def image_settings_for(llava_config: LlavaConfig, mean=CLIP_MEAN, std=CLIP_STD) -> ImageSettings:
+    """Image tokens per image: (S / patch)^2 patches, plus the CLS token unless the "default" strategy drops it."""
+    vision = llava_config.vision_config
+    grid = vision.image_size // vision.patch_size
+    extra = 0 if llava_config.vision_feature_select_strategy == "default" else 1
+    return ImageSettings(vision.image_size, vision.patch_size, tuple(mean), tuple(std), grid * grid + extra)
+
+
+def build_tiny_base(tiny: TinyBaseConfig, num_bins: int) -> tuple[LlavaForConditionalGeneration, PreTrainedTokenizerBase]:
+    """Random-init CLIP-ViT + Llama LLaVA and its freshly trained byte-level BPE (deterministic by `tiny.seed`)."""
+    tokenizer = train_tiny_tokenizer(tiny.tokenizer_vocab_size)
+    add_grounding_tokens(tokenizer, num_bins)
+    vision = CLIPVisionConfig(
+        hidden_size=tiny.vision_hidden_size,
+        intermediate_size=tiny.vision_intermediate_size,
+        num_hidden_layers=tiny.vision_layers,
+        num_attention_heads=tiny.vision_heads,
+        image_size=tiny.image_size,
+        patch_size=tiny.patch_size,
+        projection_dim=tiny.vision_hidden_size,
+    )
+    text = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=tiny.text_hidden_size,
+        intermediate_size=tiny.text_intermediate_size,
+        num_hidden_layers=tiny.text_layers,
+        num_attention_heads=tiny.text_heads,
+        num_key_value_heads=tiny.text_kv_heads,
+        max_position_embeddings=tiny.max_position_embeddings,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    config = LlavaConfig(
+        vision_config=vision,
+        text_config=text,
+        image_token_index=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
+        vision_feature_layer=-2,
+        vision_feature_select_strategy="default",
+    )
+    with torch.random.fork_rng():
+        torch.manual_seed(tiny.seed)
+        model = LlavaForConditionalGeneration(config)
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    return model, tokenizer
+
+
+def _offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
+
+
+def load_pretrained_base(
+    source: str, config: GroundedLlavaConfig, *, tokenizer_source: str | Path | None = None
+) -> tuple[LlavaForConditionalGeneration, PreTrainedTokenizerBase, ImageSettings]:
+    """Load a LLaVA checkpoint (hub id or local directory) through transformers' own loading code.
+
+    Grounding tokens are added to its tokenizer and the embeddings resized. Offline, a hub id that
+    is not in the local cache fails at once with `BaseModelUnavailableError` saying how to provide it.
+    """
+    is_local = Path(source).is_dir()
+    if config.load_in_4bit and not torch.cuda.is_available():
+        raise RuntimeError("load_in_4bit needs a CUDA GPU (bitsandbytes); set load_in_4bit=false on CPU")
+    if config.dtype != "float32" and not torch.cuda.is_available() and config.dtype == "float16":
+        raise RuntimeError("dtype float16 needs a GPU; use float32 or bfloat16 on CPU")
+    kwargs: dict = {"dtype": DTYPES[config.dtype], "local_files_only": _offline() and not is_local}
+    if config.load_in_4bit:
+        from transformers import BitsAndBytesConfig
+
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=DTYPES[config.dtype],
+            llm_int8_skip_modules=["vision_tower", "multi_modal_projector", "lm_head"],
+        )
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer_source or source, local_files_only=kwargs["local_files_only"])
+        model = LlavaForConditionalGeneration.from_pretrained(source, **kwargs)
+        try:
+            image_processor = AutoImageProcessor.from_pretrained(source, local_files_only=kwargs["local_files_only"])
+            mean, std = image_processor.image_mean, image_processor.image_std
+        except (OSError, ValueError):
+            mean, std = CLIP_MEAN, CLIP_STD
+    except OSError as err:
+        hint = (
+            f"cannot load the LLaVA base {source!r}"
+            + (" (HF_HUB_OFFLINE=1 and it is not in the local Hugging Face cache)" if _offline() else "")
+            + f": {err.__class__.__name__}. Download it on a connected machine, e.g. "
+            f"`huggingface-cli download {source} --local-dir /path/to/{Path(source).name}`, then set "
+            f"model.base=/path/to/{Path(source).name} (or copy it into HF_HOME's cache)."
+        )
+        raise BaseModelUnavailableError(hint) from None
+    ids = add_grounding_tokens(tokenizer, config.num_bins)
+    if model.get_input_embeddings().weight.shape[0] < len(tokenizer):
+        model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+    _check_token_ids(ids, model)
+    return model, tokenizer, image_settings_for(model.config, mean, std)
+
+
+def _check_token_ids(ids: GroundingTokenIds, model: LlavaForConditionalGeneration) -> None:
+    rows = model.get_input_embeddings().weight.shape[0]
+    if max(ids.all_ids) >= rows:
+        raise ValueError(f"grounding token id {max(ids.all_ids)} >= embedding rows {rows}: resize failed")
+
+
+def lora_config_for(config: GroundedLlavaConfig, model: LlavaForConditionalGeneration, token_ids: list[int]) -> LoraConfig:
+    """LoRA on the language model only (regex), new token rows trainable via `trainable_token_indices`."""
+    trainable_rows = {"embed_tokens": token_ids}
+    if not model.config.get_text_config().tie_word_embeddings:
+        trainable_rows["lm_head"] = token_ids
+    return LoraConfig(
+        r=config.lora.r,
+        lora_alpha=config.lora.alpha,
+        lora_dropout=config.lora.dropout,
+        target_modules=config.lora.target_regex,
+        trainable_token_indices=trainable_rows,
+    )
+
+
+def wrap_with_lora(config: GroundedLlavaConfig, model: LlavaForConditionalGeneration, token_ids: list[int]) -> PeftModel:
+    if config.load_in_4bit:
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=config.gradient_checkpointing)
+    peft_model = get_peft_model(model, lora_config_for(config, model, token_ids))
+    if config.gradient_checkpointing:
+        peft_model.get_base_model().gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        peft_model.enable_input_require_grads()
+    return peft_model
+
+
+_PEFT_KEY = re.compile(r"\.(token_adapter\.)?base_layer\.")
+
+
+def base_state_dict(peft_model: PeftModel) -> dict[str, torch.Tensor]:
+    """The LLaVA weights without any adapter, under the plain transformers key names."""
+    state = {}
+    for key, tensor in peft_model.get_base_model().state_dict().items():
+        if "lora_" in key or "trainable_tokens_" in key:
+            continue
+        state[_PEFT_KEY.sub(".", key)] = tensor
+    return state

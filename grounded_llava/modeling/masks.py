@@ -1,0 +1,112 @@
+"""`MaskHead`: segment-anything's `PromptEncoder` + `MaskDecoder`, prompted by a box and the `<seg>` state.
+
+Frames: prompts are boxes in canvas pixels (S, S); masks come out as logits on the whole canvas at
+4x the patch-grid resolution ((4g, 4g), the decoder's low-res output).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from segment_anything.modeling import MaskDecoder, PromptEncoder, TwoWayTransformer
+from torch import nn
+
+
+class MaskHead(nn.Module):
+    """SAM's mask decoder over the neck's stride-`patch` map (I, C, g, g).
+
+    Every `<seg>` token gives two prompts (as LISA with a box): the box before it (SAM box prompt)
+    and its LLM hidden state through `seg_projection` (one extra sparse prompt token).
+    """
+
+    def __init__(
+        self,
+        *,
+        channels: int,
+        grid_size: int,
+        canvas_size: int,
+        text_hidden_size: int,
+        depth: int,
+        num_heads: int,
+        mlp_dim: int,
+        seg_mlp_hidden: int,
+    ) -> None:
+        super().__init__()
+        self.prompt_encoder = PromptEncoder(
+            embed_dim=channels,
+            image_embedding_size=(grid_size, grid_size),
+            input_image_size=(canvas_size, canvas_size),
+            mask_in_chans=16,
+        )
+        self.mask_decoder = MaskDecoder(
+            transformer_dim=channels,
+            transformer=TwoWayTransformer(depth=depth, embedding_dim=channels, mlp_dim=mlp_dim, num_heads=num_heads),
+            num_multimask_outputs=3,
+            iou_head_depth=3,
+            iou_head_hidden_dim=channels,
+        )
+        self.seg_projection = nn.Sequential(
+            nn.Linear(text_hidden_size, seg_mlp_hidden),
+            nn.ReLU(),
+            nn.Linear(seg_mlp_hidden, channels),
+        )
+
+    @property
+    def mask_resolution(self) -> int:
+        return 4 * self.prompt_encoder.image_embedding_size[0]
+
+    def forward(
+        self,
+        image_embeddings: torch.Tensor,
+        image_index: torch.Tensor,
+        boxes_canvas: torch.Tensor,
+        seg_hidden: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Predict one mask per prompt.
+
+        Args:
+            image_embeddings: (I, C, g, g) the neck's stride-`patch` level.
+            image_index: (M,) which image each prompt belongs to.
+            boxes_canvas: (M, 4) xyxy canvas pixels.
+            seg_hidden: (M, D_text) LLM last hidden states of the `<seg>` prompts.
+        Returns:
+            mask_logits (M, 4g, 4g) over the canvas, and SAM's predicted mask IoU (M,).
+        """
+        count = image_index.numel()
+        resolution = self.mask_resolution
+        if count == 0:
+            empty = image_embeddings.new_zeros((0, resolution, resolution))
+            return empty, image_embeddings.new_zeros((0,))
+        seg_tokens = self.seg_projection(seg_hidden.to(image_embeddings.dtype)).unsqueeze(1)
+        dense_pe = self.prompt_encoder.get_dense_pe()
+        masks, scores = [], []
+        order = []
+        # The decoder repeats the image embedding per prompt: call it once per image with that image's prompts.
+        for image in image_index.unique(sorted=True).tolist():
+            rows = (image_index == image).nonzero().flatten()
+            sparse, dense = self.prompt_encoder(points=None, boxes=boxes_canvas[rows], masks=None)
+            sparse = torch.cat([sparse, seg_tokens[rows]], dim=1)
+            low_res, iou = self.mask_decoder(
+                image_embeddings=image_embeddings[image : image + 1],
+                image_pe=dense_pe,
+                sparse_prompt_embeddings=sparse,
+                dense_prompt_embeddings=dense,
+                multimask_output=False,
+            )
+            masks.append(low_res[:, 0])
+            scores.append(iou[:, 0])
+            order.append(rows)
+        inverse = torch.argsort(torch.cat(order))
+        return torch.cat(masks)[inverse], torch.cat(scores)[inverse]
+
+
+def mask_loss(mask_logits: torch.Tensor, targets: torch.Tensor, *, bce_weight: float, dice_weight: float) -> torch.Tensor:
+    """LISA's mask loss: per-mask mean BCE + dice, averaged over masks. Both (M, h, w); targets in {0, 1}."""
+    if mask_logits.shape[0] == 0:
+        return mask_logits.sum() * 0.0
+    logits, targets = mask_logits.float(), targets.float()
+    bce = F.binary_cross_entropy_with_logits(logits, targets, reduction="none").flatten(1).mean(1)
+    probs = logits.sigmoid().flatten(1)
+    flat = targets.flatten(1)
+    dice = 1 - (2 * (probs * flat).sum(1) + 1) / (probs.sum(1) + flat.sum(1) + 1)
+    return (bce_weight * bce + dice_weight * dice).mean()

@@ -1,0 +1,333 @@
+"""Atomic, resumable training checkpoints for any `nn.Module` + optimizer + LR scheduler.
+
+Layout of `checkpoints_dir/step-000123/`:
+    trainable.safetensors   trainable parameters (and the buffers of modules that own one, e.g. the
+                            running statistics of a trained BatchNorm), CPU tensors
+    optimizer.pt            `optimizer.state_dict()` (torch.save; loaded with `weights_only=True`)
+    scheduler.pt            `scheduler.state_dict()` (same)
+    rng_state_<rank>.pt     python `random`, numpy, torch CPU (and CUDA) RNG states of every rank
+    trainer_state.json      format_version, step, number of processes, sampler position, `extra`
+    ...                     whatever `write_files(tmp_dir)` adds (e.g. a peft adapter, a config)
+
+Crash safety: everything is written into `checkpoints_dir/.tmp-step-000123`, every file and the
+directory are fsync'ed, and only then is the directory renamed to `step-000123` (atomic on POSIX).
+Older checkpoints are pruned after that, each renamed to a `.tmp-*` name before it is deleted, so
+a `step-*` directory is always complete and the newest good one is never removed. `.tmp-*`
+leftovers of a killed run are ignored and removed by `find_latest_checkpoint`.
+
+Distributed use: every rank calls `save_training_state(..., accelerator=accelerator)` (it
+synchronises with `wait_for_everyone`); rank 0 writes the shared files and each rank its RNG state.
+Pass the unwrapped model (`accelerator.unwrap_model`). Multi-node runs need a shared filesystem.
+Sharded optimizers (FSDP, DeepSpeed ZeRO) keep their state per rank and need accelerate's own
+`save_state`; this module covers single-process and DDP training.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import random
+import re
+import shutil
+import time
+import warnings
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+if TYPE_CHECKING:
+    from accelerate import Accelerator
+
+FORMAT_VERSION = 1
+TRAINER_STATE_FILE = "trainer_state.json"
+TRAINABLE_FILE = "trainable.safetensors"
+OPTIMIZER_FILE = "optimizer.pt"
+SCHEDULER_FILE = "scheduler.pt"
+TMP_PREFIX = ".tmp-"
+_STEP_DIR_RE = re.compile(r"^step-(\d+)$")
+
+
+class CheckpointFormatError(ValueError):
+    """A checkpoint written by an incompatible version of this code."""
+
+
+@dataclass
+class TrainingState:
+    """What `load_training_state` restored besides the objects it was given."""
+
+    path: Path
+    step: int
+    sampler_state: dict[str, Any] | None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def checkpoint_name(step: int) -> str:
+    return f"step-{step:06d}"
+
+
+def _rng_file(rank: int) -> str:
+    return f"rng_state_{rank}.pt"
+
+
+# ---------------------------------------------------------------------------------------------- model
+
+
+def trainable_state_dict_keys(model: nn.Module) -> list[str]:
+    """State-dict keys of the parameters that require grad, plus the persistent buffers of the
+    modules owning such a parameter (a trained BatchNorm's running statistics change with training too)."""
+    keys = []
+    for module_name, module in model.named_modules():
+        prefix = f"{module_name}." if module_name else ""
+        if any(p.requires_grad for p in module.parameters(recurse=False)):
+            keys += [prefix + name for name, p in module.named_parameters(recurse=False) if p.requires_grad]
+            keys += [prefix + name for name, _ in module.named_buffers(recurse=False)]
+    persistent = model.state_dict(keep_vars=True).keys()
+    return sorted(key for key in keys if key in persistent)
+
+
+def trainable_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """CPU copies of the tensors named by `trainable_state_dict_keys` (what a checkpoint saves)."""
+    full = model.state_dict()
+    return {key: full[key].detach().to("cpu", copy=True).contiguous() for key in trainable_state_dict_keys(model)}
+
+
+def load_trainable_state_dict(model: nn.Module, state: Mapping[str, torch.Tensor], *, source: str) -> None:
+    """Copy `state` into `model`; every tensor must exist in the model and every trainable one be given.
+
+    `source` names where `state` comes from, for the error messages.
+    """
+    expected = set(trainable_state_dict_keys(model))
+    missing = sorted(expected - set(state))
+    if missing:
+        raise KeyError(f"{source}: lacks trainable tensors of the model: {missing[:10]} ({len(missing)} in all)")
+    result = model.load_state_dict(dict(state), strict=False)
+    if result.unexpected_keys:
+        raise KeyError(f"{source}: holds tensors the model does not have: {sorted(result.unexpected_keys)[:10]}")
+
+
+# ------------------------------------------------------------------------------------------------ RNG
+
+
+def capture_rng_state() -> dict[str, Any]:
+    """RNG states as plain python objects and tensors (loadable with `torch.load(weights_only=True)`)."""
+    bit_generator, key, pos, has_gauss, cached_gaussian = np.random.get_state(legacy=True)
+    state: dict[str, Any] = {
+        "python": random.getstate(),
+        "numpy": (bit_generator, torch.from_numpy(key.astype(np.int64)), pos, has_gauss, cached_gaussian),
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng_state(state: Mapping[str, Any]) -> None:
+    """Inverse of `capture_rng_state`."""
+    version, internal, gauss_next = state["python"]
+    random.setstate((version, tuple(internal), gauss_next))
+    bit_generator, key, pos, has_gauss, cached_gaussian = state["numpy"]
+    np.random.set_state((bit_generator, key.numpy().astype(np.uint32), pos, has_gauss, cached_gaussian))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        for device, cuda_state in enumerate(state["cuda"][: torch.cuda.device_count()]):
+            torch.cuda.set_rng_state(cuda_state, device)
+
+
+# --------------------------------------------------------------------------------------------- files
+
+
+def _fsync_file(path: Path) -> None:
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_tree(root: Path) -> None:
+    for dirpath, _, filenames in os.walk(root):
+        for name in filenames:
+            _fsync_file(Path(dirpath) / name)
+        _fsync_dir(Path(dirpath))
+
+
+def _remove_dir(path: Path) -> None:
+    """Delete a directory so that no partly deleted `step-*` is ever visible: rename, then delete."""
+    doomed = path.with_name(f"{TMP_PREFIX}delete-{path.name}")
+    os.replace(path, doomed)
+    shutil.rmtree(doomed)
+
+
+def _torch_load(path: Path) -> Any:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        raise CheckpointFormatError(f"{path}: not loadable with weights_only=True: {error}") from error
+
+
+def list_checkpoints(checkpoints_dir: str | Path) -> list[tuple[int, Path]]:
+    """`(step, path)` of every published `step-*` directory, oldest first."""
+    root = Path(checkpoints_dir)
+    if not root.is_dir():
+        return []
+    found = []
+    for entry in root.iterdir():
+        match = _STEP_DIR_RE.match(entry.name)
+        if match and entry.is_dir():
+            found.append((int(match.group(1)), entry))
+    return sorted(found)
+
+
+def read_trainer_state(checkpoint: str | Path) -> dict[str, Any]:
+    """`trainer_state.json` of a checkpoint, after checking its `format_version`."""
+    path = Path(checkpoint) / TRAINER_STATE_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: missing, {checkpoint} is not a training checkpoint")
+    state = json.loads(path.read_text(encoding="utf-8"))
+    found = state.get("format_version")
+    if found != FORMAT_VERSION:
+        raise CheckpointFormatError(
+            f"{path}: format_version {found!r} does not match the version this code reads ({FORMAT_VERSION}); "
+            "resume with the version of grounded_llava that wrote it"
+        )
+    return state
+
+
+def find_latest_checkpoint(checkpoints_dir: str | Path, *, cleanup: bool = True) -> Path | None:
+    """Newest complete `step-*` checkpoint, or None. With `cleanup`, `.tmp-*` leftovers are deleted
+    (in a distributed run pass `cleanup=accelerator.is_main_process`, before anyone saves)."""
+    root = Path(checkpoints_dir)
+    if cleanup and root.is_dir():
+        for entry in root.iterdir():
+            if entry.name.startswith(TMP_PREFIX):
+                shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
+    for _, path in reversed(list_checkpoints(root)):
+        if (path / TRAINER_STATE_FILE).is_file():
+            return path
+        warnings.warn(f"{path}: has no {TRAINER_STATE_FILE}, skipped", stacklevel=2)
+    return None
+
+
+# ---------------------------------------------------------------------------------------- save / load
+
+
+def save_training_state(
+    checkpoints_dir: str | Path,
+    *,
+    step: int,
+    model_state: Mapping[str, torch.Tensor],
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
+    sampler_state: Mapping[str, Any] | None = None,
+    extra: Mapping[str, Any] | None = None,
+    keep_last: int | None = 3,
+    write_files: Callable[[Path], None] | None = None,
+    accelerator: Accelerator | None = None,
+) -> Path:
+    """Write `checkpoints_dir/step-<step>` atomically and keep only the newest `keep_last` ones.
+
+    Args:
+        model_state: tensors to save, usually `trainable_state_dict(unwrapped_model)`.
+        sampler_state: JSON-serialisable data position (`ResumableSampler.state_dict()`).
+        extra: JSON-serialisable values returned by `load_training_state` (stage name, metrics, ...).
+        keep_last: number of checkpoints kept after this one is published; None keeps all.
+        write_files: called on rank 0 with the temporary directory to add files (e.g. `save_pretrained`).
+        accelerator: in a multi-process run; every rank must call this function.
+    Returns the published directory.
+    """
+    if keep_last is not None and keep_last < 1:
+        raise ValueError(f"keep_last must be >= 1 or None, got {keep_last}")
+    is_main = accelerator is None or accelerator.is_main_process
+    rank = 0 if accelerator is None else accelerator.process_index
+    num_processes = 1 if accelerator is None else accelerator.num_processes
+    root = Path(checkpoints_dir)
+    final = root / checkpoint_name(step)
+    tmp = root / f"{TMP_PREFIX}{final.name}"
+    trainer_state = {
+        "format_version": FORMAT_VERSION,
+        "step": int(step),
+        "num_processes": num_processes,
+        "time": time.time(),
+        "sampler": None if sampler_state is None else dict(sampler_state),
+        "extra": dict(extra or {}),
+    }
+    try:  # fail before touching the disk
+        trainer_state_text = json.dumps(trainer_state, indent=2, allow_nan=False)
+    except (TypeError, ValueError) as error:
+        raise TypeError(f"sampler_state / extra of step {step} must be JSON-serialisable: {error}") from error
+
+    if is_main:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir(parents=True)
+    if accelerator is not None:
+        accelerator.wait_for_everyone()
+    torch.save(capture_rng_state(), tmp / _rng_file(rank))
+    if is_main:
+        save_file(dict(model_state), tmp / TRAINABLE_FILE, metadata={"format": "pt", "step": str(step)})
+        torch.save(optimizer.state_dict(), tmp / OPTIMIZER_FILE)
+        if scheduler is not None:
+            torch.save(scheduler.state_dict(), tmp / SCHEDULER_FILE)
+        if write_files is not None:
+            write_files(tmp)
+        (tmp / TRAINER_STATE_FILE).write_text(trainer_state_text, encoding="utf-8")
+    if accelerator is not None:
+        accelerator.wait_for_everyone()
+    if is_main:
+        _fsync_tree(tmp)
+        if final.exists():  # re-saving a step (e.g. after a resume): swap, never leave it missing
+            _remove_dir(final)
+        os.replace(tmp, final)
+        _fsync_dir(root)
+        if keep_last is not None:
+            for _, old in list_checkpoints(root)[:-keep_last]:
+                _remove_dir(old)
+    if accelerator is not None:
+        accelerator.wait_for_everyone()
+    return final
+
+
+def load_training_state(
+    checkpoint: str | Path,
+    *,
+    model: nn.Module | None = None,
+    optimizer: torch.optim.Optimizer | None = None,
+    scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
+    process_index: int = 0,
+    restore_rng: bool = True,
+) -> TrainingState:
+    """Restore what `save_training_state` wrote into the given objects (and the RNGs of this rank).
+
+    `model` is the unwrapped module whose trainable tensors were saved. When this rank has no
+    saved RNG state (resumed on more processes), its RNGs are left as they are, with a warning.
+    """
+    path = Path(checkpoint)
+    state = read_trainer_state(path)
+    if model is not None:
+        load_trainable_state_dict(model, load_file(path / TRAINABLE_FILE), source=str(path / TRAINABLE_FILE))
+    if optimizer is not None:
+        optimizer.load_state_dict(_torch_load(path / OPTIMIZER_FILE))
+    if scheduler is not None:
+        if not (path / SCHEDULER_FILE).is_file():
+            raise FileNotFoundError(f"{path / SCHEDULER_FILE}: missing, the checkpoint was saved without a scheduler")
+        scheduler.load_state_dict(_torch_load(path / SCHEDULER_FILE))
+    rng_path = path / _rng_file(process_index)
+    if restore_rng and rng_path.is_file():
+        restore_rng_state(_torch_load(rng_path))
+    elif restore_rng:
+        warnings.warn(
+            f"{rng_path}: missing (saved by {state['num_processes']} processes), RNG state not restored", stacklevel=2
+        )
+    return TrainingState(path=path, step=int(state["step"]), sampler_state=state["sampler"], extra=state["extra"])
