@@ -50,7 +50,7 @@ class ImageMeta:
         pad_x, pad_y = self.pad
         offset = [pad_x, pad_y, pad_x, pad_y]
         offset = torch.tensor(offset, dtype=boxes_xyxy.dtype) if torch.is_tensor(boxes_xyxy) else np.array(offset)
-        return (boxes_xyxy + offset) * self.scale
+        return (boxes_xyxy + offset) * self.canvas_size / self.side
 
     def boxes_from_canvas(self, boxes_canvas: np.ndarray | torch.Tensor) -> np.ndarray | torch.Tensor:
         """(..., 4) xyxy canvas pixels -> (..., 4) xyxy original pixels, clipped to the image."""

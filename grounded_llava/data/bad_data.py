@@ -116,15 +116,21 @@ def resolve_image_path(image_root: Path, file_name: object, *, field_name: str =
     if not isinstance(file_name, str) or not file_name.strip():
         raise InvalidItem("bad_value", field_name, f"must be a non-empty string, got {file_name!r}")
     if os.path.isabs(file_name) or Path(file_name).is_absolute():
-        raise InvalidItem("path_escapes_root", field_name, f"{file_name!r} is absolute; must be relative to {image_root}")
+        raise InvalidItem(
+            "path_escapes_root", field_name, f"{file_name!r} is absolute; must be relative to {image_root}"
+        )
     root = os.path.normpath(image_root)
     path = os.path.normpath(os.path.join(root, file_name))
     if os.path.commonpath([root, path]) != root or path == root:
-        raise InvalidItem("path_escapes_root", field_name, f"{file_name!r} escapes the image root {image_root}")
+        raise InvalidItem(
+            "path_escapes_root", field_name, f"{file_name!r} escapes the image root {image_root}"
+        )
     return Path(path)
 
 
-def inspect_image(path: Path, *, image_check: ImageCheck, field_name: str = "file_name") -> tuple[int, int] | None:
+def inspect_image(
+    path: Path, *, image_check: ImageCheck, field_name: str = "file_name"
+) -> tuple[int, int] | None:
     """Check that the image file exists and PIL can read it; return its (W, H) (None when not checked).
 
     `header`: open + `verify()` (catches missing, non-image and PNG-CRC errors, not truncated JPEGs);
@@ -142,6 +148,10 @@ def inspect_image(path: Path, *, image_check: ImageCheck, field_name: str = "fil
         if image_check == "decode":
             with Image.open(path) as image:
                 image.load()
-    except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as error:
-        raise InvalidItem("corrupt_image", field_name, f"image file {path} cannot be read: {error}") from error
+    # ImportError: ultralytics patches `Image.open` to import pi-heif when PIL cannot identify a file,
+    # so with ultralytics imported an unidentifiable file surfaces as ModuleNotFoundError.
+    except (OSError, UnidentifiedImageError, SyntaxError, ValueError, ImportError) as error:
+        raise InvalidItem(
+            "corrupt_image", field_name, f"image file {path} cannot be read: {error}"
+        ) from error
     return size

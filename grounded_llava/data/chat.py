@@ -54,17 +54,23 @@ def _check_turns(turns: object, *, has_image: bool, num_bins: int) -> list[dict[
     for index, turn in enumerate(turns):
         expected = "human" if index % 2 == 0 else "gpt"
         if not isinstance(turn, dict) or not isinstance(turn.get("value"), str):
-            raise InvalidItem("bad_turns", f"conversations[{index}]", "must be an object with a string 'value'")
+            raise InvalidItem(
+                "bad_turns", f"conversations[{index}]", "must be an object with a string 'value'"
+            )
         if turn.get("from") != expected:
             raise InvalidItem(
-                "bad_turns", f"conversations[{index}].from", f"is {turn.get('from')!r}; turns must alternate human/gpt"
+                "bad_turns",
+                f"conversations[{index}].from",
+                f"is {turn.get('from')!r}; turns must alternate human/gpt",
             )
         checked.append({"from": expected, "value": turn["value"]})
     if len(checked) % 2:
         raise InvalidItem("bad_turns", "conversations", "must end with a gpt turn")
     image_tokens = [turn["value"].count(IMAGE_TOKEN) for turn in checked]
     if has_image and (image_tokens[0] != 1 or sum(image_tokens) != 1):
-        raise InvalidItem("image_token", "conversations", f"{IMAGE_TOKEN} must appear exactly once, in the first human turn")
+        raise InvalidItem(
+            "image_token", "conversations", f"{IMAGE_TOKEN} must appear exactly once, in the first human turn"
+        )
     if not has_image and sum(image_tokens):
         raise InvalidItem("image_token", "conversations", f"has {IMAGE_TOKEN} but the entry has no 'image'")
     for index, turn in enumerate(checked):
@@ -159,7 +165,9 @@ def load_coco_captions(
             declared = (image["width"], image["height"])
             size = inspect_image(path, image_check=image_check)
             if size is not None and size != declared:
-                raise InvalidItem("image_size_mismatch", "width/height", f"JSON says {declared}, file {path} is {size}")
+                raise InvalidItem(
+                    "image_size_mismatch", "width/height", f"JSON says {declared}, file {path} is {size}"
+                )
             images[image["id"]] = (path, declared)
         except InvalidItem as error:
             raw_id = image.get("id") if isinstance(image, dict) else None
@@ -182,7 +190,9 @@ def load_coco_captions(
                 report.annotations_skipped += 1
                 continue
             if ann["image_id"] not in images:
-                raise InvalidItem("unknown_image_id", "image_id", f"image id {ann['image_id']!r} is not a (valid) image")
+                raise InvalidItem(
+                    "unknown_image_id", "image_id", f"image id {ann['image_id']!r} is not a (valid) image"
+                )
         except InvalidItem as error:
             report.flag_invalid(error, where=where)
             report.annotations_skipped += 1
@@ -195,7 +205,11 @@ def load_coco_captions(
         ]
         samples.append(
             GroundedSample(
-                image_path=path, conversation=conversation, image_size=size, source=f"{json_file}:{ann['id']}", task="caption"
+                image_path=path,
+                conversation=conversation,
+                image_size=size,
+                source=f"{json_file}:{ann['id']}",
+                task="caption",
             )
         )
     report.log_warning()

@@ -165,23 +165,33 @@ def _check_segmentation(segm: object, width: int, height: int) -> list | dict | 
     if isinstance(segm, list):
         for part in segm:
             if not isinstance(part, list) or not all(isinstance(v, (int, float)) for v in part):
-                raise InvalidItem("malformed_polygon", "segmentation", "each polygon must be a flat list of numbers")
+                raise InvalidItem(
+                    "malformed_polygon", "segmentation", "each polygon must be a flat list of numbers"
+                )
             if len(part) % 2 or len(part) < 6:
                 raise InvalidItem(
-                    "malformed_polygon", "segmentation", f"polygon has {len(part)} numbers; need an even count >= 6"
+                    "malformed_polygon",
+                    "segmentation",
+                    f"polygon has {len(part)} numbers; need an even count >= 6",
                 )
         return segm
     if not isinstance(segm, dict) or "counts" not in segm or "size" not in segm:
-        raise InvalidItem("malformed_rle", "segmentation", "must be polygons or an RLE dict with 'size' and 'counts'")
+        raise InvalidItem(
+            "malformed_rle", "segmentation", "must be polygons or an RLE dict with 'size' and 'counts'"
+        )
     if list(segm["size"]) != [height, width]:
-        raise InvalidItem("malformed_rle", "segmentation", f"RLE size {segm['size']} != image [H, W] [{height}, {width}]")
+        raise InvalidItem(
+            "malformed_rle", "segmentation", f"RLE size {segm['size']} != image [H, W] [{height}, {width}]"
+        )
     counts = segm["counts"]
     try:
         runs = _rle_string_counts(counts) if isinstance(counts, str) else list(counts)
     except (TypeError, ValueError) as error:
         raise InvalidItem("malformed_rle", "segmentation", f"RLE counts cannot be read: {error}") from error
     if any(not isinstance(r, int) or r < 0 for r in runs) or sum(runs) != height * width:
-        raise InvalidItem("malformed_rle", "segmentation", f"RLE run lengths do not cover the {height}x{width} image")
+        raise InvalidItem(
+            "malformed_rle", "segmentation", f"RLE run lengths do not cover the {height}x{width} image"
+        )
     return segm
 
 
@@ -193,7 +203,9 @@ def _check_bbox(bbox: object, width: int, height: int) -> Box:
         raise InvalidItem("bad_bbox", "bbox", f"{bbox} has w or h <= 0 (or is not finite)")
     tol = BOX_TOLERANCE_PX
     if x < -tol or y < -tol or x + w > width + tol or y + h > height + tol:
-        raise InvalidItem("bbox_outside_image", "bbox", f"{bbox} (xywh) lies outside the {width}x{height} image")
+        raise InvalidItem(
+            "bbox_outside_image", "bbox", f"{bbox} (xywh) lies outside the {width}x{height} image"
+        )
     return max(x, 0.0), max(y, 0.0), min(x + w, float(width)), min(y + h, float(height))
 
 
@@ -225,14 +237,20 @@ def _read_image(image: object, image_root: Path, image_check: ImageCheck) -> Ima
     path = resolve_image_path(image_root, image["file_name"])
     size = inspect_image(path, image_check=image_check)
     if size is not None and size != (width, height):
-        raise InvalidItem("image_size_mismatch", "width/height", f"JSON says {width}x{height}, file {path} is {size[0]}x{size[1]}")
+        raise InvalidItem(
+            "image_size_mismatch",
+            "width/height",
+            f"JSON says {width}x{height}, file {path} is {size[0]}x{size[1]}",
+        )
     return ImageRecord(image_id=image_id, file_name=image["file_name"], path=path, width=width, height=height)
 
 
 def _read_annotation(ann: dict, record: ImageRecord, categories: dict[int, Category]) -> InstanceRecord:
     category_id = _as_int(ann["category_id"], "category_id")
     if category_id not in categories:
-        raise InvalidItem("unknown_category_id", "category_id", f"category id {category_id} is not in 'categories'")
+        raise InvalidItem(
+            "unknown_category_id", "category_id", f"category id {category_id} is not in 'categories'"
+        )
     box = _check_bbox(ann["bbox"], record.width, record.height)
     segmentation = _check_segmentation(ann.get("segmentation"), record.width, record.height)
     attributes = ann.get("attributes", {})
@@ -323,9 +341,13 @@ def load_coco_instances(
             report.flag_invalid(error, where=where)
             report.annotations_skipped += 1
             image_id = ann.get("image_id") if isinstance(ann, dict) else None
-            if isinstance(image_id, int) and image_id in records:  # the image would lose an instance: drop it whole
+            if (
+                isinstance(image_id, int) and image_id in records
+            ):  # the image would lose an instance: drop it whole
                 report.images_skipped += 1
                 report.annotations_skipped += len(records.pop(image_id).instances)
                 bad_images.add(image_id)
     report.log_warning()
-    return CocoInstances(source=annotation_file, categories=categories, images=list(records.values()), report=report)
+    return CocoInstances(
+        source=annotation_file, categories=categories, images=list(records.values()), report=report
+    )

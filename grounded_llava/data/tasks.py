@@ -115,12 +115,17 @@ class _Scene:
     def masks(self, instances: Sequence[InstanceRecord]) -> list[np.ndarray]:
         return [i.decode_mask(self.record.image_size) for i in instances if i.has_mask]
 
-    def sample(self, task: str, question: str, answer: str, masks: list[np.ndarray] | None = None) -> GroundedSample:
+    def sample(
+        self, task: str, question: str, answer: str, masks: list[np.ndarray] | None = None
+    ) -> GroundedSample:
         instances = self.record.non_crowd()
         boxes = np.array([i.box_xyxy for i in instances], dtype=np.float32).reshape(-1, 4)
         return GroundedSample(
             image_path=self.record.path,
-            conversation=[{"from": "human", "value": "<image>\n" + question}, {"from": "gpt", "value": answer}],
+            conversation=[
+                {"from": "human", "value": "<image>\n" + question},
+                {"from": "gpt", "value": answer},
+            ],
             image_size=self.record.image_size,
             has_det_targets=True,
             det_boxes=boxes,

@@ -95,7 +95,9 @@ def trainable_state_dict_keys(model: nn.Module) -> list[str]:
 def trainable_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """CPU copies of the tensors named by `trainable_state_dict_keys` (what a checkpoint saves)."""
     full = model.state_dict()
-    return {key: full[key].detach().to("cpu", copy=True).contiguous() for key in trainable_state_dict_keys(model)}
+    return {
+        key: full[key].detach().to("cpu", copy=True).contiguous() for key in trainable_state_dict_keys(model)
+    }
 
 
 def load_trainable_state_dict(model: nn.Module, state: Mapping[str, torch.Tensor], *, source: str) -> None:
@@ -106,10 +108,14 @@ def load_trainable_state_dict(model: nn.Module, state: Mapping[str, torch.Tensor
     expected = set(trainable_state_dict_keys(model))
     missing = sorted(expected - set(state))
     if missing:
-        raise KeyError(f"{source}: lacks trainable tensors of the model: {missing[:10]} ({len(missing)} in all)")
+        raise KeyError(
+            f"{source}: lacks trainable tensors of the model: {missing[:10]} ({len(missing)} in all)"
+        )
     result = model.load_state_dict(dict(state), strict=False)
     if result.unexpected_keys:
-        raise KeyError(f"{source}: holds tensors the model does not have: {sorted(result.unexpected_keys)[:10]}")
+        raise KeyError(
+            f"{source}: holds tensors the model does not have: {sorted(result.unexpected_keys)[:10]}"
+        )
 
 
 # ------------------------------------------------------------------------------------------------ RNG
@@ -321,13 +327,18 @@ def load_training_state(
         optimizer.load_state_dict(_torch_load(path / OPTIMIZER_FILE))
     if scheduler is not None:
         if not (path / SCHEDULER_FILE).is_file():
-            raise FileNotFoundError(f"{path / SCHEDULER_FILE}: missing, the checkpoint was saved without a scheduler")
+            raise FileNotFoundError(
+                f"{path / SCHEDULER_FILE}: missing, the checkpoint was saved without a scheduler"
+            )
         scheduler.load_state_dict(_torch_load(path / SCHEDULER_FILE))
     rng_path = path / _rng_file(process_index)
     if restore_rng and rng_path.is_file():
         restore_rng_state(_torch_load(rng_path))
     elif restore_rng:
         warnings.warn(
-            f"{rng_path}: missing (saved by {state['num_processes']} processes), RNG state not restored", stacklevel=2
+            f"{rng_path}: missing (saved by {state['num_processes']} processes), RNG state not restored",
+            stacklevel=2,
         )
-    return TrainingState(path=path, step=int(state["step"]), sampler_state=state["sampler"], extra=state["extra"])
+    return TrainingState(
+        path=path, step=int(state["step"]), sampler_state=state["sampler"], extra=state["extra"]
+    )

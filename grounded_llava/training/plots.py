@@ -37,7 +37,9 @@ def loss_keys(records: list[dict[str, Any]]) -> list[str]:
     """Keys holding a loss, in order of first appearance, the overall ones ("loss", "total*") last."""
     keys: list[str] = []
     for record in records:
-        keys += [k for k, v in record.items() if ("loss" in k or k == "total") and k not in keys and _is_number(v)]
+        keys += [
+            k for k, v in record.items() if ("loss" in k or k == "total") and k not in keys and _is_number(v)
+        ]
     overall = [k for k in keys if k in ("loss", "total") or k.startswith("total")]
     return [k for k in keys if k not in overall] + overall
 

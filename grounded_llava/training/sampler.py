@@ -15,6 +15,10 @@ It is advanced explicitly by the training loop with `advance(samples_per_rank)` 
 really been used, never by iterating: a DataLoader with workers prefetches ahead, so "yielded" is
 not "trained on". Because sharding starts at `position`, a run can even resume on another number
 of ranks without losing or repeating a sample.
+
+Exact resume with a `torch.utils.data.DataLoader`: give it its own `generator=torch.Generator()`.
+Without one, every `iter(loader)` draws a worker seed from the global torch RNG, and a resumed run
+creates its iterators at other steps than the uninterrupted one, so dropout masks would differ.
 """
 
 from __future__ import annotations
@@ -66,7 +70,9 @@ class ResumableSampler(Sampler[int]):
     ) -> None:
         sizes = [int(n) for n in source_sizes]
         if not sizes or any(n <= 0 for n in sizes):
-            raise ValueError(f"source_sizes must be a non-empty list of positive lengths, got {list(source_sizes)}")
+            raise ValueError(
+                f"source_sizes must be a non-empty list of positive lengths, got {list(source_sizes)}"
+            )
         if weights is None:
             weights = [float(n) for n in sizes]
         if len(weights) != len(sizes):
@@ -177,7 +183,8 @@ class ResumableSampler(Sampler[int]):
                     "the data order would differ from the interrupted run"
                 )
         if not 0 <= int(state["position"]) <= self.epoch_length:
-            raise ValueError(f"sampler state position {state['position']} is outside [0, {self.epoch_length}]")
+            raise ValueError(
+                f"sampler state position {state['position']} is outside [0, {self.epoch_length}]"
+            )
         self.epoch = int(state["epoch"])
         self.position = int(state["position"])
-

@@ -1,0 +1,199 @@
+"""`GroundedDataset` + `GroundedCollator`: `GroundedSample`s -> tokenised conversations and head targets.
+
+Head targets live on the model canvas: Detect gets class ids and xywh boxes as fractions of the canvas
+(ultralytics' convention); SAM gets one {0, 1} mask per `<seg>` at the decoder's resolution (4g, 4g).
+"""
+
+from __future__ import annotations
+
+import random
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+from torch.utils.data import Dataset
+
+from ..codec import SEG
+from ..modeling.detection import DetectionTargets
+from ..processor import EncodedConversation, GroundedBatch, GroundedProcessor
+from .sample import GroundedSample
+
+_BOX_GROUP = re.compile(r"<box><loc_(\d+)><loc_(\d+)><loc_(\d+)><loc_(\d+)></box>")
+_LEFT_RIGHT = {"left": "right", "right": "left", "leftmost": "rightmost", "rightmost": "leftmost"}
+_LEFT_RIGHT_RE = re.compile(r"\b(" + "|".join(_LEFT_RIGHT) + r")\b", re.IGNORECASE)
+
+
+def _swap_word(match: re.Match) -> str:
+    word = match.group(0)
+    swapped = _LEFT_RIGHT[word.lower()]
+    return swapped.capitalize() if word[0].isupper() else swapped
+
+
+def flip_text(text: str, num_bins: int) -> str:
+    """Mirror a turn left <-> right: box groups' x bins (x0' = N-1-x1, x1' = N-1-x0) and the words left/right."""
+
+    def flip_group(match: re.Match) -> str:
+        x0, y0, x1, y1 = (int(v) for v in match.groups())
+        return f"<box><loc_{num_bins - 1 - x1}><loc_{y0}><loc_{num_bins - 1 - x0}><loc_{y1}></box>"
+
+    return _LEFT_RIGHT_RE.sub(_swap_word, _BOX_GROUP.sub(flip_group, text))
+
+
+def flip_sample(
+    sample: GroundedSample, image: Image.Image, num_bins: int
+) -> tuple[GroundedSample, Image.Image]:
+    """Horizontal flip keeping image, boxes, masks and the text's boxes and left/right words consistent."""
+    width = image.size[0]
+    boxes = sample.det_boxes.copy()
+    boxes[:, [0, 2]] = width - sample.det_boxes[:, [2, 0]]
+    conversation = [{**turn, "value": flip_text(turn["value"], num_bins)} for turn in sample.conversation]
+    flipped = replace(
+        sample,
+        conversation=conversation,
+        det_boxes=boxes,
+        seg_masks=[np.ascontiguousarray(m[:, ::-1]) for m in sample.seg_masks],
+    )
+    return flipped, image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+
+
+def load_image(path: Path, *, source: str = "") -> Image.Image:
+    """Open an RGB image, raising a clear error naming the file (and the sample's source) when it can't."""
+    where = f" (from {source})" if source else ""
+    if not path.is_file():
+        raise FileNotFoundError(f"image file {path} does not exist{where}")
+    try:
+        with Image.open(path) as handle:
+            image = handle.convert("RGB")
+    except (UnidentifiedImageError, OSError) as err:
+        raise ValueError(f"image file {path} is unreadable or corrupt{where}: {err}") from None
+    if image.size[0] == 0 or image.size[1] == 0:
+        raise ValueError(f"image file {path} is empty{where}")
+    return image
+
+
+@dataclass
+class EncodedSample:
+    """One item of `GroundedDataset`: the tokenised conversation and its canvas-frame head targets."""
+
+    encoded: EncodedConversation
+    has_det_targets: bool
+    class_ids: torch.Tensor  # (n,)
+    boxes_norm: torch.Tensor  # (n, 4) xywh fractions of the canvas
+    seg_masks: torch.Tensor  # (m, 4g, 4g)
+
+
+class GroundedDataset(Dataset):
+    """Map-style dataset over `GroundedSample`s.
+
+    Args:
+        samples: the records (built by `grounded_llava.data` readers and task generators).
+        processor: tokenises and preprocesses images.
+        categories: the detection head's label space (class id = index).
+        mask_resolution: side of SAM's low-res mask output (4 x patch grid).
+        hflip_prob: probability of a horizontal flip, deterministic per (seed, epoch, index).
+    """
+
+    def __init__(
+        self,
+        samples: Sequence[GroundedSample],
+        processor: GroundedProcessor,
+        *,
+        categories: Sequence[str],
+        mask_resolution: int,
+        hflip_prob: float = 0.0,
+        seed: int = 0,
+    ) -> None:
+        self.samples = list(samples)
+        self.processor = processor
+        self.class_of = {name: index for index, name in enumerate(categories)}
+        self.mask_resolution = mask_resolution
+        self.hflip_prob = hflip_prob
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> EncodedSample:
+        sample = self.samples[index]
+        image = load_image(Path(sample.image_path), source=sample.source) if sample.image_path else None
+        if (
+            image is not None
+            and random.Random(f"{self.seed}-{self.epoch}-{index}").random() < self.hflip_prob
+        ):
+            sample, image = flip_sample(sample, image, self.processor.num_bins)
+        encoded = self.processor.encode_conversation(sample.conversation, image)
+        seg_count = sum(turn["value"].count(SEG) for turn in sample.conversation if turn["from"] == "gpt")
+        if seg_count != len(sample.seg_masks):
+            raise ValueError(f"{sample.source}: {seg_count} <seg> tokens but {len(sample.seg_masks)} masks")
+        unknown = [c for c in sample.det_categories if c not in self.class_of]
+        if unknown:
+            raise ValueError(
+                f"{sample.source}: categories {sorted(set(unknown))} are not in the model's label space"
+            )
+        meta = encoded.image_meta
+        if meta is not None and len(sample.det_boxes):
+            canvas = torch.as_tensor(
+                meta.boxes_to_canvas(sample.det_boxes.astype(np.float64)), dtype=torch.float32
+            )
+            canvas = canvas / meta.canvas_size
+            boxes_norm = torch.stack(
+                [(canvas[:, 0] + canvas[:, 2]) / 2, (canvas[:, 1] + canvas[:, 3]) / 2,
+                 canvas[:, 2] - canvas[:, 0], canvas[:, 3] - canvas[:, 1]], dim=1)  # fmt: skip
+        else:
+            boxes_norm = torch.zeros((0, 4))
+        masks = [meta.mask_to_canvas(m, self.mask_resolution) for m in sample.seg_masks] if meta else []
+        return EncodedSample(
+            encoded=encoded,
+            has_det_targets=sample.has_det_targets and meta is not None,
+            class_ids=torch.tensor([self.class_of[c] for c in sample.det_categories], dtype=torch.long),
+            boxes_norm=boxes_norm,
+            seg_masks=torch.stack(masks)
+            if masks
+            else torch.zeros((0, self.mask_resolution, self.mask_resolution)),
+        )
+
+
+@dataclass
+class TrainingBatch:
+    """A padded batch plus the head targets: `forward(**batch.model_inputs(), det_targets=..., seg_masks=...)`."""
+
+    batch: GroundedBatch
+    det_targets: DetectionTargets
+    seg_masks: torch.Tensor
+
+    def model_inputs(self) -> dict:
+        return {**self.batch.model_inputs(), "det_targets": self.det_targets, "seg_masks": self.seg_masks}
+
+
+class GroundedCollator:
+    """Pads `EncodedSample`s (right padding) and gathers Detect/SAM targets per image."""
+
+    def __init__(self, processor: GroundedProcessor) -> None:
+        self.processor = processor
+
+    def __call__(self, items: Sequence[EncodedSample]) -> TrainingBatch:
+        batch = self.processor.collate([item.encoded for item in items])
+        with_image = [item for item in items if item.encoded.pixel_values is not None]
+        image_index = torch.cat(
+            [torch.full((len(item.class_ids),), i, dtype=torch.long) for i, item in enumerate(with_image)]
+        ) if with_image else torch.zeros(0, dtype=torch.long)  # fmt: skip
+        det_targets = DetectionTargets(
+            image_index=image_index,
+            class_ids=torch.cat([item.class_ids for item in with_image])
+            if with_image
+            else torch.zeros(0, dtype=torch.long),
+            boxes_norm=torch.cat([item.boxes_norm for item in with_image])
+            if with_image
+            else torch.zeros((0, 4)),
+            image_has_targets=torch.tensor([item.has_det_targets for item in with_image], dtype=torch.bool),
+        )
+        seg_masks = torch.cat([item.seg_masks for item in items])
+        return TrainingBatch(batch=batch, det_targets=det_targets, seg_masks=seg_masks)

@@ -1,0 +1,17 @@
+"""The grounded model: LLaVA + LoRA composed with a vision neck, a YOLO Detect head and SAM's mask decoder."""
+
+from .detection import DetectionHead, DetectionTargets
+from .grounded_llava import GroundedLlavaForConditionalGeneration, GroundedLlavaOutput
+from .masks import MaskHead
+from .neck import VisionNeck
+from .pretrained import CheckpointError
+
+__all__ = [
+    "CheckpointError",
+    "DetectionHead",
+    "DetectionTargets",
+    "GroundedLlavaForConditionalGeneration",
+    "GroundedLlavaOutput",
+    "MaskHead",
+    "VisionNeck",
+]

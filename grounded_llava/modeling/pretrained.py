@@ -1,0 +1,185 @@
+"""Build a grounded model from a config, and save/load the checkpoint directory.
+
+Checkpoint layout (DESIGN.md):
+    grounded_config.json        format version, the model config, vision-tower geometry
+    tokenizer.json, ...         the tokenizer (with grounding tokens) + grounded_processor.json
+    adapter/                    peft LoRA adapter + trainable token rows (safetensors)
+    heads.safetensors           neck, Detect head, SAM decoder, <seg> MLP
+    base/                       LLaVA base weights, only when the base is not a hub/local model (tiny)
+Saving writes into a temporary sibling directory and renames it into place, so a crash never
+leaves a half-written checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from peft import PeftModel
+from safetensors.torch import load_file, save_file
+from transformers import LlavaForConditionalGeneration
+
+from ..config import GroundedLlavaConfig
+from ..processor import GroundedProcessor
+from ..tokenizer import GroundingTokenIds
+from .base import (
+    DTYPES,
+    ImageSettings,
+    base_state_dict,
+    build_tiny_base,
+    image_settings_for,
+    load_pretrained_base,
+    wrap_with_lora,
+)
+from .grounded_llava import GroundedLlavaForConditionalGeneration
+
+FORMAT_VERSION = 1
+CONFIG_FILE = "grounded_config.json"
+HEADS_FILE = "heads.safetensors"
+ADAPTER_DIR = "adapter"
+BASE_DIR = "base"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint directory is incomplete, corrupt or from another format version."""
+
+
+def _assemble(
+    config: GroundedLlavaConfig, llava: PeftModel, tokenizer, settings: ImageSettings
+) -> tuple[GroundedLlavaForConditionalGeneration, GroundedProcessor]:
+    token_ids = GroundingTokenIds.from_tokenizer(tokenizer, config.num_bins)
+    with torch.random.fork_rng():
+        torch.manual_seed(config.tiny.seed)
+        model = GroundedLlavaForConditionalGeneration(
+            config=config,
+            llava=llava,
+            token_ids=token_ids,
+            num_image_tokens=settings.num_image_tokens,
+            grid_size=settings.grid_size,
+            canvas_size=settings.image_size,
+            patch_size=settings.patch_size,
+        )
+    dtype = next(llava.parameters()).dtype if not config.load_in_4bit else DTYPES[config.dtype]
+    model.neck.to(dtype), model.detection_head.to(dtype), model.mask_head.to(dtype)
+    processor = GroundedProcessor(
+        tokenizer,
+        image_size=settings.image_size,
+        num_image_tokens=settings.num_image_tokens,
+        num_bins=config.num_bins,
+        system_prompt=config.system_prompt,
+        image_mean=settings.image_mean,
+        image_std=settings.image_std,
+    )
+    return model, processor
+
+
+def build_model(config: GroundedLlavaConfig) -> tuple[GroundedLlavaForConditionalGeneration, GroundedProcessor]:
+    """A new grounded model: the base (tiny random-init, or real weights), LoRA, fresh heads."""
+    if config.is_tiny:
+        llava, tokenizer = build_tiny_base(config.tiny, config.num_bins)
+        if config.dtype != "float32":
+            llava.to(DTYPES[config.dtype])
+        settings = image_settings_for(llava.config)
+    else:
+        llava, tokenizer, settings = load_pretrained_base(config.base, config)
+    token_ids = GroundingTokenIds.from_tokenizer(tokenizer, config.num_bins)
+    return _assemble(config, wrap_with_lora(config, llava, token_ids.all_ids), tokenizer, settings)
+
+
+def _write_checkpoint(
+    model: GroundedLlavaForConditionalGeneration, processor: GroundedProcessor, directory: Path
+) -> None:
+    processor.save_pretrained(directory)
+    model.llava.save_pretrained(directory / ADAPTER_DIR)
+    save_file({k: v.detach().contiguous().cpu() for k, v in model.heads_state_dict().items()}, directory / HEADS_FILE)
+    if model.config.is_tiny:
+        model.base_llava.save_pretrained(directory / BASE_DIR, state_dict=base_state_dict(model.llava))
+    geometry = {
+        "num_image_tokens": model.num_image_tokens,
+        "canvas_size": model.canvas_size,
+        "grid_size": model.neck.grid_size,
+        "patch_size": int(model.detection_head.detect.stride[1].item()),
+        "image_mean": list(processor.image_mean),
+        "image_std": list(processor.image_std),
+    }
+    meta = {"format_version": FORMAT_VERSION, "config": model.config.to_dict(), "geometry": geometry}
+    (directory / CONFIG_FILE).write_text(json.dumps(meta, indent=2))
+
+
+def save_pretrained(
+    model: GroundedLlavaForConditionalGeneration, processor: GroundedProcessor, directory: str | Path
+) -> Path:
+    """Write the checkpoint atomically: into `.<name>.tmp` beside it, then rename over `directory`."""
+    directory = Path(directory)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    staging = directory.parent / f".{directory.name}.tmp-{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)
+    try:
+        _write_checkpoint(model, processor, staging)
+        if directory.exists():
+            retired = directory.parent / f".{directory.name}.old-{os.getpid()}"
+            os.replace(directory, retired)
+            os.replace(staging, directory)
+            shutil.rmtree(retired)
+        else:
+            os.replace(staging, directory)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return directory
+
+
+def read_checkpoint_meta(directory: Path) -> dict:
+    """The checkpoint's `grounded_config.json`, with its format version checked."""
+    meta_file = directory / CONFIG_FILE
+    if not directory.is_dir():
+        raise CheckpointError(f"checkpoint directory {directory} does not exist")
+    if not meta_file.is_file():
+        raise CheckpointError(f"{meta_file} is missing: {directory} is not a grounded-llava checkpoint")
+    try:
+        meta = json.loads(meta_file.read_text())
+    except json.JSONDecodeError as err:
+        raise CheckpointError(f"{meta_file} is not valid JSON: {err}") from None
+    version = meta.get("format_version")
+    if version != FORMAT_VERSION:
+        raise CheckpointError(
+            f"{meta_file}: format_version {version!r} is not supported by this grounded-llava "
+            f"(expects {FORMAT_VERSION}); convert or re-export the checkpoint"
+        )
+    for key in ("config", "geometry"):
+        if key not in meta:
+            raise CheckpointError(f"{meta_file}: missing field {key!r}")
+    return meta
+
+
+def load_pretrained(
+    directory: str | Path, *, is_trainable: bool = False
+) -> tuple[GroundedLlavaForConditionalGeneration, GroundedProcessor]:
+    """Load a checkpoint written by `save_pretrained` (the base from `base/`, or from its hub id / path)."""
+    directory = Path(directory)
+    meta = read_checkpoint_meta(directory)
+    config = GroundedLlavaConfig.from_dict(meta["config"])
+    for required in (ADAPTER_DIR, HEADS_FILE):
+        if not (directory / required).exists():
+            raise CheckpointError(f"{directory / required} is missing: incomplete checkpoint")
+    processor = GroundedProcessor.from_pretrained(directory)
+    if (directory / BASE_DIR).is_dir():
+        llava = LlavaForConditionalGeneration.from_pretrained(directory / BASE_DIR, dtype=DTYPES[config.dtype])
+        settings = image_settings_for(llava.config, processor.image_mean, processor.image_std)
+    else:
+        llava, _, settings = load_pretrained_base(config.base, config, tokenizer_source=directory)
+    if llava.get_input_embeddings().weight.shape[0] != len(processor.tokenizer):
+        raise CheckpointError(
+            f"{directory}: the base has {llava.get_input_embeddings().weight.shape[0]} token rows but the "
+            f"tokenizer {len(processor.tokenizer)} tokens"
+        )
+    peft_model = PeftModel.from_pretrained(llava, directory / ADAPTER_DIR, is_trainable=is_trainable)
+    model, _ = _assemble(config, peft_model, processor.tokenizer, settings)
+    heads = load_file(directory / HEADS_FILE)
+    missing, unexpected = model.load_state_dict(heads, strict=False)
+    missing = [k for k in missing if not k.startswith("llava.")]
+    if missing or unexpected:
+        raise CheckpointError(f"{directory / HEADS_FILE}: missing {missing[:5]} unexpected {unexpected[:5]}")
+    return model, processor
