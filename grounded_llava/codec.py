@@ -43,7 +43,9 @@ def _check_box(box: Sequence[float], image_size: tuple[int, int]) -> Box:
     x0, y0, x1, y1 = (float(v) for v in box)
     tol = _EDGE_TOLERANCE_PX
     if not (x1 > x0 and y1 > y0):
-        raise ValueError(f"box {list(box)} is empty or inverted: need x1 > x0 and y1 > y0 (xyxy, original pixels)")
+        raise ValueError(
+            f"box {list(box)} is empty or inverted: need x1 > x0 and y1 > y0 (xyxy, original pixels)"
+        )
     if x0 < -tol or y0 < -tol or x1 > width + tol or y1 > height + tol:
         raise ValueError(f"box {list(box)} lies outside the image of size (W={width}, H={height})")
     return max(x0, 0.0), max(y0, 0.0), min(x1, float(width)), min(y1, float(height))
@@ -53,7 +55,9 @@ def _to_bin(fraction: float, num_bins: int) -> int:
     return min(max(int(fraction * num_bins), 0), num_bins - 1)
 
 
-def encode_box(box_xyxy_px: Sequence[float], image_size: tuple[int, int], num_bins: int = DEFAULT_NUM_BINS) -> str:
+def encode_box(
+    box_xyxy_px: Sequence[float], image_size: tuple[int, int], num_bins: int = DEFAULT_NUM_BINS
+) -> str:
     """One `<box><loc_..>x4</box>` group for a box in original pixels; `image_size` is (W, H)."""
     x0, y0, x1, y1 = _check_box(box_xyxy_px, image_size)
     width, height = image_size
@@ -139,7 +143,9 @@ def _decode_box(bins: list[int], image_size: tuple[int, int], num_bins: int) -> 
     return (centre[0] * width, centre[1] * height, centre[2] * width, centre[3] * height)
 
 
-def parse_grounded(text: str, image_size: tuple[int, int], *, num_bins: int = DEFAULT_NUM_BINS) -> ParsedAnswer:
+def parse_grounded(
+    text: str, image_size: tuple[int, int], *, num_bins: int = DEFAULT_NUM_BINS
+) -> ParsedAnswer:
     """Parse generated text into clean text and grounded spans; never raises on malformed token sequences.
 
     Rules: a phrase must close (`</p>`) before any box token, and a box group is exactly four

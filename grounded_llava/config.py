@@ -37,9 +37,13 @@ class TinyBaseConfig:
 
     def __post_init__(self) -> None:
         if self.image_size % self.patch_size:
-            raise ConfigError(f"tiny.image_size {self.image_size} is not a multiple of patch_size {self.patch_size}")
+            raise ConfigError(
+                f"tiny.image_size {self.image_size} is not a multiple of patch_size {self.patch_size}"
+            )
         if self.text_hidden_size % self.text_heads or self.text_heads % self.text_kv_heads:
-            raise ConfigError("tiny.text_hidden_size must divide by text_heads, and text_heads by text_kv_heads")
+            raise ConfigError(
+                "tiny.text_hidden_size must divide by text_heads, and text_heads by text_kv_heads"
+            )
 
 
 @dataclass
@@ -57,7 +61,9 @@ class LoraSettings:
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"lora.dropout must be in [0, 1), got {self.dropout}")
         if "language_model" not in self.target_regex:
-            raise ConfigError("lora.target_regex must be restricted to the language model (contain 'language_model')")
+            raise ConfigError(
+                "lora.target_regex must be restricted to the language model (contain 'language_model')"
+            )
 
 
 @dataclass
@@ -76,6 +82,8 @@ class HeadSettings:
     mask_decoder_heads: int = 4
     mask_decoder_mlp_dim: int = 256
     seg_mlp_hidden: int = 256
+    box_only_prompt_rate: float = 0.2
+    """Training: fraction of `<seg>` prompts given to SAM by box alone, so head detections can get masks too."""
     conf_threshold: float = 0.25
     nms_iou: float = 0.6
     match_iou: float = 0.5

@@ -61,10 +61,15 @@ def _coerce(value: Any, tp: Any, field_path: str) -> Any:
         if not isinstance(value, dict):
             raise ConfigError(f"{field_path}: expected a mapping, got {value!r}")
         key_tp, value_tp = typing.get_args(tp) or (Any, Any)
-        return {_coerce(k, key_tp, field_path): _coerce(v, value_tp, f"{field_path}.{k}") for k, v in value.items()}
+        return {
+            _coerce(k, key_tp, field_path): _coerce(v, value_tp, f"{field_path}.{k}")
+            for k, v in value.items()
+        }
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
-    if tp in (int, float, str, bool) and not (isinstance(value, tp) and not (tp is int and isinstance(value, bool))):
+    if tp in (int, float, str, bool) and not (
+        isinstance(value, tp) and not (tp is int and isinstance(value, bool))
+    ):
         raise ConfigError(f"{field_path}: expected {tp.__name__}, got {value!r}")
     return value
 
@@ -75,12 +80,16 @@ def from_dict(cls: type[T], data: dict[str, Any], *, _prefix: str = "") -> T:
     known = {f.name: f for f in dataclasses.fields(cls) if f.init}
     unknown = sorted(set(data) - set(known))
     if unknown:
-        raise ConfigError(f"unknown config key {_prefix}{unknown[0]!s} (valid keys: {', '.join(sorted(known))})")
+        raise ConfigError(
+            f"unknown config key {_prefix}{unknown[0]!s} (valid keys: {', '.join(sorted(known))})"
+        )
     kwargs = {name: _coerce(value, hints[name], _prefix + name) for name, value in data.items()}
     try:
         return cls(**kwargs)
     except ConfigError as err:
-        raise ConfigError(f"{_prefix}{err}" if _prefix and not str(err).startswith(_prefix) else str(err)) from None
+        raise ConfigError(
+            f"{_prefix}{err}" if _prefix and not str(err).startswith(_prefix) else str(err)
+        ) from None
 
 
 def to_dict(obj: Any) -> Any:

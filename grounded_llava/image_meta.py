@@ -49,7 +49,9 @@ class ImageMeta:
         """(..., 4) xyxy original pixels -> (..., 4) xyxy canvas pixels."""
         pad_x, pad_y = self.pad
         offset = [pad_x, pad_y, pad_x, pad_y]
-        offset = torch.tensor(offset, dtype=boxes_xyxy.dtype) if torch.is_tensor(boxes_xyxy) else np.array(offset)
+        offset = (
+            torch.tensor(offset, dtype=boxes_xyxy.dtype) if torch.is_tensor(boxes_xyxy) else np.array(offset)
+        )
         return (boxes_xyxy + offset) * self.canvas_size / self.side
 
     def boxes_from_canvas(self, boxes_canvas: np.ndarray | torch.Tensor) -> np.ndarray | torch.Tensor:
@@ -57,10 +59,16 @@ class ImageMeta:
         pad_x, pad_y = self.pad
         width, height = self.original_size
         if torch.is_tensor(boxes_canvas):
-            offset = torch.tensor([pad_x, pad_y, pad_x, pad_y], dtype=boxes_canvas.dtype, device=boxes_canvas.device)
-            limit = torch.tensor([width, height, width, height], dtype=boxes_canvas.dtype, device=boxes_canvas.device)
+            offset = torch.tensor(
+                [pad_x, pad_y, pad_x, pad_y], dtype=boxes_canvas.dtype, device=boxes_canvas.device
+            )
+            limit = torch.tensor(
+                [width, height, width, height], dtype=boxes_canvas.dtype, device=boxes_canvas.device
+            )
             return (boxes_canvas / self.scale - offset).clamp(min=torch.zeros_like(limit), max=limit)
-        boxes = np.asarray(boxes_canvas, dtype=np.float64) / self.scale - np.array([pad_x, pad_y, pad_x, pad_y])
+        boxes = np.asarray(boxes_canvas, dtype=np.float64) / self.scale - np.array(
+            [pad_x, pad_y, pad_x, pad_y]
+        )
         return np.clip(boxes, 0, [width, height, width, height])
 
     def fractions_to_canvas(self, boxes_norm: torch.Tensor) -> torch.Tensor:
@@ -91,7 +99,9 @@ class ImageMeta:
         """(H, W) bool mask, original frame -> (resolution, resolution) float {0, 1} mask on the canvas."""
         height, width = mask.shape
         if (width, height) != self.original_size:
-            raise ValueError(f"mask of shape (H={height}, W={width}) does not match the image size {self.original_size}")
+            raise ValueError(
+                f"mask of shape (H={height}, W={width}) does not match the image size {self.original_size}"
+            )
         x0, y0, x1, y1 = self.image_region_on_canvas(resolution)
         tensor = torch.from_numpy(np.ascontiguousarray(mask, dtype=np.float32))[None, None]
         resized = F.interpolate(tensor, size=(y1 - y0, x1 - x0), mode="bilinear", align_corners=False)[0, 0]
@@ -100,7 +110,9 @@ class ImageMeta:
         return canvas
 
 
-def pad_to_square_and_resize(image: Image.Image, canvas_size: int, fill_rgb: tuple[int, int, int]) -> Image.Image:
+def pad_to_square_and_resize(
+    image: Image.Image, canvas_size: int, fill_rgb: tuple[int, int, int]
+) -> Image.Image:
     """Paste `image` centred on a square of its longest side filled with `fill_rgb`, then resize to the canvas."""
     image = image.convert("RGB")
     width, height = image.size

@@ -51,6 +51,21 @@ class GroundedBatch:
     original_sizes: torch.Tensor
     image_metas: list[ImageMeta] = field(default_factory=list)
 
+    def select(self, rows: torch.Tensor) -> GroundedBatch:
+        """The sub-batch of sample rows `rows` (1-D long tensor, increasing), with their images."""
+        keep = torch.isin(self.image_sample_index, rows)
+        new_row = torch.full((self.input_ids.shape[0],), -1, dtype=torch.long)
+        new_row[rows] = torch.arange(rows.numel())
+        return GroundedBatch(
+            input_ids=self.input_ids[rows],
+            attention_mask=self.attention_mask[rows],
+            labels=self.labels[rows],
+            pixel_values=self.pixel_values[keep] if self.pixel_values is not None and keep.any() else None,
+            image_sample_index=new_row[self.image_sample_index[keep]],
+            original_sizes=self.original_sizes[keep],
+            image_metas=[m for m, k in zip(self.image_metas, keep.tolist(), strict=True) if k],
+        )
+
     def model_inputs(self) -> dict[str, torch.Tensor | None]:
         """The keyword arguments of `GroundedLlavaForConditionalGeneration.forward`."""
         return {
@@ -158,7 +173,9 @@ class GroundedProcessor:
             role, value = turn.get("from"), turn.get("value")
             expected = "human" if index % 2 == 0 else "gpt"
             if role != expected or not isinstance(value, str):
-                raise ValueError(f"turn {index}: expected a {expected!r} turn with a string value, got {turn!r}")
+                raise ValueError(
+                    f"turn {index}: expected a {expected!r} turn with a string value, got {turn!r}"
+                )
             if role == "human":
                 if not value.strip():
                     raise ValueError(f"turn {index}: empty prompt")
@@ -183,7 +200,9 @@ class GroundedProcessor:
             image_meta=meta,
         )
 
-    def collate(self, samples: Sequence[EncodedConversation], *, padding_side: str = "right") -> GroundedBatch:
+    def collate(
+        self, samples: Sequence[EncodedConversation], *, padding_side: str = "right"
+    ) -> GroundedBatch:
         """Pad a list of encoded conversations into a batch (left padding for generation)."""
         if padding_side not in ("left", "right"):
             raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")

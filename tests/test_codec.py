@@ -67,7 +67,11 @@ def test_broken_groups_are_dropped_and_counted():
 
 
 def test_several_instances_after_one_phrase_and_phrase_offsets():
-    text = "There are " + encode_grounded(["circles"], [[(0, 0, 10, 10), (50, 50, 90, 90)]], (100, 100)) + " here."
+    text = (
+        "There are "
+        + encode_grounded(["circles"], [[(0, 0, 10, 10), (50, 50, 90, 90)]], (100, 100))
+        + " here."
+    )
     parsed = parse_grounded(text, (100, 100))
     span = parsed.spans[0]
     assert len(span.boxes) == 2
@@ -76,7 +80,11 @@ def test_several_instances_after_one_phrase_and_phrase_offsets():
 
 @pytest.mark.parametrize(
     "box, message",
-    [((10, 10, 5, 20), "empty or inverted"), ((0, 0, 120, 50), "outside the image"), ((-5, 0, 10, 10), "outside")],
+    [
+        ((10, 10, 5, 20), "empty or inverted"),
+        ((0, 0, 120, 50), "outside the image"),
+        ((-5, 0, 10, 10), "outside"),
+    ],
 )
 def test_impossible_boxes_raise(box, message):
     with pytest.raises(ValueError, match=message):

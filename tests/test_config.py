@@ -9,7 +9,9 @@ from grounded_llava.config_io import ConfigError
 def test_yaml_and_overrides(tmp_path):
     path = tmp_path / "model.yaml"
     path.write_text("model:\n  num_bins: 64\n  heads:\n    categories: [a, b]\n  lora:\n    r: 4\n")
-    config = GroundedLlavaConfig.from_yaml(path, ["lora.r=16", "heads.neck_channels=32", "tiny.text_layers=2"])
+    config = GroundedLlavaConfig.from_yaml(
+        path, ["lora.r=16", "heads.neck_channels=32", "tiny.text_layers=2"]
+    )
     assert config.num_bins == 64 and config.lora.r == 16 and config.heads.neck_channels == 32
     assert config.heads.categories == ["a", "b"] and config.tiny.text_layers == 2
     assert GroundedLlavaConfig.from_dict(config.to_dict()) == config

@@ -65,11 +65,16 @@ def test_template_labels_and_image_tokens(processor, random_image):
     assert supervised.replace(" ", "") == (answer + "</s>" + "Red." + "</s>").replace(" ", "")
     text = processor.tokenizer.decode(ids[ids != processor.image_token_id])
     assert "USER:" in text and text.count("ASSISTANT:") == 2 and text.startswith("<s>A chat")
-    assert processor.parse(processor.decode(ids[labels != IGNORE_INDEX]), encoded.image_meta).spans[0].seg == [True]
+    assert processor.parse(processor.decode(ids[labels != IGNORE_INDEX]), encoded.image_meta).spans[
+        0
+    ].seg == [True]
 
 
 def test_batched_padding_left_and_right(processor, random_image):
-    convs = [[{"from": "human", "value": "<image>\nHi"}], [{"from": "human", "value": "<image>\nA much longer prompt here"}]]
+    convs = [
+        [{"from": "human", "value": "<image>\nHi"}],
+        [{"from": "human", "value": "<image>\nA much longer prompt here"}],
+    ]
     images = [random_image(50, 80), random_image(120, 60)]
     right = processor(convs, images, add_generation_prompt=True)
     left = processor(convs, images, add_generation_prompt=True, padding_side="left")
@@ -77,18 +82,27 @@ def test_batched_padding_left_and_right(processor, random_image):
     assert right.attention_mask[0, -1] == 0 and left.attention_mask[0, 0] == 0
     assert torch.equal(right.original_sizes, torch.tensor([[50, 80], [120, 60]]))
     for row in range(2):
-        assert torch.equal(right.input_ids[row][right.attention_mask[row].bool()], left.input_ids[row][left.attention_mask[row].bool()])
+        assert torch.equal(
+            right.input_ids[row][right.attention_mask[row].bool()],
+            left.input_ids[row][left.attention_mask[row].bool()],
+        )
 
 
 def test_bad_input_raises_clear_errors(processor, random_image):
     with pytest.raises(ValueError, match="image-token count mismatch"):
-        processor.encode_conversation([{"from": "human", "value": "No marker"}], random_image(20, 20), add_generation_prompt=True)
+        processor.encode_conversation(
+            [{"from": "human", "value": "No marker"}], random_image(20, 20), add_generation_prompt=True
+        )
     with pytest.raises(ValueError, match="image-token count mismatch"):
-        processor.encode_conversation([{"from": "human", "value": "<image>\n<image>"}], random_image(20, 20), add_generation_prompt=True)
+        processor.encode_conversation(
+            [{"from": "human", "value": "<image>\n<image>"}], random_image(20, 20), add_generation_prompt=True
+        )
     with pytest.raises(ValueError, match="empty prompt"):
         processor.encode_conversation([{"from": "human", "value": "  "}], None, add_generation_prompt=True)
     with pytest.raises(ValueError, match="expected a 'gpt' turn"):
-        processor.encode_conversation([{"from": "human", "value": "a"}, {"from": "human", "value": "b"}], None)
+        processor.encode_conversation(
+            [{"from": "human", "value": "a"}, {"from": "human", "value": "b"}], None
+        )
     from PIL import Image
 
     with pytest.raises(ValueError, match="empty image"):

@@ -20,17 +20,10 @@ from torch.utils.data import Dataset
 from ..codec import SEG
 from ..modeling.detection import DetectionTargets
 from ..processor import EncodedConversation, GroundedBatch, GroundedProcessor
+from .phrasing import flip_text_left_right
 from .sample import GroundedSample
 
 _BOX_GROUP = re.compile(r"<box><loc_(\d+)><loc_(\d+)><loc_(\d+)><loc_(\d+)></box>")
-_LEFT_RIGHT = {"left": "right", "right": "left", "leftmost": "rightmost", "rightmost": "leftmost"}
-_LEFT_RIGHT_RE = re.compile(r"\b(" + "|".join(_LEFT_RIGHT) + r")\b", re.IGNORECASE)
-
-
-def _swap_word(match: re.Match) -> str:
-    word = match.group(0)
-    swapped = _LEFT_RIGHT[word.lower()]
-    return swapped.capitalize() if word[0].isupper() else swapped
 
 
 def flip_text(text: str, num_bins: int) -> str:
@@ -40,7 +33,7 @@ def flip_text(text: str, num_bins: int) -> str:
         x0, y0, x1, y1 = (int(v) for v in match.groups())
         return f"<box><loc_{num_bins - 1 - x1}><loc_{y0}><loc_{num_bins - 1 - x0}><loc_{y1}></box>"
 
-    return _LEFT_RIGHT_RE.sub(_swap_word, _BOX_GROUP.sub(flip_group, text))
+    return flip_text_left_right(_BOX_GROUP.sub(flip_group, text))
 
 
 def flip_sample(
@@ -81,6 +74,7 @@ class EncodedSample:
 
     encoded: EncodedConversation
     has_det_targets: bool
+    is_chat: bool  # plain chat (no grounding targets): where the KL to the base model applies
     class_ids: torch.Tensor  # (n,)
     boxes_norm: torch.Tensor  # (n, 4) xywh fractions of the canvas
     seg_masks: torch.Tensor  # (m, 4g, 4g)
@@ -153,6 +147,7 @@ class GroundedDataset(Dataset):
         return EncodedSample(
             encoded=encoded,
             has_det_targets=sample.has_det_targets and meta is not None,
+            is_chat=not sample.has_det_targets,
             class_ids=torch.tensor([self.class_of[c] for c in sample.det_categories], dtype=torch.long),
             boxes_norm=boxes_norm,
             seg_masks=torch.stack(masks)
@@ -168,6 +163,7 @@ class TrainingBatch:
     batch: GroundedBatch
     det_targets: DetectionTargets
     seg_masks: torch.Tensor
+    is_chat: torch.Tensor  # (B,) bool
 
     def model_inputs(self) -> dict:
         return {**self.batch.model_inputs(), "det_targets": self.det_targets, "seg_masks": self.seg_masks}
@@ -196,4 +192,5 @@ class GroundedCollator:
             image_has_targets=torch.tensor([item.has_det_targets for item in with_image], dtype=torch.bool),
         )
         seg_masks = torch.cat([item.seg_masks for item in items])
-        return TrainingBatch(batch=batch, det_targets=det_targets, seg_masks=seg_masks)
+        is_chat = torch.tensor([item.is_chat for item in items], dtype=torch.bool)
+        return TrainingBatch(batch=batch, det_targets=det_targets, seg_masks=seg_masks, is_chat=is_chat)

@@ -81,7 +81,9 @@ class _Scene:
     absent: list[str]  # categories not in the image at all
 
     @classmethod
-    def of(cls, record: ImageRecord, category_names: Sequence[str], rng: random.Random, config: TaskConfig):
+    def of(
+        cls, record: ImageRecord, category_names: Sequence[str], rng: random.Random, config: TaskConfig
+    ) -> _Scene:
         present = {inst.category_name for inst in record.instances}
         crowded = {inst.category_name for inst in record.instances if inst.iscrowd}
         by_category: dict[str, list[InstanceRecord]] = {}

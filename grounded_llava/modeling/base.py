@@ -53,7 +53,9 @@ def image_settings_for(llava_config: LlavaConfig, mean=CLIP_MEAN, std=CLIP_STD) 
     return ImageSettings(vision.image_size, vision.patch_size, tuple(mean), tuple(std), grid * grid + extra)
 
 
-def build_tiny_base(tiny: TinyBaseConfig, num_bins: int) -> tuple[LlavaForConditionalGeneration, PreTrainedTokenizerBase]:
+def build_tiny_base(
+    tiny: TinyBaseConfig, num_bins: int
+) -> tuple[LlavaForConditionalGeneration, PreTrainedTokenizerBase]:
     """Random-init CLIP-ViT + Llama LLaVA and its freshly trained byte-level BPE (deterministic by `tiny.seed`)."""
     tokenizer = train_tiny_tokenizer(tiny.tokenizer_vocab_size)
     add_grounding_tokens(tokenizer, num_bins)
@@ -121,10 +123,14 @@ def load_pretrained_base(
             llm_int8_skip_modules=["vision_tower", "multi_modal_projector", "lm_head"],
         )
     try:
-        tokenizer = AutoTokenizer.from_pretrained(tokenizer_source or source, local_files_only=kwargs["local_files_only"])
+        tokenizer = AutoTokenizer.from_pretrained(
+            tokenizer_source or source, local_files_only=kwargs["local_files_only"]
+        )
         model = LlavaForConditionalGeneration.from_pretrained(source, **kwargs)
         try:
-            image_processor = AutoImageProcessor.from_pretrained(source, local_files_only=kwargs["local_files_only"])
+            image_processor = AutoImageProcessor.from_pretrained(
+                source, local_files_only=kwargs["local_files_only"]
+            )
             mean, std = image_processor.image_mean, image_processor.image_std
         except (OSError, ValueError):
             mean, std = CLIP_MEAN, CLIP_STD
@@ -150,7 +156,9 @@ def _check_token_ids(ids: GroundingTokenIds, model: LlavaForConditionalGeneratio
         raise ValueError(f"grounding token id {max(ids.all_ids)} >= embedding rows {rows}: resize failed")
 
 
-def lora_config_for(config: GroundedLlavaConfig, model: LlavaForConditionalGeneration, token_ids: list[int]) -> LoraConfig:
+def lora_config_for(
+    config: GroundedLlavaConfig, model: LlavaForConditionalGeneration, token_ids: list[int]
+) -> LoraConfig:
     """LoRA on the language model only (regex), new token rows trainable via `trainable_token_indices`."""
     trainable_rows = {"embed_tokens": token_ids}
     if not model.config.get_text_config().tie_word_embeddings:
@@ -164,14 +172,20 @@ def lora_config_for(config: GroundedLlavaConfig, model: LlavaForConditionalGener
     )
 
 
-def wrap_with_lora(config: GroundedLlavaConfig, model: LlavaForConditionalGeneration, token_ids: list[int]) -> PeftModel:
+def wrap_with_lora(
+    config: GroundedLlavaConfig, model: LlavaForConditionalGeneration, token_ids: list[int]
+) -> PeftModel:
     if config.load_in_4bit:
         from peft import prepare_model_for_kbit_training
 
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=config.gradient_checkpointing)
+        model = prepare_model_for_kbit_training(
+            model, use_gradient_checkpointing=config.gradient_checkpointing
+        )
     peft_model = get_peft_model(model, lora_config_for(config, model, token_ids))
     if config.gradient_checkpointing:
-        peft_model.get_base_model().gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        peft_model.get_base_model().gradient_checkpointing_enable(
+            gradient_checkpointing_kwargs={"use_reentrant": False}
+        )
         peft_model.enable_input_require_grads()
     return peft_model
 

@@ -5,6 +5,7 @@ Frames: the head works on the square model canvas (S, S); boxes it returns are x
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from types import SimpleNamespace
 
@@ -89,7 +90,9 @@ class DetectionHead(nn.Module):
             "cls": targets.class_ids[valid].float(),
             "bboxes": targets.boxes_norm[valid].float(),
         }
-        loss_parts = self._criterion_for(subset["scores"].device).get_assigned_targets_and_loss(subset, batch)[1]
+        loss_parts = self._criterion_for(subset["scores"].device).get_assigned_targets_and_loss(
+            subset, batch
+        )[1]
         return loss_parts.sum()
 
     def _criterion_for(self, device: torch.device) -> v8DetectionLoss:
@@ -110,7 +113,11 @@ class DetectionHead(nn.Module):
         """Decode and NMS: per image a (n, 6) tensor [x0, y0, x1, y1, score, class_id], xyxy canvas pixels."""
         decoded = self.detect._inference(predictions)  # (I, 4 + nc, A): xywh canvas pixels + sigmoid scores
         return non_max_suppression(
-            decoded.float(), conf_thres=conf_threshold, iou_thres=iou_threshold, max_det=max_det, nc=self.num_classes
+            decoded.float(),
+            conf_thres=conf_threshold,
+            iou_thres=iou_threshold,
+            max_det=max_det,
+            nc=self.num_classes,
         )
 
     def grow_classes(self, num_classes: int) -> None:
@@ -137,6 +144,6 @@ class DetectionHead(nn.Module):
         self.detect.no = num_classes + self.detect.reg_max * 4
         with torch.no_grad():
             for level, branch in enumerate(self.detect.cv3):
-                prior = torch.log(torch.tensor(5 / num_classes / (640 / self.detect.stride[level]) ** 2))
+                prior = math.log(5 / num_classes / (640 / float(self.detect.stride[level])) ** 2)
                 branch[-1].bias[old:] = prior
         self._criterion = None

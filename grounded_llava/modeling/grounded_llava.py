@@ -29,7 +29,7 @@ from .neck import VisionNeck
 class GroundedLlavaOutput(ModelOutput):
     """What `forward` returns. Losses are None when their targets were not given.
 
-    logits: (B, T, V). detections: the Detect head's raw predictions (see `DetectionHead.forward`).
+    logits: (B, T, V). image_features: (I, N, D) projected. detections: the Detect head's raw predictions (see `DetectionHead.forward`).
     mask_logits: (M, 4g, 4g) canvas-frame logits, one per `<seg>` token in reading order (batch-major);
     mask_scores: (M,) SAM's predicted IoU. seg_image_index: (M,) the image of each mask.
     """
@@ -40,6 +40,7 @@ class GroundedLlavaOutput(ModelOutput):
     mask_loss: torch.Tensor | None = None
     logits: torch.Tensor | None = None
     last_hidden_state: torch.Tensor | None = None
+    image_features: torch.Tensor | None = None
     detections: dict | None = None
     mask_logits: torch.Tensor | None = None
     mask_scores: torch.Tensor | None = None
@@ -113,7 +114,9 @@ class GroundedLlavaForConditionalGeneration(nn.Module):
         return model
 
     @classmethod
-    def from_pretrained(cls, directory: str | Path, *, is_trainable: bool = False) -> GroundedLlavaForConditionalGeneration:
+    def from_pretrained(
+        cls, directory: str | Path, *, is_trainable: bool = False
+    ) -> GroundedLlavaForConditionalGeneration:
         """Load a checkpoint directory written by `save_pretrained`; its processor is `model.processor`."""
         from .pretrained import load_pretrained
 
@@ -204,7 +207,9 @@ class GroundedLlavaForConditionalGeneration(nn.Module):
         """
         batch = input_ids.shape[0]
         if image_sample_index is None:
-            image_sample_index = torch.arange(batch if pixel_values is not None else 0, device=input_ids.device)
+            image_sample_index = torch.arange(
+                batch if pixel_values is not None else 0, device=input_ids.device
+            )
         if image_features is None and pixel_values is not None:
             image_features = self.encode_images(pixel_values)
         self._check_image_tokens(input_ids, image_sample_index.to(input_ids.device))
@@ -213,12 +218,14 @@ class GroundedLlavaForConditionalGeneration(nn.Module):
         llm_out = llava.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
-            mm_encoder_outputs=self.mm_encoder_outputs(image_features) if image_features is not None else None,
+            mm_encoder_outputs=self.mm_encoder_outputs(image_features)
+            if image_features is not None
+            else None,
             use_cache=False,
         )
         hidden = llm_out.last_hidden_state
         logits = llava.lm_head(hidden)
-        out = GroundedLlavaOutput(logits=logits, last_hidden_state=hidden)
+        out = GroundedLlavaOutput(logits=logits, last_hidden_state=hidden, image_features=image_features)
         losses = []
         if labels is not None:
             out.lm_loss = F.cross_entropy(
@@ -236,7 +243,13 @@ class GroundedLlavaForConditionalGeneration(nn.Module):
             losses.append(self.config.loss.det * out.det_loss)
         if compute_masks or seg_masks is not None:
             prompts = self._seg_prompts(input_ids, hidden, image_sample_index, original_sizes)
-            out.mask_logits, out.mask_scores = self.mask_head(pyramid[1], *prompts)
+            box_only = None
+            if self.training and self.config.heads.box_only_prompt_rate > 0:
+                box_only = (
+                    torch.rand(prompts[0].shape[0], device=hidden.device)
+                    < self.config.heads.box_only_prompt_rate
+                )
+            out.mask_logits, out.mask_scores = self.mask_head(pyramid[1], *prompts, box_only=box_only)
             out.seg_image_index = prompts[0]
             if seg_masks is not None:
                 if seg_masks.shape[0] != out.mask_logits.shape[0]:
@@ -272,7 +285,9 @@ class GroundedLlavaForConditionalGeneration(nn.Module):
             empty = torch.zeros(0, dtype=torch.long, device=device)
             return empty, hidden.new_zeros((0, 4)), hidden.new_zeros((0, hidden.shape[-1]))
         image_of_sample = torch.full((input_ids.shape[0],), -1, dtype=torch.long, device=device)
-        image_of_sample[image_sample_index.to(device)] = torch.arange(image_sample_index.numel(), device=device)
+        image_of_sample[image_sample_index.to(device)] = torch.arange(
+            image_sample_index.numel(), device=device
+        )
         images = image_of_sample[rows]
         window = torch.stack([input_ids[rows, (cols - k).clamp(min=0)] for k in range(6, 0, -1)], dim=1)
         bins = self.loc_bin_of_token[window[:, 1:5]]
@@ -280,13 +295,17 @@ class GroundedLlavaForConditionalGeneration(nn.Module):
         valid &= (window[:, 0] == self.token_ids.box_open) & (window[:, 5] == self.token_ids.box_close)
         if not bool(valid.all()):
             bad = [(int(r), int(c)) for r, c in zip(rows[~valid], cols[~valid], strict=True)]
-            raise ValueError(f"<seg> token(s) at (sample, position) {bad} do not follow a <box> group of an image")
+            raise ValueError(
+                f"<seg> token(s) at (sample, position) {bad} do not follow a <box> group of an image"
+            )
         if original_sizes is None:
             raise ValueError("original_sizes is needed to place the <seg> box prompts on the canvas")
         fractions = (bins.float() + 0.5) / len(self.token_ids.loc)
         boxes = torch.stack(
             [
-                ImageMeta(tuple(original_sizes[i].tolist()), self.canvas_size).fractions_to_canvas(fractions[j])
+                ImageMeta(tuple(original_sizes[i].tolist()), self.canvas_size).fractions_to_canvas(
+                    fractions[j]
+                )
                 for j, i in enumerate(images.tolist())
             ]
         )

@@ -40,7 +40,9 @@ class MaskHead(nn.Module):
         )
         self.mask_decoder = MaskDecoder(
             transformer_dim=channels,
-            transformer=TwoWayTransformer(depth=depth, embedding_dim=channels, mlp_dim=mlp_dim, num_heads=num_heads),
+            transformer=TwoWayTransformer(
+                depth=depth, embedding_dim=channels, mlp_dim=mlp_dim, num_heads=num_heads
+            ),
             num_multimask_outputs=3,
             iou_head_depth=3,
             iou_head_hidden_dim=channels,
@@ -50,6 +52,8 @@ class MaskHead(nn.Module):
             nn.ReLU(),
             nn.Linear(seg_mlp_hidden, channels),
         )
+        # Stands in for the <seg> prompt when a mask is asked for by box alone (head detections).
+        self.box_only_embedding = nn.Parameter(torch.zeros(1, channels))
 
     @property
     def mask_resolution(self) -> int:
@@ -60,7 +64,8 @@ class MaskHead(nn.Module):
         image_embeddings: torch.Tensor,
         image_index: torch.Tensor,
         boxes_canvas: torch.Tensor,
-        seg_hidden: torch.Tensor,
+        seg_hidden: torch.Tensor | None,
+        box_only: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Predict one mask per prompt.
 
@@ -68,7 +73,9 @@ class MaskHead(nn.Module):
             image_embeddings: (I, C, g, g) the neck's stride-`patch` level.
             image_index: (M,) which image each prompt belongs to.
             boxes_canvas: (M, 4) xyxy canvas pixels.
-            seg_hidden: (M, D_text) LLM last hidden states of the `<seg>` prompts.
+            seg_hidden: (M, D_text) LLM last hidden states of the `<seg>` prompts; None: box prompts only.
+            box_only: (M,) bool, prompts whose text state is replaced by the box-only embedding
+                (training drops some so that the decoder also serves box-only requests).
         Returns:
             mask_logits (M, 4g, 4g) over the canvas, and SAM's predicted mask IoU (M,).
         """
@@ -77,7 +84,14 @@ class MaskHead(nn.Module):
         if count == 0:
             empty = image_embeddings.new_zeros((0, resolution, resolution))
             return empty, image_embeddings.new_zeros((0,))
-        seg_tokens = self.seg_projection(seg_hidden.to(image_embeddings.dtype)).unsqueeze(1)
+        box_only_tokens = self.box_only_embedding.expand(count, -1)
+        if seg_hidden is None:
+            seg_tokens = box_only_tokens
+        else:
+            seg_tokens = self.seg_projection(seg_hidden.to(image_embeddings.dtype))
+            if box_only is not None:
+                seg_tokens = torch.where(box_only[:, None], box_only_tokens, seg_tokens)
+        seg_tokens = seg_tokens.unsqueeze(1)
         dense_pe = self.prompt_encoder.get_dense_pe()
         masks, scores = [], []
         order = []
@@ -100,7 +114,9 @@ class MaskHead(nn.Module):
         return torch.cat(masks)[inverse], torch.cat(scores)[inverse]
 
 
-def mask_loss(mask_logits: torch.Tensor, targets: torch.Tensor, *, bce_weight: float, dice_weight: float) -> torch.Tensor:
+def mask_loss(
+    mask_logits: torch.Tensor, targets: torch.Tensor, *, bce_weight: float, dice_weight: float
+) -> torch.Tensor:
     """LISA's mask loss: per-mask mean BCE + dice, averaged over masks. Both (M, h, w); targets in {0, 1}."""
     if mask_logits.shape[0] == 0:
         return mask_logits.sum() * 0.0

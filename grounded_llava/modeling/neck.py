@@ -24,7 +24,9 @@ class VisionNeck(nn.Module):
         super().__init__()
         self.grid_size = grid_size
         self.input_proj = nn.Sequential(nn.Linear(in_dim, channels), nn.LayerNorm(channels))
-        self.up = nn.Sequential(nn.ConvTranspose2d(channels, channels, 2, stride=2), _conv_block(channels, channels))
+        self.up = nn.Sequential(
+            nn.ConvTranspose2d(channels, channels, 2, stride=2), _conv_block(channels, channels)
+        )
         self.mid = _conv_block(channels, channels)
         self.down = _conv_block(channels, channels, stride=2)
 
@@ -32,5 +34,7 @@ class VisionNeck(nn.Module):
         count, tokens, _ = image_features.shape
         if tokens != self.grid_size**2:
             raise ValueError(f"VisionNeck expects {self.grid_size**2} image tokens per image, got {tokens}")
-        grid = self.input_proj(image_features).transpose(1, 2).reshape(count, -1, self.grid_size, self.grid_size)
+        grid = (
+            self.input_proj(image_features).transpose(1, 2).reshape(count, -1, self.grid_size, self.grid_size)
+        )
         return [self.up(grid), self.mid(grid), self.down(grid)]

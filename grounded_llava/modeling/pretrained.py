@@ -76,7 +76,9 @@ def _assemble(
     return model, processor
 
 
-def build_model(config: GroundedLlavaConfig) -> tuple[GroundedLlavaForConditionalGeneration, GroundedProcessor]:
+def build_model(
+    config: GroundedLlavaConfig,
+) -> tuple[GroundedLlavaForConditionalGeneration, GroundedProcessor]:
     """A new grounded model: the base (tiny random-init, or real weights), LoRA, fresh heads."""
     if config.is_tiny:
         llava, tokenizer = build_tiny_base(config.tiny, config.num_bins)
@@ -94,7 +96,10 @@ def _write_checkpoint(
 ) -> None:
     processor.save_pretrained(directory)
     model.llava.save_pretrained(directory / ADAPTER_DIR)
-    save_file({k: v.detach().contiguous().cpu() for k, v in model.heads_state_dict().items()}, directory / HEADS_FILE)
+    save_file(
+        {k: v.detach().contiguous().cpu() for k, v in model.heads_state_dict().items()},
+        directory / HEADS_FILE,
+    )
     if model.config.is_tiny:
         model.base_llava.save_pretrained(directory / BASE_DIR, state_dict=base_state_dict(model.llava))
     geometry = {
@@ -166,7 +171,9 @@ def load_pretrained(
             raise CheckpointError(f"{directory / required} is missing: incomplete checkpoint")
     processor = GroundedProcessor.from_pretrained(directory)
     if (directory / BASE_DIR).is_dir():
-        llava = LlavaForConditionalGeneration.from_pretrained(directory / BASE_DIR, dtype=DTYPES[config.dtype])
+        llava = LlavaForConditionalGeneration.from_pretrained(
+            directory / BASE_DIR, dtype=DTYPES[config.dtype]
+        )
         settings = image_settings_for(llava.config, processor.image_mean, processor.image_std)
     else:
         llava, _, settings = load_pretrained_base(config.base, config, tokenizer_source=directory)

@@ -169,11 +169,13 @@ def _fsync_tree(root: Path) -> None:
         _fsync_dir(Path(dirpath))
 
 
-def _remove_dir(path: Path) -> None:
-    """Delete a directory so that no partly deleted `step-*` is ever visible: rename, then delete."""
-    doomed = path.with_name(f"{TMP_PREFIX}delete-{path.name}")
-    os.replace(path, doomed)
-    shutil.rmtree(doomed)
+def _retire_dir(path: Path) -> Path:
+    """Rename `path` to a `.tmp-delete-*` name (atomic), so no partly deleted `step-*` is ever visible."""
+    retired = path.with_name(f"{TMP_PREFIX}delete-{path.name}")
+    if retired.exists():  # left by a run killed while deleting
+        shutil.rmtree(retired)
+    os.replace(path, retired)
+    return retired
 
 
 def _torch_load(path: Path) -> Any:
@@ -293,13 +295,15 @@ def save_training_state(
         accelerator.wait_for_everyone()
     if is_main:
         _fsync_tree(tmp)
-        if final.exists():  # re-saving a step (e.g. after a resume): swap, never leave it missing
-            _remove_dir(final)
+        # Re-saving a step (e.g. after a resume): the old copy is renamed away first, deleted last.
+        replaced = _retire_dir(final) if final.exists() else None
         os.replace(tmp, final)
         _fsync_dir(root)
+        if replaced is not None:
+            shutil.rmtree(replaced)
         if keep_last is not None:
             for _, old in list_checkpoints(root)[:-keep_last]:
-                _remove_dir(old)
+                shutil.rmtree(_retire_dir(old))
     if accelerator is not None:
         accelerator.wait_for_everyone()
     return final

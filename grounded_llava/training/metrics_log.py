@@ -18,21 +18,20 @@ from typing import IO, Any
 import torch
 
 
+def _parse_record(path: Path, number: int, line: str) -> dict[str, Any]:
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path}:{number}: not a JSON object: {error}") from error
+    if not isinstance(record, dict) or "step" not in record:
+        raise ValueError(f"{path}:{number}: a metrics record must be an object with a 'step' field")
+    return record
+
+
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:
     """Every record of a metrics file; a malformed line raises, naming the file and the line."""
-    records = []
     with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise ValueError(f"{path}:{number}: not a JSON object: {error}") from error
-            if not isinstance(record, dict) or "step" not in record:
-                raise ValueError(f"{path}:{number}: a metrics record must be an object with a 'step' field")
-            records.append(record)
-    return records
+        return [_parse_record(Path(path), n, line) for n, line in enumerate(f, start=1) if line.strip()]
 
 
 def _to_number(name: str, value: Any) -> float | int:
@@ -70,7 +69,11 @@ class MetricsLogger:
         lines = text.splitlines(keepends=True)
         kept = [line for line in lines if line.endswith("\n")]  # a torn last line has no newline
         if resume_step is not None:
-            kept = [line for line in kept if not line.strip() or json.loads(line)["step"] <= resume_step]
+            kept = [
+                line
+                for number, line in enumerate(kept, start=1)
+                if line.strip() and _parse_record(self.path, number, line)["step"] <= resume_step
+            ]
         if len(kept) == len(lines):
             return
         tmp = self.path.with_name(f".{self.path.name}.tmp")

@@ -1,0 +1,34 @@
+"""What `train.py` runs: load the config, train every stage, print where the model went."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+from transformers.utils import logging as transformers_logging
+
+from ..config_io import ConfigError
+from ..data.bad_data import DataError
+from ..modeling.base import BaseModelUnavailableError
+from .config import TrainConfig
+from .trainer import Trainer
+
+
+def train_from_cli(config_path: str, output_dir: str, overrides: list[str]) -> int:
+    """Returns the process exit code: 0, or 2 with one line on stderr for bad configs, data or models."""
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    transformers_logging.disable_progress_bar()  # one bar per saved shard would bury the training bar
+    try:
+        config = TrainConfig.from_yaml(config_path, overrides)
+        trainer = Trainer(config, output_dir)
+        final = trainer.run()
+    except (ConfigError, DataError, BaseModelUnavailableError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    if trainer.accelerator.is_main_process:
+        print(f"final model: {final}\nstage manifest: {Path(final) / 'stages.json'}")
+        print(
+            f"metrics: {Path(output_dir) / 'metrics.jsonl'}  loss curves: {Path(output_dir) / 'loss_curves.png'}"
+        )
+    return 0

@@ -1,0 +1,101 @@
+"""A stage's data sources (`SourceConfig`) -> lists of `GroundedSample`s, generating the synthetic world if needed."""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..data import (
+    TaskConfig,
+    build_task_samples,
+    generate_world,
+    load_coco_captions,
+    load_coco_instances,
+    load_llava_chat,
+)
+from ..data.sample import GroundedSample
+from .config import SourceConfig, TrainConfig
+
+logger = logging.getLogger(__name__)
+_WORLD_PARAMS = "world_params.json"
+
+
+@dataclass
+class LoadedSource:
+    """The samples of one source, its category names (grounding sources) and a description for the manifest."""
+
+    samples: list[GroundedSample]
+    categories: list[str]
+    description: dict
+
+
+def synthetic_dir(source: SourceConfig, config: TrainConfig, output_dir: Path) -> Path:
+    path = Path(source.dir).expanduser()
+    return path if path.is_absolute() else output_dir / path
+
+
+def ensure_synthetic_world(source: SourceConfig, directory: Path) -> None:
+    """Generate the world into `directory` unless it holds one made with the same parameters."""
+    params = {
+        "num_images": source.num_images,
+        "seed": source.seed,
+        "image_size": source.image_size,
+        "categories": source.categories,
+    }
+    marker = directory / _WORLD_PARAMS
+    if marker.is_file():
+        existing = json.loads(marker.read_text())
+        if existing != params:
+            raise ValueError(f"{directory} holds a synthetic world made with {existing}, not {params}")
+        return
+    logger.info("generating the synthetic world %s into %s", params, directory)
+    generate_world(
+        directory,
+        num_images=source.num_images,
+        seed=source.seed,
+        image_size=source.image_size,
+        categories=source.categories,
+    )
+    marker.write_text(json.dumps(params))
+
+
+def load_source(
+    source: SourceConfig, *, config: TrainConfig, output_dir: Path, num_bins: int
+) -> LoadedSource:
+    """Read one source; grounding sources become task samples deterministic by `source.seed`."""
+    if source.kind in ("synthetic", "synthetic_chat"):
+        directory = synthetic_dir(source, config, output_dir)
+        ensure_synthetic_world(source, directory)
+        annotations, images = directory / "annotations.json", directory / "images"
+        chat_file = directory / "chat.json"
+    else:
+        annotations, images = config.resolve(source.annotations), config.resolve(source.images)
+        chat_file = annotations
+    categories: list[str] = []
+    if source.is_grounding:
+        dataset = load_coco_instances(
+            annotations, images, on_bad_data=source.on_bad_data, image_check="header"
+        )
+        task_config = TaskConfig(num_bins=num_bins, **({"weights": source.tasks} if source.tasks else {}))
+        samples = build_task_samples(
+            dataset, config=task_config, seed=source.seed, samples_per_image=source.samples_per_image
+        )
+        present = {c for s in samples for c in s.det_categories}
+        categories = [c for c in dataset.category_names if c in present]
+    elif source.kind == "coco_captions":
+        samples, _ = load_coco_captions(chat_file, images, on_bad_data=source.on_bad_data)
+    else:
+        samples, _ = load_llava_chat(chat_file, images, on_bad_data=source.on_bad_data, num_bins=num_bins)
+    if source.limit is not None:
+        samples = samples[: source.limit]
+    if not samples:
+        raise ValueError(f"data source {source.kind} ({annotations}) produced no samples")
+    description = {
+        "kind": source.kind,
+        "path": str(annotations),
+        "samples": len(samples),
+        "weight": source.weight,
+    }
+    return LoadedSource(samples=samples, categories=categories, description=description)

@@ -1,0 +1,113 @@
+"""What each stage trains, and its extra losses: KL to the adapter-disabled model, old-class head distillation."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..evaluation.chat_metrics import token_kl
+from ..modeling import GroundedLlavaForConditionalGeneration
+from ..processor import IGNORE_INDEX, GroundedBatch
+
+# Parameter groups, by what their names contain (peft injects "lora_" and "trainable_tokens_delta").
+_HEADS = ("neck.", "detection_head.", "mask_head.")
+
+
+def _group_of(name: str) -> str:
+    if name.startswith(_HEADS):
+        return "heads"
+    if "lora_" in name:
+        return "lora"
+    if "trainable_tokens_delta" in name:
+        return "token_rows"
+    return "base"
+
+
+STAGE_GROUPS = {
+    "base": {"base"},
+    "align": {"heads", "token_rows"},
+    "ground": {"heads", "token_rows", "lora"},
+    "increment": {"heads", "token_rows", "lora"},
+}
+
+
+def set_trainable(model: GroundedLlavaForConditionalGeneration, kind: str) -> dict[str, int]:
+    """Freeze everything but the stage's parameter groups; returns trainable parameter counts per group.
+
+    `base` (tiny bases only) trains the whole LLaVA, vision tower included; the others follow DESIGN.md.
+    """
+    if kind == "base" and not model.config.is_tiny:
+        raise ValueError(
+            "a `base` stage trains the whole LLaVA and is meant for the tiny random-init base only"
+        )
+    groups = STAGE_GROUPS[kind]
+    counts: dict[str, int] = {}
+    for name, parameter in model.named_parameters():
+        group = _group_of(name)
+        parameter.requires_grad_(group in groups)
+        if group in groups:
+            counts[group] = counts.get(group, 0) + parameter.numel()
+    return counts
+
+
+def chat_kl_loss(
+    model: GroundedLlavaForConditionalGeneration,
+    batch: GroundedBatch,
+    logits: torch.Tensor,
+    is_chat: torch.Tensor,
+) -> torch.Tensor:
+    """Mean KL(adapter-disabled || model) over the answer tokens of the chat samples (0 if none).
+
+    The reference is the same network with LoRA and the trainable token rows switched off (peft's
+    `disable_adapter()`), i.e. the base LLaVA whose chat ability the stage must keep.
+    """
+    rows = is_chat.nonzero().flatten()
+    if rows.numel() == 0:
+        return logits.sum() * 0.0
+    chat = batch.select(rows.cpu())
+    with torch.no_grad(), model.llava.disable_adapter():
+        reference = model(
+            input_ids=chat.input_ids.to(logits.device),
+            attention_mask=chat.attention_mask.to(logits.device),
+            pixel_values=None if chat.pixel_values is None else chat.pixel_values.to(logits.device),
+            image_sample_index=chat.image_sample_index.to(logits.device),
+            original_sizes=chat.original_sizes,
+            compute_masks=False,
+        ).logits
+    # Position t predicts token t+1: compare where the next token is a supervised answer token.
+    mask = (chat.labels[:, 1:] != IGNORE_INDEX).to(logits.device)
+    kl = token_kl(reference[:, :-1], logits[rows.to(logits.device), :-1])
+    return (kl * mask).sum() / mask.sum().clamp(min=1)
+
+
+class HeadDistiller(nn.Module):
+    """Frozen snapshot of the neck + Detect head at the start of an increment stage.
+
+    `loss` keeps the student's outputs for the OLD classes close to the snapshot's on every image:
+    BCE of the old-class score logits against the snapshot's probabilities, plus KL of the box (DFL)
+    distributions weighted by the snapshot's confidence in any old class.
+    """
+
+    def __init__(self, model: GroundedLlavaForConditionalGeneration) -> None:
+        super().__init__()
+        self.neck = copy.deepcopy(model.neck).eval().requires_grad_(False)
+        self.head = copy.deepcopy(model.detection_head).eval().requires_grad_(False)
+        self.num_old_classes = self.head.num_classes
+
+    def loss(self, image_features: torch.Tensor, student: dict[str, torch.Tensor]) -> torch.Tensor:
+        with torch.no_grad():
+            teacher = self.head(self.neck(image_features.detach()))
+        old = self.num_old_classes
+        teacher_prob = teacher["scores"].float().sigmoid()  # (I, old, A)
+        cls = F.binary_cross_entropy_with_logits(student["scores"][:, :old].float(), teacher_prob)
+        images, channels, anchors = student["boxes"].shape
+        reg_max = channels // 4
+        student_log = student["boxes"].float().view(images, 4, reg_max, anchors).log_softmax(2)
+        teacher_log = teacher["boxes"].float().view(images, 4, reg_max, anchors).log_softmax(2)
+        box_kl = (teacher_log.exp() * (teacher_log - student_log)).sum(2).mean(1)  # (I, A)
+        weight = teacher_prob.max(1).values
+        box = (weight * box_kl).sum() / weight.sum().clamp(min=1e-6)
+        return cls + box

@@ -1,0 +1,370 @@
+"""The staged training loop: accelerate, resumable checkpoints, metrics JSONL, loss curves, stage manifest.
+
+Output directory layout:
+    metrics.jsonl, loss_curves.png       every logged step of every stage
+    checkpoints/step-NNNNNN/             resumable state: model/ (save_pretrained) + optimizer, RNG, data position
+    stages/<name>/                        the model after each stage (loadable by from_pretrained)
+    stages.json                           the stage manifest: what was trained, on what, its metrics
+    final/                                the last stage's model + stages.json
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator, DistributedDataParallelKwargs
+from accelerate.utils import set_seed
+from torch.utils.data import ConcatDataset, DataLoader
+from tqdm.auto import tqdm
+
+from ..config_io import to_dict
+from ..data.dataset import GroundedCollator, GroundedDataset, TrainingBatch
+from ..data.sample import GroundedSample
+from ..modeling import GroundedLlavaForConditionalGeneration
+from .checkpointing import (
+    find_latest_checkpoint,
+    load_training_state,
+    read_trainer_state,
+    save_training_state,
+    trainable_state_dict,
+)
+from .config import StageConfig, TrainConfig
+from .data_sources import LoadedSource, load_source
+from .metrics_log import MetricsLogger
+from .plots import plot_loss_curves
+from .sampler import ResumableSampler
+from .stages import HeadDistiller, chat_kl_loss, set_trainable
+
+MANIFEST = "stages.json"
+LOSS_KEYS = ("loss", "lm_loss", "det_loss", "mask_loss", "kl_loss", "distill_loss")
+
+
+def _to_device(batch: TrainingBatch, device: torch.device) -> dict:
+    inputs = batch.model_inputs()
+    moved = {k: v.to(device) if torch.is_tensor(v) else v for k, v in inputs.items()}
+    moved["det_targets"] = batch.det_targets.to(device)
+    moved["original_sizes"] = batch.batch.original_sizes  # read on the host to place box prompts
+    return moved
+
+
+def _lr_lambda(total_steps: int, warmup_ratio: float):
+    warmup = max(1, int(total_steps * warmup_ratio))
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, total_steps - warmup)
+        return 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+    return factor
+
+
+@dataclass
+class StageData:
+    sources: list[LoadedSource]
+    weights: list[float]
+    new_categories: list[str]
+
+
+class Trainer:
+    """Runs every stage of a `TrainConfig` into `output_dir`, resuming from its last checkpoint if any."""
+
+    def __init__(
+        self, config: TrainConfig, output_dir: str | Path, *, accelerator: Accelerator | None = None
+    ) -> None:
+        self.config = config
+        self.output_dir = Path(output_dir)
+        self.accelerator = accelerator or Accelerator(
+            cpu=not torch.cuda.is_available(),
+            mixed_precision=config.train.mixed_precision,
+            gradient_accumulation_steps=config.train.grad_accum,
+            kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
+        )
+        self.stage_steps = config.stage_steps()
+        self.checkpoints_dir = self.output_dir / "checkpoints"
+        self.manifest: list[dict] = []
+
+    # ------------------------------------------------------------------ setup
+    def _initial_model(self) -> tuple[GroundedLlavaForConditionalGeneration, int, Path | None]:
+        """The model to continue from, the stage index to start at, and the checkpoint to resume."""
+        latest = find_latest_checkpoint(self.checkpoints_dir, cleanup=self.accelerator.is_main_process)
+        self.accelerator.wait_for_everyone()
+        if latest is not None:
+            state = read_trainer_state(latest)
+            model = GroundedLlavaForConditionalGeneration.from_pretrained(latest / "model", is_trainable=True)
+            manifest_file = self.output_dir / MANIFEST
+            self.manifest = json.loads(manifest_file.read_text()) if manifest_file.is_file() else []
+            return model, int(state["extra"]["stage_index"]), latest
+        if self.config.init_from:
+            source = self.config.resolve(self.config.init_from)
+            model = GroundedLlavaForConditionalGeneration.from_pretrained(source, is_trainable=True)
+            inherited = source / MANIFEST
+            self.manifest = json.loads(inherited.read_text()) if inherited.is_file() else []
+            return model, 0, None
+        set_seed(self.config.train.seed)
+        return GroundedLlavaForConditionalGeneration.from_config(self.config.model), 0, None
+
+    def _stage_start_dir(self, index: int) -> Path | None:
+        if index > 0:
+            return self.output_dir / "stages" / self.config.stages[index - 1].name
+        return self.config.resolve(self.config.init_from) if self.config.init_from else None
+
+    def _load_stage_data(self, index: int, model: GroundedLlavaForConditionalGeneration) -> StageData:
+        stage = self.config.stages[index]
+        num_bins = model.config.num_bins
+        with self.accelerator.main_process_first():  # rank 0 generates synthetic worlds, the others read them
+            sources = [
+                load_source(s, config=self.config, output_dir=self.output_dir, num_bins=num_bins)
+                for s in stage.data
+            ]
+            weights = [s.weight for s in stage.data]
+            if stage.replay_weight > 0:
+                replay = self._replay_buffer(index, num_bins)
+                if replay.samples:
+                    sources.append(replay)
+                    weights.append(stage.replay_weight)
+        known = set(model.config.heads.categories)
+        new = []
+        for source in sources:
+            new += [c for c in source.categories if c not in known and c not in new]
+        return StageData(sources=sources, weights=weights, new_categories=new)
+
+    def _replay_buffer(self, index: int, num_bins: int) -> LoadedSource:
+        """`replay_size` grounding samples drawn (deterministically) from every earlier stage's grounding data."""
+        stage = self.config.stages[index]
+        pool: list[GroundedSample] = []
+        for earlier in self.config.stages[:index]:
+            for source in earlier.data:
+                if source.is_grounding:
+                    pool += load_source(
+                        source, config=self.config, output_dir=self.output_dir, num_bins=num_bins
+                    ).samples
+        rng = random.Random(f"replay-{self.config.train.seed}-{stage.name}")
+        chosen = rng.sample(pool, min(stage.replay_size, len(pool))) if pool else []
+        return LoadedSource(
+            chosen, [], {"kind": "replay", "samples": len(chosen), "weight": stage.replay_weight}
+        )
+
+    # ------------------------------------------------------------------ run
+    def run(self) -> Path:
+        model, start_index, resume_from = self._initial_model()
+        for index in range(start_index, len(self.config.stages)):
+            model = self._run_stage(index, model, resume_from)
+            resume_from = None
+        final = self.output_dir / "final"
+        if self.accelerator.is_main_process:
+            model.save_pretrained(final)
+            (final / MANIFEST).write_text(json.dumps(self.manifest, indent=2))
+        self.accelerator.wait_for_everyone()
+        return final
+
+    def _run_stage(
+        self, index: int, model: GroundedLlavaForConditionalGeneration, resume_from: Path | None
+    ) -> GroundedLlavaForConditionalGeneration:
+        stage, accelerator, loop = self.config.stages[index], self.accelerator, self.config.train
+        data = self._load_stage_data(index, model)
+        distiller = None
+        if stage.kind == "increment" and stage.distill_weight > 0:
+            snapshot_dir = self._stage_start_dir(index)
+            if snapshot_dir is None:
+                raise ValueError(
+                    f"stage {stage.name!r}: an increment stage needs an earlier stage or init_from"
+                )
+            snapshot = (
+                model
+                if resume_from is None
+                else GroundedLlavaForConditionalGeneration.from_pretrained(snapshot_dir)
+            )
+            distiller = HeadDistiller(snapshot).to(accelerator.device)
+        if data.new_categories:
+            model.add_categories(data.new_categories)
+        trainable = set_trainable(model, stage.kind)
+        model.to(accelerator.device)
+
+        datasets = [
+            GroundedDataset(
+                s.samples,
+                model.processor,
+                categories=model.config.heads.categories,
+                mask_resolution=model.mask_head.mask_resolution,
+                hflip_prob=stage.hflip_prob,
+                seed=loop.seed + index,
+            )
+            for s in data.sources
+        ]
+        sampler = ResumableSampler(
+            source_sizes=[len(d) for d in datasets],
+            weights=data.weights,
+            seed=loop.seed + index,
+            num_replicas=accelerator.num_processes,
+            rank=accelerator.process_index,
+        )
+        loader = DataLoader(
+            ConcatDataset(datasets),
+            batch_size=loop.batch_size,
+            sampler=sampler,
+            collate_fn=GroundedCollator(model.processor),
+            drop_last=True,
+            generator=torch.Generator(),
+        )
+        parameters = [p for p in model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(parameters, lr=stage.lr, weight_decay=loop.weight_decay)
+        steps = self.stage_steps[index]
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(steps, loop.warmup_ratio))
+        stage_step = 0
+        if resume_from is not None:
+            state = read_trainer_state(resume_from)
+            if state["extra"]["stage_step"] > 0:
+                restored = load_training_state(
+                    resume_from, model=model, optimizer=optimizer, scheduler=scheduler,
+                    process_index=accelerator.process_index,
+                )  # fmt: skip
+                sampler.load_state_dict(restored.sampler_state)
+                stage_step = int(restored.extra["stage_step"])
+            else:
+                load_training_state(resume_from, process_index=accelerator.process_index)  # RNG only
+        wrapped, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+        logger = MetricsLogger(
+            self.output_dir / "metrics.jsonl",
+            is_main_process=accelerator.is_main_process,
+            resume_step=self._global_step(index, stage_step) if resume_from is not None else None,
+        )
+        progress = tqdm(
+            total=steps,
+            initial=stage_step,
+            desc=f"stage {stage.name}",
+            disable=not accelerator.is_main_process,
+        )
+        batches = self._batches(loader, sampler)
+        running: dict[str, list[float]] = {}
+        started, samples_seen = time.perf_counter(), 0
+        wrapped.train()
+        while stage_step < steps:
+            for _ in range(loop.grad_accum):
+                batch = next(batches)
+                with accelerator.accumulate(wrapped):
+                    out = wrapped(**_to_device(batch, accelerator.device))
+                    losses = {"lm_loss": out.lm_loss, "det_loss": out.det_loss, "mask_loss": out.mask_loss}
+                    total = out.loss
+                    if stage.kl_weight > 0:
+                        losses["kl_loss"] = chat_kl_loss(model, batch.batch, out.logits, batch.is_chat)
+                        total = total + stage.kl_weight * losses["kl_loss"]
+                    if distiller is not None:
+                        losses["distill_loss"] = distiller.loss(out.image_features, out.detections)
+                        total = total + stage.distill_weight * losses["distill_loss"]
+                    accelerator.backward(total)
+                    if accelerator.sync_gradients:
+                        accelerator.clip_grad_norm_(parameters, loop.max_grad_norm)
+                    optimizer.step()
+                    scheduler.step()
+                    optimizer.zero_grad()
+                sampler.advance(loop.batch_size)
+                samples_seen += loop.batch_size * accelerator.num_processes
+                for key, value in {"loss": total, **losses}.items():
+                    if value is not None:
+                        running.setdefault(key, []).append(float(value.detach()))
+            stage_step += 1
+            progress.update(1)
+            global_step = self._global_step(index, stage_step)
+            if stage_step % loop.log_every == 0 or stage_step == steps:
+                metrics = {k: sum(v) / len(v) for k, v in running.items()}
+                metrics["lr"] = scheduler.get_last_lr()[0]
+                metrics["samples_per_s"] = samples_seen / (time.perf_counter() - started)
+                logger.log(step=global_step, stage=stage.name, metrics=metrics)
+                progress.set_postfix(loss=f"{metrics['loss']:.3f}", sps=f"{metrics['samples_per_s']:.1f}")
+                running = {}
+            if loop.eval_every and stage_step % loop.eval_every == 0 and stage_step < steps:
+                logger.log(step=global_step, stage=stage.name, metrics=self.evaluate(model, datasets))
+            if stage_step % loop.save_every == 0 and stage_step < steps:
+                self._save_checkpoint(model, optimizer, scheduler, sampler, index, stage_step)
+        progress.close()
+        model = accelerator.unwrap_model(wrapped)
+        final_metrics = self.evaluate(model, datasets)
+        logger.log(step=self._global_step(index, steps), stage=stage.name, metrics=final_metrics)
+        logger.close()
+        self._finish_stage(index, model, data, trainable, final_metrics)
+        self._save_checkpoint(model, optimizer, scheduler, sampler, index + 1, 0)
+        accelerator.free_memory()
+        return model
+
+    def _global_step(self, index: int, stage_step: int) -> int:
+        return sum(self.stage_steps[:index]) + stage_step
+
+    @staticmethod
+    def _batches(loader: DataLoader, sampler: ResumableSampler):
+        """Endless batches; a new epoch starts when the sampler's current one runs out."""
+        while True:
+            yielded = False
+            for batch in loader:
+                yielded = True
+                yield batch
+            if not yielded and sampler.position == 0:
+                raise ValueError("the stage's data is smaller than one batch: lower train.batch_size")
+            sampler.set_epoch(sampler.epoch + 1)
+
+    @torch.no_grad()
+    def evaluate(self, model: GroundedLlavaForConditionalGeneration, datasets: list[GroundedDataset]) -> dict:
+        """The evaluation hook: mean losses on a fixed set of `eval_samples` samples of the stage's sources."""
+        was_training = model.training
+        model.eval()
+        per_source = max(1, self.config.train.eval_samples // len(datasets))
+        totals: dict[str, list[float]] = {}
+        collate = GroundedCollator(model.processor)
+        for dataset in datasets:
+            for start in range(0, min(per_source, len(dataset)), self.config.train.batch_size):
+                items = [
+                    dataset[i]
+                    for i in range(start, min(start + self.config.train.batch_size, per_source, len(dataset)))
+                ]
+                out = model(**_to_device(collate(items), self.accelerator.device))
+                for key in ("lm_loss", "det_loss", "mask_loss"):
+                    value = getattr(out, key)
+                    if value is not None and not (key == "mask_loss" and out.mask_logits.shape[0] == 0):
+                        totals.setdefault(f"eval_{key}", []).append(float(value))
+        model.train(was_training)
+        return {k: sum(v) / len(v) for k, v in totals.items()}
+
+    def _save_checkpoint(
+        self, model, optimizer, scheduler, sampler, stage_index: int, stage_step: int
+    ) -> None:
+        save_training_state(
+            self.checkpoints_dir,
+            step=self._global_step(stage_index, stage_step),
+            model_state=trainable_state_dict(model),
+            optimizer=optimizer,
+            scheduler=scheduler,
+            sampler_state=sampler.state_dict(),
+            extra={"stage_index": stage_index, "stage_step": stage_step},
+            keep_last=self.config.train.keep_last,
+            write_files=lambda directory: model.save_pretrained(directory / "model"),
+            accelerator=self.accelerator,
+        )
+
+    def _finish_stage(self, index: int, model, data: StageData, trainable: dict, metrics: dict) -> None:
+        stage: StageConfig = self.config.stages[index]
+        entry = {
+            "name": stage.name,
+            "kind": stage.kind,
+            "steps": self.stage_steps[index],
+            "trainable_parameters": trainable,
+            "data": [s.description for s in data.sources],
+            "sources": [to_dict(s) for s in stage.data],
+            "new_categories": data.new_categories,
+            "categories": list(model.config.heads.categories),
+            "metrics": metrics,
+            "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        }
+        self.manifest = [e for e in self.manifest if e["name"] != stage.name] + [entry]
+        if self.accelerator.is_main_process:
+            stage_dir = self.output_dir / "stages" / stage.name
+            model.save_pretrained(stage_dir)
+            (stage_dir / MANIFEST).write_text(json.dumps(self.manifest, indent=2))
+            (self.output_dir / MANIFEST).write_text(json.dumps(self.manifest, indent=2))
+            plot_loss_curves(self.output_dir / "metrics.jsonl", self.output_dir / "loss_curves.png")
+        self.accelerator.wait_for_everyone()

@@ -1,0 +1,188 @@
+"""The grounded model on tiny configs with the real transformers/peft/ultralytics/SAM parts."""
+
+import copy
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from grounded_llava import GroundedLlavaConfig, GroundedLlavaForConditionalGeneration
+from grounded_llava.codec import encode_phrase
+from grounded_llava.data.dataset import GroundedCollator, GroundedDataset
+from grounded_llava.data.sample import GroundedSample
+from grounded_llava.modeling import CheckpointError
+from grounded_llava.modeling.base import BaseModelUnavailableError
+
+from .conftest import TEST_CATEGORIES
+
+
+def _write_image(path, size, box):
+    from PIL import Image, ImageDraw
+
+    image = Image.new("RGB", size, (30, 60, 90))
+    ImageDraw.Draw(image).ellipse(box, fill=(220, 40, 40))
+    image.save(path)
+    mask = np.zeros(size[::-1], dtype=bool)
+    x0, y0, x1, y1 = (int(v) for v in box)
+    mask[y0:y1, x0:x1] = True
+    return path, mask
+
+
+def make_samples(tmp_path, num_bins):
+    """Four samples: grounded with mask, grounded without mask, chat about an image, text-only chat."""
+    (path_a, mask_a), box_a = _write_image(tmp_path / "a.png", (160, 120), (20, 30, 80, 90)), (20, 30, 80, 90)
+    (path_b, _), box_b = _write_image(tmp_path / "b.png", (90, 150), (10, 60, 70, 130)), (10, 60, 70, 130)
+    seg_answer = "Here: " + encode_phrase("circle", [box_a], (160, 120), num_bins=num_bins, seg=True) + "."
+    box_answer = "There is " + encode_phrase("circle", [box_b], (90, 150), num_bins=num_bins) + "."
+    return [
+        GroundedSample(path_a, [{"from": "human", "value": "<image>\nSegment the circle."}, {"from": "gpt", "value": seg_answer}],
+                       (160, 120), True, np.array([box_a], np.float32), ["circle"], [mask_a], "a", "segment"),
+        GroundedSample(path_b, [{"from": "human", "value": "<image>\nFind the circle."}, {"from": "gpt", "value": box_answer}],
+                       (90, 150), True, np.array([box_b], np.float32), ["circle"], [], "b", "find"),
+        GroundedSample(path_a, [{"from": "human", "value": "<image>\nWhat colour is the shape?"}, {"from": "gpt", "value": "It is red."}],
+                       (160, 120), source="chat-a", task="chat"),
+        GroundedSample(None, [{"from": "human", "value": "Say hello."}, {"from": "gpt", "value": "Hello!"}], source="text", task="chat"),
+    ]  # fmt: skip
+
+
+def make_batch(model, samples):
+    dataset = GroundedDataset(
+        samples, model.processor, categories=TEST_CATEGORIES, mask_resolution=model.mask_head.mask_resolution
+    )
+    return GroundedCollator(model.processor)([dataset[i] for i in range(len(dataset))])
+
+
+def test_forward_backward_on_a_mixed_batch(tiny_model, tmp_path):
+    batch = make_batch(tiny_model, make_samples(tmp_path, tiny_model.config.num_bins))
+    assert batch.batch.pixel_values.shape[0] == 3 and batch.seg_masks.shape[0] == 1
+    assert batch.det_targets.image_has_targets.tolist() == [True, True, False]
+    out = tiny_model(**batch.model_inputs())
+    for name in ("loss", "lm_loss", "det_loss", "mask_loss"):
+        assert torch.isfinite(getattr(out, name)), name
+    out.loss.backward()
+    heads_grad = [p.grad for p in tiny_model.mask_head.parameters() if p.requires_grad]
+    assert any(g is not None and g.abs().sum() > 0 for g in heads_grad)
+    lora_grads = [p.grad for n, p in tiny_model.named_parameters() if "lora_B" in n]
+    assert lora_grads and all(g is not None for g in lora_grads)
+    assert all(p.grad is None for n, p in tiny_model.named_parameters() if "vision_tower" in n)
+    assert out.logits.shape[:2] == batch.batch.input_ids.shape and out.mask_logits.shape[0] == 1
+
+
+def test_overfitting_two_samples_drives_every_loss_down(tiny_model, tmp_path):
+    batch = make_batch(tiny_model, make_samples(tmp_path, tiny_model.config.num_bins)[:2])
+    trainable = [p for p in tiny_model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=2e-3)
+    tiny_model.train()
+    history = []
+    for _ in range(30):
+        out = tiny_model(**batch.model_inputs())
+        out.loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        history.append({k: getattr(out, k).item() for k in ("lm_loss", "det_loss", "mask_loss")})
+    for key in ("lm_loss", "det_loss", "mask_loss"):
+        first, last = history[0][key], np.mean([h[key] for h in history[-3:]])
+        assert last < 0.7 * first, f"{key}: {first:.3f} -> {last:.3f}"
+
+
+def test_lora_keeps_base_weights_and_disable_adapter_gives_base_logits(tiny_model, tmp_path):
+    reference = copy.deepcopy(tiny_model)
+    base_before = {
+        k: v.clone()
+        for k, v in tiny_model.base_llava.state_dict().items()
+        if "lora_" not in k and "trainable_tokens" not in k
+    }
+    batch = make_batch(tiny_model, make_samples(tmp_path, tiny_model.config.num_bins))
+    optimizer = torch.optim.AdamW([p for p in tiny_model.parameters() if p.requires_grad], lr=1e-2)
+    for _ in range(3):
+        tiny_model(**batch.model_inputs()).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    base_after = tiny_model.base_llava.state_dict()
+    assert all(torch.equal(base_after[k], v) for k, v in base_before.items())
+    tiny_model.eval(), reference.eval()
+    inputs = {k: v for k, v in batch.batch.model_inputs().items() if k != "labels"}
+    with torch.no_grad():
+        adapted = tiny_model(**inputs, compute_masks=False).logits
+        with tiny_model.llava.disable_adapter():
+            disabled = tiny_model(**inputs, compute_masks=False).logits
+        with reference.llava.disable_adapter():
+            base = reference(**inputs, compute_masks=False).logits
+    assert not torch.allclose(adapted, base)
+    assert torch.equal(disabled, base)
+
+
+def test_save_load_round_trip_is_exact(tiny_model, tmp_path):
+    batch = make_batch(tiny_model, make_samples(tmp_path, tiny_model.config.num_bins))
+    optimizer = torch.optim.AdamW([p for p in tiny_model.parameters() if p.requires_grad], lr=1e-2)
+    tiny_model(**batch.model_inputs()).loss.backward()
+    optimizer.step()
+    tiny_model.add_categories(["hexagon"])
+    tiny_model.eval()
+    saved = tiny_model.save_pretrained(tmp_path / "ckpt")
+    assert sorted(p.name for p in saved.iterdir()) == sorted(
+        ["adapter", "base", "grounded_config.json", "grounded_processor.json", "heads.safetensors",
+         "tokenizer.json", "tokenizer_config.json"]
+    )  # fmt: skip
+    loaded = GroundedLlavaForConditionalGeneration.from_pretrained(saved).eval()
+    assert loaded.config == tiny_model.config and loaded.detection_head.num_classes == 4
+    with torch.no_grad():
+        a = tiny_model(**batch.model_inputs())
+        b = loaded(**batch.model_inputs())
+    for name in ("loss", "logits", "mask_logits"):
+        assert torch.equal(getattr(a, name), getattr(b, name)), name
+    assert torch.equal(a.detections["scores"], b.detections["scores"])
+
+
+def test_growing_classes_keeps_old_rows(tiny_model):
+    head = tiny_model.detection_head.detect
+    old = [branch[-1].weight.detach().clone() for branch in head.cv3]
+    tiny_model.add_categories(["hexagon", "star"])  # "star" is already known: only hexagon is new
+    assert tiny_model.config.heads.categories == [*TEST_CATEGORIES, "hexagon"]
+    for before, branch in zip(old, head.cv3, strict=True):
+        assert branch[-1].weight.shape[0] == 4 and torch.equal(branch[-1].weight[:3], before)
+
+
+def test_image_token_mismatch_and_bad_seg_raise(tiny_model, tmp_path):
+    batch = make_batch(tiny_model, make_samples(tmp_path, tiny_model.config.num_bins))
+    inputs = batch.model_inputs()
+    corrupted = inputs["input_ids"].clone()
+    corrupted[0, (corrupted[0] == tiny_model.image_token_id).nonzero()[0]] = (
+        tiny_model.processor.tokenizer.eos_token_id
+    )
+    with pytest.raises(ValueError, match=r"image-token count mismatch in sample\(s\) \[0\]"):
+        tiny_model(**{**inputs, "input_ids": corrupted})
+    with pytest.raises(ValueError, match="mask targets"):
+        tiny_model(**{**inputs, "seg_masks": inputs["seg_masks"][:0]})
+
+
+def test_checkpoint_errors_name_the_file(tiny_model, tmp_path):
+    saved = tiny_model.save_pretrained(tmp_path / "ckpt")
+    meta = saved / "grounded_config.json"
+    meta.write_text(meta.read_text().replace('"format_version": 1', '"format_version": 99'))
+    with pytest.raises(CheckpointError, match="grounded_config.json: format_version 99"):
+        GroundedLlavaForConditionalGeneration.from_pretrained(saved)
+    with pytest.raises(CheckpointError, match="does not exist"):
+        GroundedLlavaForConditionalGeneration.from_pretrained(tmp_path / "nowhere")
+
+
+def test_hub_id_offline_fails_fast_and_clearly(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    config = GroundedLlavaConfig.from_dict(
+        {"base": "llava-hf/llava-1.5-7b-hf", "heads": {"categories": ["dog"]}}
+    )
+    start = time.monotonic()
+    with pytest.raises(BaseModelUnavailableError, match="huggingface-cli download llava-hf/llava-1.5-7b-hf"):
+        GroundedLlavaForConditionalGeneration.from_config(config)
+    assert time.monotonic() - start < 10
+
+
+def test_gpu_only_options_raise_on_cpu():
+    if torch.cuda.is_available():
+        pytest.skip("has a GPU")
+    config = GroundedLlavaConfig.from_dict(
+        {"base": "llava-hf/llava-1.5-7b-hf", "load_in_4bit": True, "dtype": "bfloat16"}
+    )
+    with pytest.raises(RuntimeError, match="load_in_4bit needs a CUDA GPU"):
+        GroundedLlavaForConditionalGeneration.from_config(config)
