@@ -79,16 +79,16 @@ def teacher_forcing_inputs(
     return ids, attention
 
 
-def group_probability(log_probs: torch.Tensor, ids: Sequence[int], group: BoxGroup) -> float:
-    """Geometric mean of the probabilities of a group's four `<loc_k>` tokens.
+def group_probability(logits: torch.Tensor, ids: Sequence[int], group: BoxGroup) -> float:
+    """Geometric mean of the probabilities of a group's four `<loc_k>` tokens, in [0, 1].
 
     Args:
-        log_probs: (T, V) log-softmax of the teacher-forced logits of the sequence `ids`; row t
-            scores token t + 1.
+        logits: (T, V) teacher-forced logits of the sequence `ids`; row t scores token t + 1.
     """
-    positions = torch.arange(group.start + 1, group.start + 5, device=log_probs.device)
-    targets = torch.as_tensor([int(ids[p]) for p in positions.tolist()], device=log_probs.device)
-    return float(log_probs[positions - 1, targets].mean().exp())
+    positions = list(range(group.start + 1, group.start + 5))
+    log_probs = logits[[p - 1 for p in positions]].float().log_softmax(-1)  # (4, V)
+    targets = torch.as_tensor([int(ids[p]) for p in positions], device=logits.device)
+    return float(log_probs.gather(1, targets[:, None]).mean().exp())
 
 
 def align_boxes(

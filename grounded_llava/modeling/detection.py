@@ -62,6 +62,18 @@ class DetectionHead(nn.Module):
         self.detect.bias_init()
         self._criterion: tuple[torch.device, v8DetectionLoss] | None = None
 
+    def train(self, mode: bool = True) -> DetectionHead:
+        """Train the head with its BatchNorm statistics frozen (as detectron2's FrozenBN).
+
+        Batches here are a few images per rank: batch statistics would be noise, and running
+        statistics updated per rank would make DDP replicas diverge.
+        """
+        super().train(mode)
+        for module in self.modules():
+            if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                module.eval()
+        return self
+
     @property
     def num_classes(self) -> int:
         return self.detect.nc

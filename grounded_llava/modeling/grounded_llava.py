@@ -238,7 +238,7 @@ class GroundedLlavaForConditionalGeneration(nn.Module):
 
         pyramid = self.neck(image_features.to(self.neck.input_proj[0].weight.dtype))
         out.detections = self.detection_head(pyramid)
-        if det_targets is not None:
+        if det_targets is not None and bool(det_targets.image_has_targets.any()):
             out.det_loss = self.detection_head.loss(out.detections, det_targets.to(hidden.device))
             losses.append(self.config.loss.det * out.det_loss)
         if compute_masks or seg_masks is not None:
@@ -251,11 +251,11 @@ class GroundedLlavaForConditionalGeneration(nn.Module):
                 )
             out.mask_logits, out.mask_scores = self.mask_head(pyramid[1], *prompts, box_only=box_only)
             out.seg_image_index = prompts[0]
-            if seg_masks is not None:
-                if seg_masks.shape[0] != out.mask_logits.shape[0]:
-                    raise ValueError(
-                        f"{seg_masks.shape[0]} mask targets for {out.mask_logits.shape[0]} <seg> tokens in the batch"
-                    )
+            if seg_masks is not None and seg_masks.shape[0] != out.mask_logits.shape[0]:
+                raise ValueError(
+                    f"{seg_masks.shape[0]} mask targets for {out.mask_logits.shape[0]} <seg> tokens in the batch"
+                )
+            if seg_masks is not None and seg_masks.shape[0] > 0:
                 out.mask_loss = mask_loss(
                     out.mask_logits,
                     seg_masks.to(out.mask_logits.device),

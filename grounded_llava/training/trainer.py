@@ -10,6 +10,7 @@ Output directory layout:
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import random
@@ -23,7 +24,7 @@ from accelerate.utils import set_seed
 from torch.utils.data import ConcatDataset, DataLoader
 from tqdm.auto import tqdm
 
-from ..config_io import to_dict
+from ..config_io import from_dict, to_dict
 from ..data.dataset import GroundedCollator, GroundedDataset, TrainingBatch
 from ..data.sample import GroundedSample
 from ..modeling import GroundedLlavaForConditionalGeneration
@@ -34,8 +35,8 @@ from .checkpointing import (
     save_training_state,
     trainable_state_dict,
 )
-from .config import StageConfig, TrainConfig
-from .data_sources import LoadedSource, load_source
+from .config import SourceConfig, StageConfig, TrainConfig
+from .data_sources import LoadedSource, load_source, synthetic_dir
 from .metrics_log import MetricsLogger
 from .plots import plot_loss_curves
 from .sampler import ResumableSampler
@@ -136,20 +137,31 @@ class Trainer:
         return StageData(sources=sources, weights=weights, new_categories=new)
 
     def _replay_buffer(self, index: int, num_bins: int) -> LoadedSource:
-        """`replay_size` grounding samples drawn (deterministically) from every earlier stage's grounding data."""
+        """`replay_size` grounding samples drawn (deterministically) from every earlier stage's grounding data:
+        the earlier stages of this config and those of the run it was initialised from (its manifest)."""
         stage = self.config.stages[index]
+        earlier = [source for s in self.config.stages[:index] for source in s.data]
+        names = {s.name for s in self.config.stages}
+        for entry in self.manifest:
+            if entry["name"] not in names:
+                earlier += [from_dict(SourceConfig, source) for source in entry.get("sources", [])]
         pool: list[GroundedSample] = []
-        for earlier in self.config.stages[:index]:
-            for source in earlier.data:
-                if source.is_grounding:
-                    pool += load_source(
-                        source, config=self.config, output_dir=self.output_dir, num_bins=num_bins
-                    ).samples
+        for source in earlier:
+            if source.is_grounding:
+                pool += load_source(source, config=self.config, output_dir=self.output_dir, num_bins=num_bins).samples
         rng = random.Random(f"replay-{self.config.train.seed}-{stage.name}")
         chosen = rng.sample(pool, min(stage.replay_size, len(pool))) if pool else []
-        return LoadedSource(
-            chosen, [], {"kind": "replay", "samples": len(chosen), "weight": stage.replay_weight}
-        )
+        return LoadedSource(chosen, [], {"kind": "replay", "samples": len(chosen), "weight": stage.replay_weight})
+
+    def _absolute_source(self, source: SourceConfig) -> dict:
+        """The source with absolute paths, so that a later run can replay it from the manifest."""
+        entry = to_dict(source)
+        if source.dir is not None:
+            entry["dir"] = str(synthetic_dir(source, self.config, self.output_dir).resolve())
+        for key in ("annotations", "images"):
+            if entry[key] is not None:
+                entry[key] = str(self.config.resolve(entry[key]).resolve())
+        return entry
 
     # ------------------------------------------------------------------ run
     def run(self) -> Path:
@@ -157,12 +169,23 @@ class Trainer:
         for index in range(start_index, len(self.config.stages)):
             model = self._run_stage(index, model, resume_from)
             resume_from = None
+        self._write_replica_digest(model)
         final = self.output_dir / "final"
         if self.accelerator.is_main_process:
             model.save_pretrained(final)
             (final / MANIFEST).write_text(json.dumps(self.manifest, indent=2))
         self.accelerator.wait_for_everyone()
         return final
+
+    def _write_replica_digest(self, model: GroundedLlavaForConditionalGeneration) -> None:
+        """Each rank writes a SHA-256 of its weights to `replicas/rank-<i>.sha256`: equal files = consistent DDP."""
+        digest = hashlib.sha256()
+        for key, tensor in sorted(model.state_dict().items()):
+            digest.update(key.encode())
+            digest.update(tensor.detach().float().cpu().contiguous().numpy().tobytes())
+        replicas = self.output_dir / "replicas"
+        replicas.mkdir(parents=True, exist_ok=True)
+        (replicas / f"rank-{self.accelerator.process_index}.sha256").write_text(digest.hexdigest() + "\n")
 
     def _run_stage(
         self, index: int, model: GroundedLlavaForConditionalGeneration, resume_from: Path | None
@@ -229,7 +252,8 @@ class Trainer:
                 stage_step = int(restored.extra["stage_step"])
             else:
                 load_training_state(resume_from, process_index=accelerator.process_index)  # RNG only
-        wrapped, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+        # The scheduler stays unprepared: accelerate would step it once per process per call.
+        wrapped, optimizer = accelerator.prepare(model, optimizer)
         logger = MetricsLogger(
             self.output_dir / "metrics.jsonl",
             is_main_process=accelerator.is_main_process,
@@ -251,7 +275,7 @@ class Trainer:
                 with accelerator.accumulate(wrapped):
                     out = wrapped(**_to_device(batch, accelerator.device))
                     losses = {"lm_loss": out.lm_loss, "det_loss": out.det_loss, "mask_loss": out.mask_loss}
-                    total = out.loss
+                    total = out.loss if out.loss is not None else out.logits.sum() * 0.0
                     if stage.kl_weight > 0:
                         losses["kl_loss"] = chat_kl_loss(model, batch.batch, out.logits, batch.is_chat)
                         total = total + stage.kl_weight * losses["kl_loss"]
@@ -262,7 +286,8 @@ class Trainer:
                     if accelerator.sync_gradients:
                         accelerator.clip_grad_norm_(parameters, loop.max_grad_norm)
                     optimizer.step()
-                    scheduler.step()
+                    if accelerator.sync_gradients:
+                        scheduler.step()
                     optimizer.zero_grad()
                 sampler.advance(loop.batch_size)
                 samples_seen += loop.batch_size * accelerator.num_processes
@@ -325,7 +350,7 @@ class Trainer:
                 out = model(**_to_device(collate(items), self.accelerator.device))
                 for key in ("lm_loss", "det_loss", "mask_loss"):
                     value = getattr(out, key)
-                    if value is not None and not (key == "mask_loss" and out.mask_logits.shape[0] == 0):
+                    if value is not None:
                         totals.setdefault(f"eval_{key}", []).append(float(value))
         model.train(was_training)
         return {k: sum(v) / len(v) for k, v in totals.items()}
@@ -354,7 +379,7 @@ class Trainer:
             "steps": self.stage_steps[index],
             "trainable_parameters": trainable,
             "data": [s.description for s in data.sources],
-            "sources": [to_dict(s) for s in stage.data],
+            "sources": [self._absolute_source(s) for s in stage.data],
             "new_categories": data.new_categories,
             "categories": list(model.config.heads.categories),
             "metrics": metrics,

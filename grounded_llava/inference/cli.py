@@ -1,0 +1,173 @@
+"""The work behind `infer.py`: image discovery, answers to files, COCO results and the terminal chat.
+
+Outputs per image, in `out_dir`: `<stem>.png` (`GroundedAnswer.plot`: boxes, masks, labels with
+scores, the answer panel) and `<stem>.json` (`GroundedAnswer.to_json()`, original pixels).
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import sys
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import TextIO
+
+from tqdm import tqdm
+
+from grounded_llava.inference.images import check_image_file
+from grounded_llava.inference.predictor import GroundedLlava
+from grounded_llava.inference.results import Detections, GroundedAnswer
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
+EXIT_WORDS = ("exit", "quit")
+
+
+def resolve_images(pattern: str) -> list[Path]:
+    """Image files named by a path, a directory (its image files) or a glob, sorted; checked readable.
+
+    Raises FileNotFoundError when nothing matches, ValueError (naming the file) for an unreadable
+    image or for two images with the same stem (their outputs would overwrite each other).
+    """
+    path = Path(pattern)
+    if path.is_dir():
+        paths = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+        if not paths:
+            raise FileNotFoundError(f"no image files ({', '.join(IMAGE_SUFFIXES)}) in directory {path}")
+    elif path.is_file():
+        paths = [path]
+    else:
+        paths = sorted(Path(p) for p in glob.glob(pattern, recursive=True) if Path(p).is_file())
+        if not paths:
+            raise FileNotFoundError(f"no image matches {pattern!r}")
+    stems: dict[str, Path] = {}
+    for p in paths:
+        if p.stem in stems:
+            raise ValueError(
+                f"images {stems[p.stem]} and {p} share the stem {p.stem!r}: their outputs would collide"
+            )
+        stems[p.stem] = p
+        check_image_file(p)
+    return paths
+
+
+def coco_image_ids(paths: Sequence[Path]) -> list[int]:
+    """COCO image ids: the file stems when all are numeric (COCO's 000000123456.jpg), else the 0-based index.
+
+    All-or-nothing so that a numeric stem can never collide with another image's index.
+    """
+    if all(p.stem.isdigit() for p in paths):
+        return [int(p.stem) for p in paths]
+    return list(range(len(paths)))
+
+
+def load_category_ids(path: str | Path | None, categories: Sequence[str]) -> list[int]:
+    """COCO category id per class id: from a JSON file `{"name": id}`, default 1-based class index."""
+    if path is None:
+        return list(range(1, len(categories) + 1))
+    try:
+        mapping = json.loads(Path(path).read_text())
+    except OSError as err:
+        raise FileNotFoundError(f"cannot read category ids {path}: {err.strerror}") from None
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path} is not valid JSON: {err}") from None
+    if not isinstance(mapping, dict):
+        raise ValueError(f"{path} must hold a JSON object mapping category names to ids")
+    missing = [name for name in categories if name not in mapping]
+    if missing:
+        raise ValueError(
+            f"{path} has no id for the model's categor{'y' if len(missing) == 1 else 'ies'} {missing}"
+        )
+    if not all(isinstance(mapping[name], int) for name in categories):
+        raise ValueError(f"{path}: category ids must be integers")
+    return [mapping[name] for name in categories]
+
+
+def coco_results(
+    detections: Sequence[Detections], image_ids: Sequence[int], category_ids: Sequence[int]
+) -> list[dict]:
+    """COCO result dicts (`COCO.loadRes` input) of the head detections of every image."""
+    return [
+        r
+        for dets, image_id in zip(detections, image_ids, strict=True)
+        for r in dets.to_coco(image_id, category_ids)
+    ]
+
+
+def write_answer(answer: GroundedAnswer, image: Path, out_dir: Path) -> tuple[Path, Path]:
+    """`<stem>.png` overlay and `<stem>.json` for one image; returns both paths."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    overlay = answer.save(out_dir / f"{image.stem}.png", image)
+    record = out_dir / f"{image.stem}.json"
+    record.write_text(json.dumps(answer.to_json(), indent=2))
+    return overlay, record
+
+
+def predict_images(
+    predictor: GroundedLlava,
+    paths: Sequence[Path],
+    prompt: str,
+    out_dir: Path,
+    *,
+    batch_size: int,
+    max_new_tokens: int,
+    temperature: float,
+    masks_for_detections: bool,
+    stdout: TextIO = sys.stdout,
+) -> list[GroundedAnswer]:
+    """Answer `prompt` for every image (batched), write its overlay and JSON, print its answer."""
+    answers: list[GroundedAnswer] = []
+    with tqdm(total=len(paths), desc="infer", unit="img", disable=len(paths) == 1, file=sys.stderr) as bar:
+        for start in range(0, len(paths), batch_size):
+            chunk = list(paths[start : start + batch_size])
+            batch = predictor.predict(
+                chunk,
+                prompt,
+                batch_size=batch_size,
+                max_new_tokens=max_new_tokens,
+                temperature=temperature,
+                masks_for_detections=masks_for_detections,
+            )
+            for path, answer in zip(chunk, batch, strict=True):
+                write_answer(answer, path, out_dir)
+                bar.write(f"{path}: {answer.text}", file=stdout)
+            answers += batch
+            bar.update(len(chunk))
+    return answers
+
+
+def chat_session(
+    predictor: GroundedLlava,
+    image: Path,
+    out_dir: Path,
+    *,
+    lines: Iterable[str],
+    max_new_tokens: int,
+    temperature: float,
+    masks_for_detections: bool,
+    stdout: TextIO = sys.stdout,
+) -> list[GroundedAnswer]:
+    """Multi-turn chat about one image: one prompt per line until the end or "exit"; blank lines are skipped.
+
+    Prints each answer and writes the overlay and JSON of the last turn.
+    """
+    history: list[tuple[str, GroundedAnswer]] = []
+    for line in lines:
+        prompt = line.strip()
+        if prompt.lower() in EXIT_WORDS:
+            break
+        if not prompt:
+            continue
+        answer = predictor.chat(
+            image,
+            prompt,
+            history,
+            max_new_tokens=max_new_tokens,
+            temperature=temperature,
+            masks_for_detections=masks_for_detections,
+        )
+        print(f"assistant: {answer.text}", file=stdout, flush=True)
+        history.append((prompt, answer))
+    if history:
+        write_answer(history[-1][1], image, out_dir)
+    return [answer for _, answer in history]

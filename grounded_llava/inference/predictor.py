@@ -1,0 +1,417 @@
+"""`GroundedLlava`: the stateful predictor (chat, batched prediction, head-only detection).
+
+It wraps a `GroundedLlavaForConditionalGeneration` (the trainable nn.Module, STYLE rule 8) and runs
+every request in three steps:
+
+1. `_encode`: the vision tower runs ONCE per image; its projected features are reused below.
+2. `_generate`: LLaVA's `generate` (KV cache, left padding, positions from the attention mask) is
+   fed the features through `mm_encoder_outputs`.
+3. `_ground`: ONE teacher-forced `forward` over prompt + answer gives the Detect head's boxes and a
+   mask for every `<seg>`: masks and their box prompts come from exactly the training code path.
+   The same logits score the text boxes: a box's score is the geometric mean of the probabilities
+   of its four `<loc_k>` tokens (full-vocabulary softmax, temperature 1: the model's probability,
+   not the sampling distribution). Taking them from this pass rather than from `generate`'s scores
+   lets `_ground` work from answer ids alone (any given answer can be grounded and scored), and
+   for greedy decoding they are the probabilities generation saw. Text boxes are then reconciled
+   with the head's detections (`reconcile`).
+
+Frames: boxes in results are xyxy ORIGINAL image pixels; masks are bool at original image size.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+import grounded_llava
+from grounded_llava.image_meta import ImageMeta
+from grounded_llava.inference.grounding import (
+    align_boxes,
+    find_box_groups,
+    group_probability,
+    teacher_forcing_inputs,
+)
+from grounded_llava.inference.images import ImageInput, load_image
+from grounded_llava.inference.reconcile import reconcile
+from grounded_llava.inference.results import Detections, GroundedAnswer
+from grounded_llava.modeling import CheckpointError, GroundedLlavaForConditionalGeneration
+from grounded_llava.modeling.base import BaseModelUnavailableError
+from grounded_llava.processor import EncodedConversation
+from grounded_llava.tokenizer import IMAGE_TOKEN
+
+DEFAULT_CHECKPOINT = Path(grounded_llava.__file__).resolve().parents[1] / "checkpoints" / "tiny-shapes"
+CHECKPOINT_FILES = (
+    "grounded_config.json",
+    "grounded_processor.json",
+    "tokenizer_config.json",
+    "adapter",
+    "heads.safetensors",
+)
+_HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
+
+History = Sequence[tuple[str, "str | GroundedAnswer"]]
+
+
+def resolve_checkpoint(dir_or_id: str | Path | None) -> Path:
+    """The checkpoint directory to load: the shipped default, a local directory, or a hub id's snapshot."""
+    if dir_or_id is None:
+        if not DEFAULT_CHECKPOINT.is_dir():
+            raise FileNotFoundError(
+                f"the default checkpoint {DEFAULT_CHECKPOINT} does not exist yet: train it with train.py, or "
+                "pass a checkpoint directory (infer.py --model DIR, GroundedLlava.from_pretrained(DIR))"
+            )
+        directory = DEFAULT_CHECKPOINT
+    else:
+        directory = Path(dir_or_id)
+        if not directory.exists() and _HUB_ID.match(str(dir_or_id)):
+            directory = _download(str(dir_or_id))
+        elif not directory.is_dir():
+            raise FileNotFoundError(f"model directory {directory} does not exist")
+    missing = [name for name in CHECKPOINT_FILES if not (directory / name).exists()]
+    if missing:
+        raise CheckpointError(
+            f"{directory / missing[0]} is missing: {directory} is not a complete grounded-llava checkpoint "
+            f"(missing {', '.join(missing)})"
+        )
+    return directory
+
+
+def _download(repo_id: str) -> Path:
+    from huggingface_hub import constants, snapshot_download
+
+    try:
+        return Path(snapshot_download(repo_id))
+    except (OSError, ValueError) as err:
+        offline = " (HF_HUB_OFFLINE=1: only the local cache is searched)" if constants.HF_HUB_OFFLINE else ""
+        raise BaseModelUnavailableError(
+            f"model {repo_id!r} is not a local directory and cannot be fetched from the Hugging Face hub"
+            f"{offline}: {err.__class__.__name__}; pass a checkpoint directory"
+        ) from None
+
+
+@dataclass
+class _Request:
+    """One prompt to answer: the conversation encoded up to "ASSISTANT:" and its image geometry."""
+
+    encoded: EncodedConversation
+    meta: ImageMeta
+
+
+class GroundedLlava:
+    """Answers questions about images with grounded phrases, boxes, masks and scores.
+
+    Build it with `GroundedLlava.from_pretrained(dir_or_id)`; `model` is the wrapped nn.Module.
+    """
+
+    def __init__(self, model: GroundedLlavaForConditionalGeneration, *, device: str | torch.device) -> None:
+        if model.processor is None:
+            raise ValueError("the model has no processor: load it with from_pretrained/from_config")
+        self.device = torch.device(device)
+        self.model = model.to(self.device).eval()
+        self.processor = model.processor
+
+    @classmethod
+    def from_pretrained(
+        cls, dir_or_id: str | Path | None = None, *, device: str | torch.device | None = None
+    ) -> GroundedLlava:
+        """Load a checkpoint (None: the shipped default `checkpoints/tiny-shapes/`) onto `device` (default: cuda if any)."""
+        directory = resolve_checkpoint(dir_or_id)
+        model = GroundedLlavaForConditionalGeneration.from_pretrained(directory)
+        return cls(model, device=device or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+    @property
+    def categories(self) -> list[str]:
+        """The detection label space (class id = index)."""
+        return list(self.model.config.heads.categories) or ["object"]
+
+    # ------------------------------------------------------------------ public API
+    def chat(
+        self,
+        image: ImageInput,
+        prompt: str,
+        history: History | None = None,
+        *,
+        max_new_tokens: int = 128,
+        temperature: float = 0.0,
+        masks_for_detections: bool = False,
+    ) -> GroundedAnswer:
+        """Answer `prompt` about `image`, after the earlier turns `history` ((prompt, answer) pairs).
+
+        An answer given as a `GroundedAnswer` enters the conversation as its `raw_text` (with its
+        grounding tokens). The image is attached to the first turn. temperature 0 = greedy decoding.
+        `masks_for_detections`: also give every head detection a box-prompted SAM mask.
+        """
+        request = self._request(image, prompt, history or [])
+        return self._run(
+            [request],
+            max_new_tokens=max_new_tokens,
+            temperature=temperature,
+            masks_for_detections=masks_for_detections,
+        )[0]
+
+    def predict(
+        self,
+        images: Sequence[ImageInput] | ImageInput,
+        prompts: Sequence[str] | str,
+        *,
+        batch_size: int = 8,
+        max_new_tokens: int = 128,
+        temperature: float = 0.0,
+        masks_for_detections: bool = False,
+    ) -> list[GroundedAnswer]:
+        """Single-turn answers for many images, `batch_size` generated at once (one prompt for all, or one each)."""
+        images = [images] if isinstance(images, str | Path | Image.Image | np.ndarray) else list(images)
+        prompts = [prompts] * len(images) if isinstance(prompts, str) else list(prompts)
+        if len(prompts) != len(images):
+            raise ValueError(f"{len(images)} images but {len(prompts)} prompts")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        answers: list[GroundedAnswer] = []
+        for start in range(0, len(images), batch_size):
+            chunk = zip(images[start : start + batch_size], prompts[start : start + batch_size], strict=True)
+            requests = [self._request(image, prompt, []) for image, prompt in chunk]
+            answers += self._run(
+                requests,
+                max_new_tokens=max_new_tokens,
+                temperature=temperature,
+                masks_for_detections=masks_for_detections,
+            )
+        return answers
+
+    @torch.inference_mode()
+    def detect(self, images: Sequence[ImageInput] | ImageInput, *, masks: bool = False) -> list[Detections]:
+        """The detection head alone (no text generation); `masks`: SAM masks prompted by each box alone."""
+        images = [images] if isinstance(images, str | Path | Image.Image | np.ndarray) else list(images)
+        pixels, metas = zip(
+            *(self.processor.preprocess_image(load_image(image)) for image in images), strict=True
+        )
+        features = self.model.encode_images(torch.stack(pixels).to(self.device))
+        predictions = self.model.detection_head(self.model.neck(features.to(self._heads_dtype)))
+        return self._detections(predictions, features, list(metas), masks=masks)
+
+    # ------------------------------------------------------------------ steps
+    def _request(self, image: ImageInput, prompt: str, history: History) -> _Request:
+        turns: list[dict[str, str]] = []
+        for index, (question, answer) in enumerate([*history, (prompt, None)]):
+            if not isinstance(question, str) or not question.strip():
+                raise ValueError(f"empty prompt (turn {index})" if history else "empty prompt")
+            turns.append({"from": "human", "value": (f"{IMAGE_TOKEN}\n" if index == 0 else "") + question})
+            if answer is not None:
+                turns.append(
+                    {
+                        "from": "gpt",
+                        "value": answer.raw_text if isinstance(answer, GroundedAnswer) else answer,
+                    }
+                )
+        encoded = self.processor.encode_conversation(turns, load_image(image), add_generation_prompt=True)
+        return _Request(encoded=encoded, meta=encoded.image_meta)
+
+    def _run(
+        self, requests: list[_Request], *, max_new_tokens: int, temperature: float, masks_for_detections: bool
+    ) -> list[GroundedAnswer]:
+        features = self._encode(requests)
+        answer_ids = self._generate(
+            requests, features, max_new_tokens=max_new_tokens, temperature=temperature
+        )
+        return self._ground(requests, features, answer_ids, masks_for_detections=masks_for_detections)
+
+    @torch.inference_mode()
+    def _encode(self, requests: list[_Request]) -> torch.Tensor:
+        """(I, N, D) projected image features, one row per request."""
+        return self.model.encode_images(
+            torch.stack([r.encoded.pixel_values for r in requests]).to(self.device)
+        )
+
+    @torch.inference_mode()
+    def _generate(
+        self, requests: list[_Request], features: torch.Tensor, *, max_new_tokens: int, temperature: float
+    ) -> list[list[int]]:
+        """Answer token ids per request (up to, not including, the first eos)."""
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        if temperature < 0:
+            raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
+        tokenizer = self.processor.tokenizer
+        batch = self.processor.collate([r.encoded for r in requests], padding_side="left")
+        sampling = (
+            {"do_sample": True, "temperature": temperature} if temperature > 0 else {"do_sample": False}
+        )
+        sequences = self.model.base_llava.generate(
+            input_ids=batch.input_ids.to(self.device),
+            attention_mask=batch.attention_mask.to(self.device),
+            mm_encoder_outputs=self.model.mm_encoder_outputs(features),
+            max_new_tokens=max_new_tokens,
+            pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            **sampling,
+        )
+        answers = []
+        for row in sequences[:, batch.input_ids.shape[1] :].tolist():
+            answers.append(row[: row.index(tokenizer.eos_token_id)] if tokenizer.eos_token_id in row else row)
+        return answers
+
+    @torch.inference_mode()
+    def _ground(
+        self,
+        requests: list[_Request],
+        features: torch.Tensor,
+        answer_ids: Sequence[Sequence[int]],
+        *,
+        masks_for_detections: bool,
+    ) -> list[GroundedAnswer]:
+        """Teacher-forced pass over prompt + answer: detections, `<seg>` masks, box scores, reconciliation.
+
+        Args:
+            requests: the encoded prompts; features: (I, N, D) their image features (I = len(requests)).
+            answer_ids: per request, the answer's token ids (no eos).
+        """
+        pad = self.processor.tokenizer.pad_token_id
+        rows = [
+            teacher_forcing_inputs(
+                [*request.encoded.input_ids.tolist(), *answer],
+                answer_start=len(request.encoded.input_ids),
+                token_ids=self.model.token_ids,
+                image_token_id=self.model.image_token_id,
+                pad_token_id=pad,
+            )
+            for request, answer in zip(requests, answer_ids, strict=True)
+        ]
+        # Right padding: every row keeps positions 0..n-1, as when it is run alone.
+        input_ids = torch.full((len(rows), max(len(ids) for ids, _ in rows)), pad, dtype=torch.long)
+        attention_mask = torch.zeros_like(input_ids)
+        for r, (ids, attention) in enumerate(rows):
+            input_ids[r, : len(ids)] = torch.tensor(ids)
+            attention_mask[r, : len(ids)] = torch.tensor(attention)
+        metas = [request.meta for request in requests]
+        out = self.model(
+            input_ids=input_ids.to(self.device),
+            attention_mask=attention_mask.to(self.device),
+            image_features=features,
+            image_sample_index=torch.arange(len(rows), device=self.device),
+            original_sizes=torch.tensor([m.original_size for m in metas], device=self.device),
+            compute_masks=True,
+        )
+        detections = self._detections(out.detections, features, metas, masks=masks_for_detections)
+        # The model returns one mask per <seg> in row-major reading order.
+        seg_mask_logits: list[dict[int, torch.Tensor]] = [{} for _ in rows]
+        for k, (r, c) in enumerate((input_ids == self.model.token_ids.seg).nonzero().tolist()):
+            seg_mask_logits[r][c] = out.mask_logits[k]
+        return [
+            self._grounded_answer(
+                answer_ids=answer,
+                ids=rows[r][0],
+                answer_start=len(request.encoded.input_ids),
+                logits=out.logits[r],
+                seg_mask_logits=seg_mask_logits[r],
+                detections=detections[r],
+                meta=request.meta,
+            )
+            for r, (request, answer) in enumerate(zip(requests, answer_ids, strict=True))
+        ]
+
+    def _grounded_answer(
+        self,
+        *,
+        answer_ids: Sequence[int],
+        ids: list[int],
+        answer_start: int,
+        logits: torch.Tensor,
+        seg_mask_logits: dict[int, torch.Tensor],
+        detections: Detections,
+        meta: ImageMeta,
+    ) -> GroundedAnswer:
+        """One answer: parse its text, score and mask its boxes, reconcile them with the head.
+
+        Args:
+            answer_ids: the generated ids; ids: the teacher-forced sequence (prompt + answer) of `logits` (T, V).
+            seg_mask_logits: position of each `<seg>` in `ids` -> its (4g, 4g) canvas mask logits.
+        """
+        raw_text = self.processor.decode(answer_ids)
+        parsed = self.processor.parse(raw_text, meta)
+        groups = [g for g in find_box_groups(ids, self.model.token_ids) if g.start >= answer_start]
+        aligned = align_boxes(
+            parsed.spans, groups, image_size=meta.original_size, num_bins=self.processor.num_bins
+        )
+        # A parsed box without its token group (cannot happen for text decoded from these ids) gets score 0, no mask.
+        scores = [
+            [0.0 if k is None else group_probability(logits, ids, groups[k]) for k in row] for row in aligned
+        ]
+        masks = [
+            [
+                meta.mask_from_canvas(seg_mask_logits[groups[k].seg_position])
+                if k is not None and groups[k].seg
+                else None
+                for k in row
+            ]
+            for row in aligned
+        ]
+        matched = reconcile(
+            parsed.spans,
+            box_scores=scores,
+            detections=detections,
+            masks=masks,
+            iou_threshold=self.model.config.heads.match_iou,
+        )
+        return GroundedAnswer(
+            text=parsed.text,
+            raw_text=raw_text,
+            spans=matched.spans,
+            detections=detections,
+            image_size=meta.original_size,
+            agreement=matched.agreement,
+            num_dropped_groups=parsed.num_dropped,
+        )
+
+    # ------------------------------------------------------------------ detection head
+    @property
+    def _heads_dtype(self) -> torch.dtype:
+        return next(self.model.neck.parameters()).dtype
+
+    def _detections(
+        self, predictions: dict, features: torch.Tensor, metas: list[ImageMeta], *, masks: bool
+    ) -> list[Detections]:
+        """Raw Detect predictions -> per image `Detections` (original pixels; boxes left empty by clipping dropped)."""
+        heads = self.model.config.heads
+        raw = self.model.detection_head.postprocess(
+            predictions, conf_threshold=heads.conf_threshold, iou_threshold=heads.nms_iou
+        )
+        kept = []
+        for pred, meta in zip(raw, metas, strict=True):
+            pred = pred.float()
+            boxes = meta.boxes_from_canvas(pred[:, :4])
+            keep = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
+            kept.append((pred[keep], boxes[keep]))
+        mask_arrays = self._box_only_masks(features, [p[:, :4] for p, _ in kept], metas) if masks else None
+        return [
+            Detections(
+                boxes=boxes.cpu(),
+                scores=pred[:, 4].cpu(),
+                class_ids=pred[:, 5].long().cpu(),
+                category_names=self.categories,
+                image_size=meta.original_size,
+                masks=None if mask_arrays is None else mask_arrays[i],
+            )
+            for i, ((pred, boxes), meta) in enumerate(zip(kept, metas, strict=True))
+        ]
+
+    def _box_only_masks(
+        self, features: torch.Tensor, boxes_canvas: list[torch.Tensor], metas: list[ImageMeta]
+    ) -> list[np.ndarray]:
+        """SAM masks prompted by boxes alone (the decoder's box-only embedding): per image (n, H, W) bool."""
+        image_embeddings = self.model.neck(features.to(self._heads_dtype))[1]
+        index = torch.cat([torch.full((len(b),), i, dtype=torch.long) for i, b in enumerate(boxes_canvas)])
+        boxes = torch.cat(boxes_canvas).to(self.device, self._heads_dtype)
+        logits, _ = self.model.mask_head(image_embeddings, index.to(self.device), boxes, seg_hidden=None)
+        per_image = logits.split([len(b) for b in boxes_canvas])
+        return [
+            np.stack([meta.mask_from_canvas(m) for m in image_logits])
+            if len(image_logits)
+            else np.zeros((0, meta.original_size[1], meta.original_size[0]), dtype=bool)
+            for image_logits, meta in zip(per_image, metas, strict=True)
+        ]
