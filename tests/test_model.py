@@ -2,6 +2,7 @@
 
 import copy
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,7 +15,7 @@ from grounded_llava.data.sample import GroundedSample
 from grounded_llava.modeling import CheckpointError
 from grounded_llava.modeling.base import BaseModelUnavailableError
 
-from .conftest import TEST_CATEGORIES
+from .conftest import TEST_CATEGORIES, tiny_test_config
 
 
 def _write_image(path, size, box):
@@ -178,11 +179,44 @@ def test_hub_id_offline_fails_fast_and_clearly(monkeypatch):
     assert time.monotonic() - start < 10
 
 
-def test_gpu_only_options_raise_on_cpu():
-    if torch.cuda.is_available():
-        pytest.skip("has a GPU")
-    config = GroundedLlavaConfig.from_dict(
-        {"base": "llava-hf/llava-1.5-7b-hf", "load_in_4bit": True, "dtype": "bfloat16"}
-    )
+@pytest.fixture(scope="module")
+def local_llava_dir(tmp_path_factory, tiny_config):
+    """A plain transformers LLaVA checkpoint on disk (the 'local directory' kind of base)."""
+    from grounded_llava.modeling.base import build_tiny_base
+
+    llava, tokenizer = build_tiny_base(tiny_config.tiny, tiny_config.num_bins)
+    directory = tmp_path_factory.mktemp("local_llava")
+    llava.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
+def test_local_llava_directory_as_base_loads_through_transformers(local_llava_dir, tmp_path):
+    config = tiny_test_config().to_dict() | {"base": str(local_llava_dir)}
+    model = GroundedLlavaForConditionalGeneration.from_config(GroundedLlavaConfig.from_dict(config))
+    assert model.num_image_tokens == 49 and not (model.save_pretrained(tmp_path / "ckpt") / "base").exists()
+    reloaded = GroundedLlavaForConditionalGeneration.from_pretrained(tmp_path / "ckpt")
+    assert torch.equal(reloaded.mask_head.box_only_embedding, model.mask_head.box_only_embedding)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU refusal of GPU-only options")
+def test_gpu_only_options_raise_on_cpu(local_llava_dir):
+    base = tiny_test_config().to_dict() | {"base": str(local_llava_dir)}
     with pytest.raises(RuntimeError, match="load_in_4bit needs a CUDA GPU"):
-        GroundedLlavaForConditionalGeneration.from_config(config)
+        GroundedLlavaForConditionalGeneration.from_config(
+            GroundedLlavaConfig.from_dict(base | {"load_in_4bit": True, "dtype": "bfloat16"})
+        )
+    with pytest.raises(RuntimeError, match="float16 needs a GPU"):
+        GroundedLlavaForConditionalGeneration.from_config(GroundedLlavaConfig.from_dict(base | {"dtype": "float16"}))
+
+
+def test_7b_config_parses_and_stops_at_loading_weights(tmp_path, monkeypatch):
+    from grounded_llava.training.config import TrainConfig
+    from grounded_llava.training.trainer import Trainer
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    config = TrainConfig.from_yaml(Path(__file__).resolve().parents[1] / "configs" / "llava15_7b_coco.yaml")
+    assert config.model.load_in_4bit and config.model.gradient_checkpointing and config.train.grad_accum == 4
+    assert [s.kind for s in config.stages] == ["align", "ground"] and config.model.lora.r == 64
+    with pytest.raises(BaseModelUnavailableError, match="llava-hf/llava-1.5-7b-hf"):
+        Trainer(config, tmp_path).run()

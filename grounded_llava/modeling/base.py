@@ -107,10 +107,6 @@ def load_pretrained_base(
     is not in the local cache fails at once with `BaseModelUnavailableError` saying how to provide it.
     """
     is_local = Path(source).is_dir()
-    if config.load_in_4bit and not torch.cuda.is_available():
-        raise RuntimeError("load_in_4bit needs a CUDA GPU (bitsandbytes); set load_in_4bit=false on CPU")
-    if config.dtype != "float32" and not torch.cuda.is_available() and config.dtype == "float16":
-        raise RuntimeError("dtype float16 needs a GPU; use float32 or bfloat16 on CPU")
     kwargs: dict = {"dtype": DTYPES[config.dtype], "local_files_only": _offline() and not is_local}
     if config.load_in_4bit:
         from transformers import BitsAndBytesConfig
@@ -126,6 +122,7 @@ def load_pretrained_base(
         tokenizer = AutoTokenizer.from_pretrained(
             tokenizer_source or source, local_files_only=kwargs["local_files_only"]
         )
+        _check_device_support(config)
         model = LlavaForConditionalGeneration.from_pretrained(source, **kwargs)
         try:
             image_processor = AutoImageProcessor.from_pretrained(
@@ -148,6 +145,16 @@ def load_pretrained_base(
         model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
     _check_token_ids(ids, model)
     return model, tokenizer, image_settings_for(model.config, mean, std)
+
+
+def _check_device_support(config: GroundedLlavaConfig) -> None:
+    """GPU-only options fail clearly on a CPU machine (checked once the weights are known to be available)."""
+    if torch.cuda.is_available():
+        return
+    if config.load_in_4bit:
+        raise RuntimeError("load_in_4bit needs a CUDA GPU (bitsandbytes); set model.load_in_4bit=false on CPU")
+    if config.dtype == "float16":
+        raise RuntimeError("dtype float16 needs a GPU; use float32 or bfloat16 on CPU")
 
 
 def _check_token_ids(ids: GroundingTokenIds, model: LlavaForConditionalGeneration) -> None:
