@@ -13,7 +13,6 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
-
 from transformers.utils import logging as transformers_logging  # noqa: E402
 
 from grounded_llava import GroundedLlavaConfig, GroundedLlavaForConditionalGeneration  # noqa: E402

@@ -207,7 +207,9 @@ def test_gpu_only_options_raise_on_cpu(local_llava_dir):
             GroundedLlavaConfig.from_dict(base | {"load_in_4bit": True, "dtype": "bfloat16"})
         )
     with pytest.raises(RuntimeError, match="float16 needs a GPU"):
-        GroundedLlavaForConditionalGeneration.from_config(GroundedLlavaConfig.from_dict(base | {"dtype": "float16"}))
+        GroundedLlavaForConditionalGeneration.from_config(
+            GroundedLlavaConfig.from_dict(base | {"dtype": "float16"})
+        )
 
 
 def test_7b_config_parses_and_stops_at_loading_weights(tmp_path, monkeypatch):

@@ -27,7 +27,15 @@ def _env() -> dict:
 
 
 def _train_command(output_dir: Path, *overrides: str) -> list[str]:
-    return [sys.executable, str(REPO / "train.py"), "--config", str(CONFIG), "--output-dir", str(output_dir), *overrides]
+    return [
+        sys.executable,
+        str(REPO / "train.py"),
+        "--config",
+        str(CONFIG),
+        "--output-dir",
+        str(output_dir),
+        *overrides,
+    ]
 
 
 def _weights(final_dir: Path) -> dict[str, torch.Tensor]:
@@ -38,7 +46,9 @@ def _weights(final_dir: Path) -> dict[str, torch.Tensor]:
 
 
 def test_two_step_run_of_train_py(tmp_path):
-    result = subprocess.run(_train_command(tmp_path, "max_steps=2"), env=_env(), capture_output=True, text=True)
+    result = subprocess.run(
+        _train_command(tmp_path, "max_steps=2"), env=_env(), capture_output=True, text=True
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     manifest = json.loads((tmp_path / "final" / "stages.json").read_text())
     assert [s["name"] for s in manifest] == ["align", "ground"] and all(s["steps"] == 1 for s in manifest)
@@ -51,7 +61,9 @@ def test_two_step_run_of_train_py(tmp_path):
 
 
 def test_bad_override_exits_2_with_one_line(tmp_path):
-    result = subprocess.run(_train_command(tmp_path, "train.bogus=1"), env=_env(), capture_output=True, text=True)
+    result = subprocess.run(
+        _train_command(tmp_path, "train.bogus=1"), env=_env(), capture_output=True, text=True
+    )
     assert result.returncode == 2
     assert result.stderr.strip().splitlines()[-1].startswith("error: ") and "train.bogus" in result.stderr
 
@@ -73,19 +85,25 @@ def test_two_process_cpu_ddp_ends_with_identical_weights(tmp_path):
 def test_sigkill_mid_training_then_resume_matches_an_uninterrupted_run(tmp_path):
     overrides = ("max_steps=8", "train.save_every=1")
     reference = tmp_path / "reference"
-    assert subprocess.run(_train_command(reference, *overrides), env=_env(), capture_output=True).returncode == 0
+    assert (
+        subprocess.run(_train_command(reference, *overrides), env=_env(), capture_output=True).returncode == 0
+    )
 
     interrupted = tmp_path / "interrupted"
     process = subprocess.Popen(_train_command(interrupted, *overrides), env=_env(), stdout=subprocess.DEVNULL,
                                stderr=subprocess.DEVNULL)  # fmt: skip
     deadline = time.monotonic() + 300
     while not (interrupted / "checkpoints" / "step-000005").exists():
-        assert process.poll() is None and time.monotonic() < deadline, "the run ended before it could be killed"
+        assert process.poll() is None and time.monotonic() < deadline, (
+            "the run ended before it could be killed"
+        )
         time.sleep(0.05)
     process.send_signal(signal.SIGKILL)
     process.wait()
     assert not (interrupted / "final").exists()
-    resumed = subprocess.run(_train_command(interrupted, *overrides), env=_env(), capture_output=True, text=True)
+    resumed = subprocess.run(
+        _train_command(interrupted, *overrides), env=_env(), capture_output=True, text=True
+    )
     assert resumed.returncode == 0, resumed.stderr[-3000:]
 
     expected, actual = _weights(reference / "final"), _weights(interrupted / "final")
@@ -132,7 +150,9 @@ def _old_class_scores(model_dir: Path, images_dir: Path, num_old: int) -> torch.
     from PIL import Image
 
     model = GroundedLlavaForConditionalGeneration.from_pretrained(model_dir).eval()
-    pixels = torch.stack([model.processor.preprocess_image(Image.open(p))[0] for p in sorted(images_dir.glob("*.png"))[:8]])
+    pixels = torch.stack(
+        [model.processor.preprocess_image(Image.open(p))[0] for p in sorted(images_dir.glob("*.png"))[:8]]
+    )
     with torch.no_grad():
         predictions = model.detection_head(model.neck(model.encode_images(pixels)))
     return predictions["scores"][:, :num_old].sigmoid()

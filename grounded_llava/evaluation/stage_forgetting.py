@@ -149,7 +149,9 @@ def stage_forgetting(
             (called once per stage needed).
     """
     with_gt = {
-        ann["category_id"] for ann in gt["annotations"] if ann["image_id"] in set(image_ids) and not ann.get("iscrowd")
+        ann["category_id"]
+        for ann in gt["annotations"]
+        if ann["image_id"] in set(image_ids) and not ann.get("iscrowd")
     }
     cache: dict[str, list[dict[str, Any]]] = {}
 

@@ -107,7 +107,9 @@ class CategoryMap:
         return sorted({self.name_to_gt[n] for n in names if n in self.name_to_gt})
 
 
-def map_categories(model_categories: Sequence[str], gt_categories: Sequence[Category], *, source: str) -> CategoryMap:
+def map_categories(
+    model_categories: Sequence[str], gt_categories: Sequence[Category], *, source: str
+) -> CategoryMap:
     """Match names; ValueError when the model and the ground truth share no category name."""
     gt_ids = {category.name: category.id for category in gt_categories}
     shared = {name: gt_ids[name] for name in model_categories if name in gt_ids}

@@ -152,7 +152,9 @@ def _check_device_support(config: GroundedLlavaConfig) -> None:
     if torch.cuda.is_available():
         return
     if config.load_in_4bit:
-        raise RuntimeError("load_in_4bit needs a CUDA GPU (bitsandbytes); set model.load_in_4bit=false on CPU")
+        raise RuntimeError(
+            "load_in_4bit needs a CUDA GPU (bitsandbytes); set model.load_in_4bit=false on CPU"
+        )
     if config.dtype == "float16":
         raise RuntimeError("dtype float16 needs a GPU; use float32 or bfloat16 on CPU")
 

@@ -104,7 +104,9 @@ class HeadDistiller(nn.Module):
         teacher_prob = teacher["scores"].float().sigmoid()  # (I, old, A)
         # Normalised like ultralytics' own classification loss (sum / total target score), so that its
         # scale matches the detection loss pushing old-class scores down on new-class images.
-        cls = F.binary_cross_entropy_with_logits(student["scores"][:, :old].float(), teacher_prob, reduction="sum")
+        cls = F.binary_cross_entropy_with_logits(
+            student["scores"][:, :old].float(), teacher_prob, reduction="sum"
+        )
         cls = cls / teacher_prob.sum().clamp(min=1.0)
         images, channels, anchors = student["boxes"].shape
         reg_max = channels // 4

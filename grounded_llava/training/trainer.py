@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import math
 import random
 import time
@@ -43,6 +44,7 @@ from .sampler import ResumableSampler
 from .stages import HeadDistiller, chat_kl_loss, set_trainable
 
 MANIFEST = "stages.json"
+logger = logging.getLogger(__name__)
 LOSS_KEYS = ("loss", "lm_loss", "det_loss", "mask_loss", "kl_loss", "distill_loss")
 
 
@@ -142,16 +144,32 @@ class Trainer:
         stage = self.config.stages[index]
         earlier = [source for s in self.config.stages[:index] for source in s.data]
         names = {s.name for s in self.config.stages}
-        for entry in self.manifest:
-            if entry["name"] not in names:
-                earlier += [from_dict(SourceConfig, source) for source in entry.get("sources", [])]
+        for entry in self.manifest:  # stages of the run this one was initialised from
+            if entry["name"] in names:
+                continue
+            for source in map(lambda s: from_dict(SourceConfig, s), entry.get("sources", [])):
+                location = source.dir or source.annotations
+                if source.dir is not None and not Path(source.dir).exists():
+                    # A synthetic world is a pure function of its parameters: regenerate it here.
+                    source.dir = str(self.output_dir / "replay" / entry["name"] / Path(source.dir).name)
+                    earlier.append(source)
+                elif Path(location).exists():
+                    earlier.append(source)
+                else:
+                    logger.warning(
+                        "replay: %s of stage %s is not on this machine; skipped", location, entry["name"]
+                    )
         pool: list[GroundedSample] = []
         for source in earlier:
             if source.is_grounding:
-                pool += load_source(source, config=self.config, output_dir=self.output_dir, num_bins=num_bins).samples
+                pool += load_source(
+                    source, config=self.config, output_dir=self.output_dir, num_bins=num_bins
+                ).samples
         rng = random.Random(f"replay-{self.config.train.seed}-{stage.name}")
         chosen = rng.sample(pool, min(stage.replay_size, len(pool))) if pool else []
-        return LoadedSource(chosen, [], {"kind": "replay", "samples": len(chosen), "weight": stage.replay_weight})
+        return LoadedSource(
+            chosen, [], {"kind": "replay", "samples": len(chosen), "weight": stage.replay_weight}
+        )
 
     def _absolute_source(self, source: SourceConfig) -> dict:
         """The source with absolute paths, so that a later run can replay it from the manifest."""

@@ -1,0 +1,81 @@
+"""Evaluate a checkpoint: detection / segmentation AP, referring expressions, chat retention, forgetting.
+
+    python -m grounded_llava.evaluate --model runs/tiny-shapes/final --data DIR/annotations.json \\
+        --images DIR/images --out outputs/eval [--tasks det,seg,rec,res,chat] \\
+        [--chat-data DIR/chat.json --reference runs/tiny-shapes/stages/align] [--stages runs/tiny-shapes]
+
+Writes OUT/metrics.json (null = not evaluated) and OUT/metrics.md, and prints the table. The options are
+the fields of `grounded_llava.evaluation.runner.EvaluationConfig`; docs/EVALUATION.md describes the metrics.
+Bad inputs exit with status 2 and one line on stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from grounded_llava.evaluation.runner import EvaluationConfig, evaluate, print_report
+from grounded_llava.evaluation.tasks import TASKS, parse_tasks
+from grounded_llava.modeling import CheckpointError
+from grounded_llava.modeling.base import BaseModelUnavailableError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m grounded_llava.evaluate",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--model", required=True, type=Path, help="checkpoint directory")
+    parser.add_argument("--data", required=True, type=Path, help="COCO instances JSON (the ground truth)")
+    parser.add_argument(
+        "--images", required=True, type=Path, help="folder the JSON's file_names are relative to"
+    )
+    parser.add_argument("--out", required=True, type=Path, help="output folder for metrics.json / metrics.md")
+    parser.add_argument(
+        "--tasks", default=",".join(TASKS), help=f"comma-separated subset of {','.join(TASKS)}"
+    )
+    parser.add_argument("--chat-data", type=Path, help="LLaVA conversation JSON for the chat task")
+    parser.add_argument("--chat-images", type=Path, help="image folder of --chat-data (default: --images)")
+    parser.add_argument(
+        "--reference", type=Path, help="checkpoint to compare chat answers with (e.g. a base stage)"
+    )
+    parser.add_argument("--stages", type=Path, help="training run directory: forgetting across its stages")
+    parser.add_argument(
+        "--max-images", type=int, help="evaluate the first N images (by id) and N chat entries"
+    )
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--max-new-tokens", type=int, default=96)
+    parser.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        config = EvaluationConfig(
+            model=args.model,
+            data=args.data,
+            images=args.images,
+            out=args.out,
+            tasks=parse_tasks(args.tasks),
+            chat_data=args.chat_data,
+            chat_images=args.chat_images,
+            reference=args.reference,
+            stages=args.stages,
+            max_images=args.max_images,
+            batch_size=args.batch_size,
+            max_new_tokens=args.max_new_tokens,
+            device=args.device,
+        )
+        evaluation = evaluate(config)
+    except (FileNotFoundError, ValueError, CheckpointError, BaseModelUnavailableError) as err:
+        print(f"evaluate: error: {' '.join(str(err).split())}", file=sys.stderr)
+        return 2
+    print_report(evaluation)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,267 @@
+"""The evaluator behind `python -m grounded_llava.evaluate`: runs a checkpoint on a COCO-style set and writes
+`metrics.json` / `metrics.md` (see `report.py`; null = task not run).
+
+Tasks (`tasks.py` holds their prompts and the aggregation):
+- `det`: the head's detections -> COCO box AP; the boxes written in the answer to a "detect every object"
+  prompt, scored by their token probability -> `text_bbox_AP(50)`; the share of those text boxes that
+  matched a head box -> `text_head_agreement`.
+- `seg`: the head's detections with box-prompted masks -> COCO mask AP.
+- `rec` / `res`: the first referring expression of every annotation, asked with the `refer` prompt; the
+  answer's first grounded span -> its box (`rec_*`) and its `<seg>` mask (`res_*`).
+- `chat`: the first human turn of each `--chat-data` entry, answered greedily by the model and by
+  `--reference` -> `chat_exact_match` (answers with their grounding tokens) and `chat_kl`.
+- `--stages RUN`: forgetting across the stages of a training run (`stage_forgetting.py`).
+
+Deterministic: greedy decoding, images by sorted id (`max_images` keeps the first N), chat entries in
+file order (the first `max_images` with an image).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from grounded_llava.data.chat import load_llava_chat
+from grounded_llava.evaluation.chat_metrics import chat_exact_match
+from grounded_llava.evaluation.report import empty_metrics, metrics_markdown, write_metrics
+from grounded_llava.evaluation.stage_forgetting import plan_stages, read_run, stage_forgetting
+from grounded_llava.evaluation.tasks import (
+    DETECT_PROMPT,
+    TASKS,
+    CategoryMap,
+    EvalData,
+    answers_agreement,
+    coco_entries,
+    head_results,
+    load_eval_data,
+    map_categories,
+    rec_entries,
+    referring_targets,
+    res_entries,
+    text_box_results,
+)
+from grounded_llava.evaluation.teacher_forcing import chat_kl, text_box_probabilities
+from grounded_llava.inference.predictor import GroundedLlava
+from grounded_llava.inference.results import Detections
+from grounded_llava.tokenizer import IMAGE_TOKEN
+
+
+@dataclass(kw_only=True)
+class EvaluationConfig:
+    """What to evaluate (the CLI options of `python -m grounded_llava.evaluate`).
+
+    Attributes:
+        model: checkpoint directory (`GroundedLlava.from_pretrained`).
+        data: COCO instances JSON; images: the folder its `file_name`s are relative to.
+        out: where `metrics.json`, `metrics.md` (and `stage_ap_matrix.json` with `stages`) go.
+        tasks: a subset of `TASKS`.
+        chat_data: LLaVA conversation JSON for `chat`; chat_images: its image folder (default `images`).
+        reference: checkpoint the chat answers are compared with (e.g. the `base`/`align` stage).
+        stages: a training run directory: evaluate forgetting across its stages.
+        max_images: evaluate the first N images (by id) and N chat entries; None = all.
+        batch_size: images per forward / generate call.
+        max_new_tokens: the longest generated answer.
+        device: torch device (default: cuda if available, else cpu).
+    """
+
+    model: Path
+    data: Path
+    images: Path
+    out: Path
+    tasks: tuple[str, ...] = TASKS
+    chat_data: Path | None = None
+    chat_images: Path | None = None
+    reference: Path | None = None
+    stages: Path | None = None
+    max_images: int | None = None
+    batch_size: int = 8
+    max_new_tokens: int = 96
+    device: str | None = None
+
+    def __post_init__(self) -> None:
+        if unknown := [t for t in self.tasks if t not in TASKS]:
+            raise ValueError(f"unknown task(s) {unknown}; known: {','.join(TASKS)}")
+        if self.batch_size < 1 or self.max_new_tokens < 1:
+            raise ValueError(
+                f"batch_size and max_new_tokens must be >= 1, got {self.batch_size} and {self.max_new_tokens}"
+            )
+        if self.max_images is not None and self.max_images < 1:
+            raise ValueError(f"max_images must be >= 1, got {self.max_images}")
+        for name in ("data", "chat_data"):
+            path = getattr(self, name)
+            if path is not None and not Path(path).is_file():
+                raise FileNotFoundError(f"--{name.replace('_', '-')} {path} does not exist")
+        for name in ("model", "images", "chat_images", "reference", "stages"):
+            path = getattr(self, name)
+            if path is not None and not Path(path).is_dir():
+                raise FileNotFoundError(f"--{name.replace('_', '-')} {path} is not a directory")
+
+
+@dataclass
+class Evaluation:
+    """The report (metric name -> float or None) and notes on what was skipped and why."""
+
+    metrics: dict[str, float | None] = field(default_factory=empty_metrics)
+    notes: list[str] = field(default_factory=list)
+
+
+def _device(device: str | None) -> str:
+    return device or ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def head_detections(
+    predictor: GroundedLlava, images: Sequence[Path], *, masks: bool, batch_size: int
+) -> list[Detections]:
+    """`predictor.detect` over `images`, `batch_size` at a time."""
+    detections: list[Detections] = []
+    for start in range(0, len(images), batch_size):
+        detections += predictor.detect(list(images[start : start + batch_size]), masks=masks)
+    return detections
+
+
+def _run_detection(
+    predictor: GroundedLlava, data: EvalData, categories: CategoryMap, config: EvaluationConfig
+) -> dict[str, float | None]:
+    segm = "seg" in config.tasks
+    detections = head_detections(predictor, data.image_paths, masks=segm, batch_size=config.batch_size)
+    results = head_results(detections, data.image_ids, categories)
+    ids = categories.evaluated_ids
+    metrics: dict[str, float | None] = {"categories_evaluated": float(len(ids))}
+    if "det" in config.tasks:
+        metrics |= coco_entries(data, results, iou_type="bbox", category_ids=ids)
+        answers = predictor.predict(
+            data.image_paths,
+            DETECT_PROMPT,
+            batch_size=config.batch_size,
+            max_new_tokens=config.max_new_tokens,
+        )
+        raw = [answer.raw_text for answer in answers]
+        boxes = text_box_probabilities(
+            predictor, data.image_paths, DETECT_PROMPT, raw, batch_size=config.batch_size
+        )
+        text = coco_entries(
+            data,
+            text_box_results(boxes, data.image_ids, categories),
+            iou_type="bbox",
+            category_ids=ids,
+            prefix="text_",
+        )
+        metrics |= {"text_bbox_AP": text["text_bbox_AP"], "text_bbox_AP50": text["text_bbox_AP50"]}
+        metrics["text_head_agreement"] = answers_agreement(answers)
+    if segm:
+        metrics |= coco_entries(data, results, iou_type="segm", category_ids=ids)
+    return metrics
+
+
+def _run_referring(
+    predictor: GroundedLlava, data: EvalData, config: EvaluationConfig, notes: list[str]
+) -> dict:
+    targets = referring_targets(data.records)
+    if not targets:
+        notes.append(
+            f"rec/res skipped: no annotation of the evaluated images in {data.source} has referring_expressions"
+        )
+        return {}
+    answers = predictor.predict(
+        [t.image.path for t in targets],
+        [t.prompt for t in targets],
+        batch_size=config.batch_size,
+        max_new_tokens=config.max_new_tokens,
+    )
+    metrics: dict[str, float] = {"num_referring_expressions": float(len(targets))}
+    if "rec" in config.tasks:
+        metrics |= rec_entries(answers, targets)
+    if "res" in config.tasks:
+        if any(t.instance.has_mask for t in targets):
+            metrics |= res_entries(answers, targets)
+        else:
+            notes.append("res skipped: no referred instance has a segmentation")
+    return metrics
+
+
+def _run_chat(predictor: GroundedLlava, config: EvaluationConfig, notes: list[str]) -> dict[str, float]:
+    if config.chat_data is None or config.reference is None:
+        notes.append("chat skipped: it needs --chat-data and --reference")
+        return {}
+    samples, _ = load_llava_chat(config.chat_data, config.chat_images or config.images)
+    samples = [s for s in samples if s.image_path is not None][: config.max_images]
+    if not samples:
+        raise ValueError(f"{config.chat_data}: no conversation entry with an image")
+    images = [s.image_path for s in samples]
+    prompts = [s.conversation[0]["value"].replace(IMAGE_TOKEN, "").strip() for s in samples]
+    reference = GroundedLlava.from_pretrained(config.reference, device=_device(config.device))
+    options = {"batch_size": config.batch_size, "max_new_tokens": config.max_new_tokens}
+    reference_answers = [a.raw_text for a in reference.predict(images, prompts, **options)]
+    answers = [a.raw_text for a in predictor.predict(images, prompts, **options)]
+    return {
+        "chat_exact_match": chat_exact_match(answers, reference_answers),
+        "chat_kl": chat_kl(
+            predictor, reference, images, prompts, reference_answers, batch_size=config.batch_size
+        ),
+        "num_chat_prompts": float(len(samples)),
+    }
+
+
+def _run_stages(data: EvalData, config: EvaluationConfig) -> tuple[dict[str, float | None], dict]:
+    run_dir = Path(config.stages)
+    plan = plan_stages(read_run(run_dir))
+    gt_ids = {category.name: category.id for category in data.categories}
+
+    def stage_results(stage: str) -> list[dict]:
+        predictor = GroundedLlava.from_pretrained(run_dir / "stages" / stage, device=_device(config.device))
+        names = predictor.categories
+        categories = CategoryMap(
+            model_categories=tuple(names), name_to_gt={n: gt_ids[n] for n in names if n in gt_ids}
+        )
+        detections = head_detections(predictor, data.image_paths, masks=False, batch_size=config.batch_size)
+        return head_results(detections, data.image_ids, categories)
+
+    result = stage_forgetting(
+        plan,
+        gt=data.gt,
+        image_ids=data.image_ids,
+        name_to_gt=gt_ids,
+        stage_results=stage_results,
+        source=str(data.source),
+    )
+    return result.report_entries(), result.to_json()
+
+
+def evaluate(config: EvaluationConfig) -> Evaluation:
+    """Run the configured tasks and write `config.out/metrics.json` and `metrics.md` (and
+    `stage_ap_matrix.json` with `config.stages`).
+
+    Raises:
+        FileNotFoundError / ValueError (incl. `DataError`): bad inputs, naming the file and the field or id.
+    """
+    data = load_eval_data(config.data, config.images, max_images=config.max_images)
+    predictor = GroundedLlava.from_pretrained(config.model, device=_device(config.device))
+    evaluation = Evaluation()
+    evaluation.metrics["num_images"] = float(len(data.records))
+    if {"det", "seg"} & set(config.tasks):
+        categories = map_categories(predictor.categories, data.categories, source=str(data.source))
+        evaluation.metrics |= _run_detection(predictor, data, categories, config)
+    if {"rec", "res"} & set(config.tasks):
+        evaluation.metrics |= _run_referring(predictor, data, config, evaluation.notes)
+    if "chat" in config.tasks:
+        evaluation.metrics |= _run_chat(predictor, config, evaluation.notes)
+    out = Path(config.out)
+    if config.stages is not None:
+        entries, matrix = _run_stages(data, config)
+        evaluation.metrics |= entries
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "stage_ap_matrix.json").write_text(json.dumps(matrix, indent=2) + "\n")
+    write_metrics(evaluation.metrics, out)
+    return evaluation
+
+
+def print_report(evaluation: Evaluation) -> None:
+    """The metrics table on stdout, the notes on stderr."""
+    print(metrics_markdown(evaluation.metrics), end="")
+    for note in evaluation.notes:
+        print(f"note: {note}", file=sys.stderr)
