@@ -68,8 +68,9 @@ def _cpu_model() -> str:
 
 def machine_info() -> dict:
     """CPU model, cores, load and the library versions the figures were taken with."""
+    from importlib import metadata
+
     import torch
-    import transformers
 
     info = {
         "cpu": _cpu_model(),
@@ -78,12 +79,11 @@ def machine_info() -> dict:
         "load_average_1m": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
         "python": platform.python_version(),
         "torch": torch.__version__,
-        "transformers": transformers.__version__,
         "platform": platform.platform(),
     }
-    for package in ("peft", "ultralytics"):
+    for package in ("transformers", "peft", "ultralytics"):
         try:
-            info[package] = __import__(package).__version__
-        except ImportError:
+            info[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
             info[package] = None
     return info

@@ -29,7 +29,7 @@ import torch
 from grounded_llava.data.chat import load_llava_chat
 from grounded_llava.evaluation.chat_metrics import chat_exact_match
 from grounded_llava.evaluation.report import empty_metrics, metrics_markdown, write_metrics
-from grounded_llava.evaluation.stage_forgetting import plan_stages, read_run, stage_forgetting
+from grounded_llava.evaluation.stage_forgetting import StagePlan, plan_stages, read_run, stage_forgetting
 from grounded_llava.evaluation.tasks import (
     DETECT_PROMPT,
     TASKS,
@@ -164,7 +164,8 @@ def _run_referring(
     targets = referring_targets(data.records)
     if not targets:
         notes.append(
-            f"rec/res skipped: no annotation of the evaluated images in {data.source} has referring_expressions"
+            f"rec/res skipped: no annotation of the evaluated images in {data.source} has "
+            "referring_expressions"
         )
         return {}
     answers = predictor.predict(
@@ -184,16 +185,22 @@ def _run_referring(
     return metrics
 
 
-def _run_chat(predictor: GroundedLlava, config: EvaluationConfig, notes: list[str]) -> dict[str, float]:
+def _chat_prompts(config: EvaluationConfig, notes: list[str]) -> tuple[list[Path], list[str]] | None:
+    """The images and first human turns of the chat task (None when it cannot run, with a note)."""
     if config.chat_data is None or config.reference is None:
         notes.append("chat skipped: it needs --chat-data and --reference")
-        return {}
+        return None
     samples, _ = load_llava_chat(config.chat_data, config.chat_images or config.images)
     samples = [s for s in samples if s.image_path is not None][: config.max_images]
     if not samples:
         raise ValueError(f"{config.chat_data}: no conversation entry with an image")
-    images = [s.image_path for s in samples]
     prompts = [s.conversation[0]["value"].replace(IMAGE_TOKEN, "").strip() for s in samples]
+    return [s.image_path for s in samples], prompts
+
+
+def _run_chat(
+    predictor: GroundedLlava, images: list[Path], prompts: list[str], config: EvaluationConfig
+) -> dict[str, float]:
     reference = GroundedLlava.from_pretrained(config.reference, device=_device(config.device))
     options = {"batch_size": config.batch_size, "max_new_tokens": config.max_new_tokens}
     reference_answers = [a.raw_text for a in reference.predict(images, prompts, **options)]
@@ -203,13 +210,14 @@ def _run_chat(predictor: GroundedLlava, config: EvaluationConfig, notes: list[st
         "chat_kl": chat_kl(
             predictor, reference, images, prompts, reference_answers, batch_size=config.batch_size
         ),
-        "num_chat_prompts": float(len(samples)),
+        "num_chat_prompts": float(len(images)),
     }
 
 
-def _run_stages(data: EvalData, config: EvaluationConfig) -> tuple[dict[str, float | None], dict]:
+def _run_stages(
+    plan: StagePlan, data: EvalData, config: EvaluationConfig
+) -> tuple[dict[str, float | None], dict]:
     run_dir = Path(config.stages)
-    plan = plan_stages(read_run(run_dir))
     gt_ids = {category.name: category.id for category in data.categories}
 
     def stage_results(stage: str) -> list[dict]:
@@ -239,20 +247,23 @@ def evaluate(config: EvaluationConfig) -> Evaluation:
     Raises:
         FileNotFoundError / ValueError (incl. `DataError`): bad inputs, naming the file and the field or id.
     """
-    data = load_eval_data(config.data, config.images, max_images=config.max_images)
-    predictor = GroundedLlava.from_pretrained(config.model, device=_device(config.device))
+    # Read every input first, so that mistakes fail before any model runs.
     evaluation = Evaluation()
+    data = load_eval_data(config.data, config.images, max_images=config.max_images)
+    chat = _chat_prompts(config, evaluation.notes) if "chat" in config.tasks else None
+    plan = plan_stages(read_run(config.stages)) if config.stages is not None else None
+    predictor = GroundedLlava.from_pretrained(config.model, device=_device(config.device))
     evaluation.metrics["num_images"] = float(len(data.records))
     if {"det", "seg"} & set(config.tasks):
         categories = map_categories(predictor.categories, data.categories, source=str(data.source))
         evaluation.metrics |= _run_detection(predictor, data, categories, config)
     if {"rec", "res"} & set(config.tasks):
         evaluation.metrics |= _run_referring(predictor, data, config, evaluation.notes)
-    if "chat" in config.tasks:
-        evaluation.metrics |= _run_chat(predictor, config, evaluation.notes)
+    if chat is not None:
+        evaluation.metrics |= _run_chat(predictor, *chat, config)
     out = Path(config.out)
-    if config.stages is not None:
-        entries, matrix = _run_stages(data, config)
+    if plan is not None:
+        entries, matrix = _run_stages(plan, data, config)
         evaluation.metrics |= entries
         out.mkdir(parents=True, exist_ok=True)
         (out / "stage_ap_matrix.json").write_text(json.dumps(matrix, indent=2) + "\n")

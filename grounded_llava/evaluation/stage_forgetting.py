@@ -65,7 +65,7 @@ class StageForgetting:
     old_class_ap_after: float | None
 
     def report_entries(self) -> dict[str, float | None]:
-        """Flat report keys: `bwt`, `old_class_AP_before/after`, `stage_ap_matrix.<row stage>.<group stage>`."""
+        """Flat report keys: `bwt`, `old_class_AP_before/after`, `stage_ap_matrix.<row>.<group stage>`."""
         entries: dict[str, float | None] = {
             "bwt": self.bwt,
             "old_class_AP_before": self.old_class_ap_before,
@@ -148,10 +148,9 @@ def stage_forgetting(
         stage_results: stage name -> COCO box results of that stage's head on the evaluated images
             (called once per stage needed).
     """
+    evaluated = set(image_ids)
     with_gt = {
-        ann["category_id"]
-        for ann in gt["annotations"]
-        if ann["image_id"] in set(image_ids) and not ann.get("iscrowd")
+        a["category_id"] for a in gt["annotations"] if a["image_id"] in evaluated and not a.get("iscrowd")
     }
     cache: dict[str, list[dict[str, Any]]] = {}
 

@@ -14,9 +14,7 @@ import hashlib
 import json
 import logging
 import math
-import random
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -25,9 +23,7 @@ from accelerate.utils import set_seed
 from torch.utils.data import ConcatDataset, DataLoader
 from tqdm.auto import tqdm
 
-from ..config_io import from_dict, to_dict
 from ..data.dataset import GroundedCollator, GroundedDataset, TrainingBatch
-from ..data.sample import GroundedSample
 from ..modeling import GroundedLlavaForConditionalGeneration
 from .checkpointing import (
     find_latest_checkpoint,
@@ -36,11 +32,11 @@ from .checkpointing import (
     save_training_state,
     trainable_state_dict,
 )
-from .config import SourceConfig, StageConfig, TrainConfig
-from .data_sources import LoadedSource, load_source, synthetic_dir
+from .config import StageConfig, TrainConfig
 from .metrics_log import MetricsLogger
 from .plots import plot_loss_curves
 from .sampler import ResumableSampler
+from .stage_data import StageData, absolute_source, load_stage_data
 from .stages import HeadDistiller, chat_kl_loss, set_trainable
 
 MANIFEST = "stages.json"
@@ -66,13 +62,6 @@ def _lr_lambda(total_steps: int, warmup_ratio: float):
         return 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
 
     return factor
-
-
-@dataclass
-class StageData:
-    sources: list[LoadedSource]
-    weights: list[float]
-    new_categories: list[str]
 
 
 class Trainer:
@@ -118,69 +107,6 @@ class Trainer:
             return self.output_dir / "stages" / self.config.stages[index - 1].name
         return self.config.resolve(self.config.init_from) if self.config.init_from else None
 
-    def _load_stage_data(self, index: int, model: GroundedLlavaForConditionalGeneration) -> StageData:
-        stage = self.config.stages[index]
-        num_bins = model.config.num_bins
-        with self.accelerator.main_process_first():  # rank 0 generates synthetic worlds, the others read them
-            sources = [
-                load_source(s, config=self.config, output_dir=self.output_dir, num_bins=num_bins)
-                for s in stage.data
-            ]
-            weights = [s.weight for s in stage.data]
-            if stage.replay_weight > 0:
-                replay = self._replay_buffer(index, num_bins)
-                if replay.samples:
-                    sources.append(replay)
-                    weights.append(stage.replay_weight)
-        known = set(model.config.heads.categories)
-        new = []
-        for source in sources:
-            new += [c for c in source.categories if c not in known and c not in new]
-        return StageData(sources=sources, weights=weights, new_categories=new)
-
-    def _replay_buffer(self, index: int, num_bins: int) -> LoadedSource:
-        """`replay_size` grounding samples drawn (deterministically) from every earlier stage's grounding data:
-        the earlier stages of this config and those of the run it was initialised from (its manifest)."""
-        stage = self.config.stages[index]
-        earlier = [source for s in self.config.stages[:index] for source in s.data]
-        names = {s.name for s in self.config.stages}
-        for entry in self.manifest:  # stages of the run this one was initialised from
-            if entry["name"] in names:
-                continue
-            for source in map(lambda s: from_dict(SourceConfig, s), entry.get("sources", [])):
-                location = source.dir or source.annotations
-                if source.dir is not None and not Path(source.dir).exists():
-                    # A synthetic world is a pure function of its parameters: regenerate it here.
-                    source.dir = str(self.output_dir / "replay" / entry["name"] / Path(source.dir).name)
-                    earlier.append(source)
-                elif Path(location).exists():
-                    earlier.append(source)
-                else:
-                    logger.warning(
-                        "replay: %s of stage %s is not on this machine; skipped", location, entry["name"]
-                    )
-        pool: list[GroundedSample] = []
-        for source in earlier:
-            if source.is_grounding:
-                pool += load_source(
-                    source, config=self.config, output_dir=self.output_dir, num_bins=num_bins
-                ).samples
-        rng = random.Random(f"replay-{self.config.train.seed}-{stage.name}")
-        chosen = rng.sample(pool, min(stage.replay_size, len(pool))) if pool else []
-        return LoadedSource(
-            chosen, [], {"kind": "replay", "samples": len(chosen), "weight": stage.replay_weight}
-        )
-
-    def _absolute_source(self, source: SourceConfig) -> dict:
-        """The source with absolute paths, so that a later run can replay it from the manifest."""
-        entry = to_dict(source)
-        if source.dir is not None:
-            entry["dir"] = str(synthetic_dir(source, self.config, self.output_dir).resolve())
-        for key in ("annotations", "images"):
-            if entry[key] is not None:
-                entry[key] = str(self.config.resolve(entry[key]).resolve())
-        return entry
-
     # ------------------------------------------------------------------ run
     def run(self) -> Path:
         model, start_index, resume_from = self._initial_model()
@@ -209,51 +135,17 @@ class Trainer:
         self, index: int, model: GroundedLlavaForConditionalGeneration, resume_from: Path | None
     ) -> GroundedLlavaForConditionalGeneration:
         stage, accelerator, loop = self.config.stages[index], self.accelerator, self.config.train
-        data = self._load_stage_data(index, model)
-        distiller = None
-        if stage.kind == "increment" and stage.distill_weight > 0:
-            snapshot_dir = self._stage_start_dir(index)
-            if snapshot_dir is None:
-                raise ValueError(
-                    f"stage {stage.name!r}: an increment stage needs an earlier stage or init_from"
-                )
-            snapshot = (
-                model
-                if resume_from is None
-                else GroundedLlavaForConditionalGeneration.from_pretrained(snapshot_dir)
-            )
-            distiller = HeadDistiller(snapshot).to(accelerator.device)
+        data = load_stage_data(
+            self.config, index, model.config.heads.categories, model.config.num_bins,
+            output_dir=self.output_dir, manifest=self.manifest, accelerator=self.accelerator,
+        )  # fmt: skip
+        distiller = self._distiller(index, model, resume_from)
         if data.new_categories:
             model.add_categories(data.new_categories)
         trainable = set_trainable(model, stage.kind)
         model.to(accelerator.device)
 
-        datasets = [
-            GroundedDataset(
-                s.samples,
-                model.processor,
-                categories=model.config.heads.categories,
-                mask_resolution=model.mask_head.mask_resolution,
-                hflip_prob=stage.hflip_prob,
-                seed=loop.seed + index,
-            )
-            for s in data.sources
-        ]
-        sampler = ResumableSampler(
-            source_sizes=[len(d) for d in datasets],
-            weights=data.weights,
-            seed=loop.seed + index,
-            num_replicas=accelerator.num_processes,
-            rank=accelerator.process_index,
-        )
-        loader = DataLoader(
-            ConcatDataset(datasets),
-            batch_size=loop.batch_size,
-            sampler=sampler,
-            collate_fn=GroundedCollator(model.processor),
-            drop_last=True,
-            generator=torch.Generator(),
-        )
+        datasets, sampler, loader = self._data_pipeline(index, model, data)
         parameters = [p for p in model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(parameters, lr=stage.lr, weight_decay=loop.weight_decay)
         steps = self.stage_steps[index]
@@ -291,15 +183,7 @@ class Trainer:
             for _ in range(loop.grad_accum):
                 batch = next(batches)
                 with accelerator.accumulate(wrapped):
-                    out = wrapped(**_to_device(batch, accelerator.device))
-                    losses = {"lm_loss": out.lm_loss, "det_loss": out.det_loss, "mask_loss": out.mask_loss}
-                    total = out.loss if out.loss is not None else out.logits.sum() * 0.0
-                    if stage.kl_weight > 0:
-                        losses["kl_loss"] = chat_kl_loss(model, batch.batch, out.logits, batch.is_chat)
-                        total = total + stage.kl_weight * losses["kl_loss"]
-                    if distiller is not None:
-                        losses["distill_loss"] = distiller.loss(out.image_features, out.detections)
-                        total = total + stage.distill_weight * losses["distill_loss"]
+                    total, losses = self._losses(wrapped, model, batch, stage, distiller)
                     accelerator.backward(total)
                     if accelerator.sync_gradients:
                         accelerator.clip_grad_norm_(parameters, loop.max_grad_norm)
@@ -335,6 +219,76 @@ class Trainer:
         self._save_checkpoint(model, optimizer, scheduler, sampler, index + 1, 0)
         accelerator.free_memory()
         return model
+
+    def _distiller(
+        self, index: int, model: GroundedLlavaForConditionalGeneration, resume_from: Path | None
+    ) -> HeadDistiller | None:
+        """The frozen stage-start snapshot of an increment stage (reloaded from disk on resume)."""
+        stage = self.config.stages[index]
+        if stage.kind != "increment" or stage.distill_weight <= 0:
+            return None
+        snapshot_dir = self._stage_start_dir(index)
+        if snapshot_dir is None:
+            raise ValueError(f"stage {stage.name!r}: an increment stage needs an earlier stage or init_from")
+        snapshot = (
+            model
+            if resume_from is None
+            else GroundedLlavaForConditionalGeneration.from_pretrained(snapshot_dir)
+        )
+        return HeadDistiller(snapshot).to(self.accelerator.device)
+
+    def _data_pipeline(
+        self, index: int, model: GroundedLlavaForConditionalGeneration, data: StageData
+    ) -> tuple[list[GroundedDataset], ResumableSampler, DataLoader]:
+        """Datasets per source, the resumable rank-sharded mixing sampler and the loader over them."""
+        stage, loop = self.config.stages[index], self.config.train
+        datasets = [
+            GroundedDataset(
+                s.samples,
+                model.processor,
+                categories=model.config.heads.categories,
+                mask_resolution=model.mask_head.mask_resolution,
+                hflip_prob=stage.hflip_prob,
+                seed=loop.seed + index,
+            )
+            for s in data.sources
+        ]
+        sampler = ResumableSampler(
+            source_sizes=[len(d) for d in datasets],
+            weights=data.weights,
+            seed=loop.seed + index,
+            num_replicas=self.accelerator.num_processes,
+            rank=self.accelerator.process_index,
+        )
+        loader = DataLoader(
+            ConcatDataset(datasets),
+            batch_size=loop.batch_size,
+            sampler=sampler,
+            collate_fn=GroundedCollator(model.processor),
+            drop_last=True,
+            generator=torch.Generator(),
+        )
+        return datasets, sampler, loader
+
+    def _losses(
+        self,
+        wrapped,
+        model: GroundedLlavaForConditionalGeneration,
+        batch: TrainingBatch,
+        stage: StageConfig,
+        distiller: HeadDistiller | None,
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor | None]]:
+        """The stage's total loss: the model's (LM + det + mask) + KL on chat samples + old-class distillation."""
+        out = wrapped(**_to_device(batch, self.accelerator.device))
+        losses = {"lm_loss": out.lm_loss, "det_loss": out.det_loss, "mask_loss": out.mask_loss}
+        total = out.loss if out.loss is not None else out.logits.sum() * 0.0
+        if stage.kl_weight > 0:
+            losses["kl_loss"] = chat_kl_loss(model, batch.batch, out.logits, batch.is_chat)
+            total = total + stage.kl_weight * losses["kl_loss"]
+        if distiller is not None:
+            losses["distill_loss"] = distiller.loss(out.image_features, out.detections)
+            total = total + stage.distill_weight * losses["distill_loss"]
+        return total, losses
 
     def _global_step(self, index: int, stage_step: int) -> int:
         return sum(self.stage_steps[:index]) + stage_step
@@ -397,7 +351,7 @@ class Trainer:
             "steps": self.stage_steps[index],
             "trainable_parameters": trainable,
             "data": [s.description for s in data.sources],
-            "sources": [self._absolute_source(s) for s in stage.data],
+            "sources": [absolute_source(s, self.config, self.output_dir) for s in stage.data],
             "new_categories": data.new_categories,
             "categories": list(model.config.heads.categories),
             "metrics": metrics,
