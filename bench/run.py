@@ -54,7 +54,7 @@ class Sizes:
 
 
 QUICK = Sizes(8, 3, 2, 3, 2.0, 8, 4, 2, 1, 8, 8)
-FULL = Sizes(32, 15, 4, 15, 180.0, 400, 100, 6, 4, 16, 32)
+FULL = Sizes(32, 15, 4, 15, 240.0, 400, 100, 6, 4, 16, 32)
 
 
 def run(out_dir: Path, *, quick: bool) -> dict:

@@ -110,6 +110,9 @@ class Evaluation:
     notes: list[str] = field(default_factory=list)
 
 
+AP_CONF_THRESHOLD = 0.001
+
+
 def _device(device: str | None) -> str:
     return device or ("cuda" if torch.cuda.is_available() else "cpu")
 
@@ -117,10 +120,12 @@ def _device(device: str | None) -> str:
 def head_detections(
     predictor: GroundedLlava, images: Sequence[Path], *, masks: bool, batch_size: int
 ) -> list[Detections]:
-    """`predictor.detect` over `images`, `batch_size` at a time."""
+    """`predictor.detect` over `images`, `batch_size` at a time, at confidence >= 0.001 (as COCO AP is
+    computed by ultralytics' and detectron2's validators: low-score detections only add recall)."""
     detections: list[Detections] = []
     for start in range(0, len(images), batch_size):
-        detections += predictor.detect(list(images[start : start + batch_size]), masks=masks)
+        batch = list(images[start : start + batch_size])
+        detections += predictor.detect(batch, masks=masks, conf_threshold=AP_CONF_THRESHOLD)
     return detections
 
 

@@ -185,15 +185,26 @@ class GroundedLlava:
         return answers
 
     @torch.inference_mode()
-    def detect(self, images: Sequence[ImageInput] | ImageInput, *, masks: bool = False) -> list[Detections]:
-        """The detection head alone (no text generation); `masks`: SAM masks prompted by each box alone."""
+    def detect(
+        self,
+        images: Sequence[ImageInput] | ImageInput,
+        *,
+        masks: bool = False,
+        conf_threshold: float | None = None,
+    ) -> list[Detections]:
+        """The detection head alone (no text generation); `masks`: SAM masks prompted by each box alone.
+
+        `conf_threshold` overrides the config's (`heads.conf_threshold`), e.g. 0.001 for COCO AP.
+        """
         images = [images] if isinstance(images, str | Path | Image.Image | np.ndarray) else list(images)
         pixels, metas = zip(
             *(self.processor.preprocess_image(load_image(image)) for image in images), strict=True
         )
         features = self.model.encode_images(torch.stack(pixels).to(self.device))
         predictions = self.model.detection_head(self.model.neck(features.to(self._heads_dtype)))
-        return self._detections(predictions, features, list(metas), masks=masks)
+        return self._detections(
+            predictions, features, list(metas), masks=masks, conf_threshold=conf_threshold
+        )
 
     # ------------------------------------------------------------------ steps
     def _request(self, image: ImageInput, prompt: str, history: History) -> _Request:
@@ -374,12 +385,19 @@ class GroundedLlava:
         return next(self.model.neck.parameters()).dtype
 
     def _detections(
-        self, predictions: dict, features: torch.Tensor, metas: list[ImageMeta], *, masks: bool
+        self,
+        predictions: dict,
+        features: torch.Tensor,
+        metas: list[ImageMeta],
+        *,
+        masks: bool,
+        conf_threshold: float | None = None,
     ) -> list[Detections]:
         """Raw Detect predictions -> per image `Detections` (original pixels; boxes left empty by clipping dropped)."""
         heads = self.model.config.heads
+        threshold = heads.conf_threshold if conf_threshold is None else conf_threshold
         raw = self.model.detection_head.postprocess(
-            predictions, conf_threshold=heads.conf_threshold, iou_threshold=heads.nms_iou
+            predictions, conf_threshold=threshold, iou_threshold=heads.nms_iou
         )
         kept = []
         for pred, meta in zip(raw, metas, strict=True):

@@ -31,6 +31,14 @@ class DetectionTargets:
         return DetectionTargets(*(t.to(device) for t in vars(self).values()))
 
 
+class _PinnedDetect(Detect):
+    """ultralytics' `Detect` with its layer layout pinned: building any YOLO model from a v8 yaml sets
+    the CLASS attribute `Detect.legacy = True` (process-wide), which would change the layers of every
+    head built afterwards and make checkpoints unloadable. Nothing else differs."""
+
+    legacy = False
+
+
 class _LossHost:
     """The minimal model-like object `v8DetectionLoss` reads: `.args` gains, `.model[-1]` the head, `.parameters()`."""
 
@@ -57,7 +65,7 @@ class DetectionHead(nn.Module):
             raise ValueError("the detection head needs at least one category (heads.categories)")
         self.channels = channels
         self.gains = gains
-        self.detect = Detect(nc=num_classes, reg_max=reg_max, ch=(channels,) * len(strides))
+        self.detect = _PinnedDetect(nc=num_classes, reg_max=reg_max, ch=(channels,) * len(strides))
         self.detect.stride = torch.tensor(strides, dtype=torch.float32)
         self.detect.bias_init()
         self._criterion: tuple[torch.device, v8DetectionLoss] | None = None

@@ -77,6 +77,9 @@ class StageConfig:
     """Mixing weight of the replay buffer (earlier stages' grounding samples) in this stage's data."""
     replay_size: int = 200
     hflip_prob: float = 0.5
+    train_vision: bool = False
+    """Tiny bases only: also train the vision tower + projector (a random-init tower has no pretrained
+    visual features; a real LLaVA keeps its CLIP frozen, DESIGN.md)."""
 
     def __post_init__(self) -> None:
         if not self.data:

@@ -23,27 +23,33 @@ def _group_of(name: str) -> str:
         return "lora"
     if "trainable_tokens_delta" in name:
         return "token_rows"
+    if ".vision_tower." in name or ".multi_modal_projector." in name:
+        return "vision"
     return "base"
 
 
 STAGE_GROUPS = {
-    "base": {"base"},
+    "base": {"base", "vision"},
     "align": {"heads", "token_rows"},
     "ground": {"heads", "token_rows", "lora"},
     "increment": {"heads", "token_rows", "lora"},
 }
 
 
-def set_trainable(model: GroundedLlavaForConditionalGeneration, kind: str) -> dict[str, int]:
+def set_trainable(
+    model: GroundedLlavaForConditionalGeneration, kind: str, *, train_vision: bool = False
+) -> dict[str, int]:
     """Freeze everything but the stage's parameter groups; returns trainable parameter counts per group.
 
     `base` (tiny bases only) trains the whole LLaVA, vision tower included; the others follow DESIGN.md.
+    `train_vision` (tiny bases only) also trains the vision tower + projector: a random-init tower has
+    no pretrained visual features for the heads to build on.
     """
-    if kind == "base" and not model.config.is_tiny:
+    if (kind == "base" or train_vision) and not model.config.is_tiny:
         raise ValueError(
-            "a `base` stage trains the whole LLaVA and is meant for the tiny random-init base only"
+            "training the LLaVA base (`base` stage, train_vision) is meant for the tiny base only"
         )
-    groups = STAGE_GROUPS[kind]
+    groups = STAGE_GROUPS[kind] | ({"vision"} if train_vision else set())
     counts: dict[str, int] = {}
     for name, parameter in model.named_parameters():
         group = _group_of(name)

@@ -142,7 +142,7 @@ class Trainer:
         distiller = self._distiller(index, model, resume_from)
         if data.new_categories:
             model.add_categories(data.new_categories)
-        trainable = set_trainable(model, stage.kind)
+        trainable = set_trainable(model, stage.kind, train_vision=stage.train_vision)
         model.to(accelerator.device)
 
         datasets, sampler, loader = self._data_pipeline(index, model, data)
