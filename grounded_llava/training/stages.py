@@ -108,12 +108,13 @@ class HeadDistiller(nn.Module):
             teacher = self.head(self.neck(image_features.detach()))
         old = self.num_old_classes
         teacher_prob = teacher["scores"].float().sigmoid()  # (I, old, A)
-        # Normalised like ultralytics' own classification loss (sum / total target score), so that its
-        # scale matches the detection loss pushing old-class scores down on new-class images.
-        cls = F.binary_cross_entropy_with_logits(
-            student["scores"][:, :old].float(), teacher_prob, reduction="sum"
-        )
-        cls = cls / teacher_prob.sum().clamp(min=1.0)
+        # BCE against soft targets minus the targets' own entropy = KL per logit (0 when the outputs
+        # agree; same gradient as BCE). Normalised like ultralytics' classification loss (sum / total
+        # target score), so that its scale matches the detection loss that pushes old-class scores
+        # down on new-class images.
+        bce = F.binary_cross_entropy_with_logits(student["scores"][:, :old].float(), teacher_prob, reduction="none")
+        entropy = F.binary_cross_entropy(teacher_prob, teacher_prob, reduction="none")
+        cls = (bce - entropy).sum() / teacher_prob.sum().clamp(min=1.0)
         images, channels, anchors = student["boxes"].shape
         reg_max = channels // 4
         student_log = student["boxes"].float().view(images, 4, reg_max, anchors).log_softmax(2)
