@@ -358,31 +358,50 @@ class GroundedAnswer:
         panel: bool = True,
         masks: bool = True,
         scores: bool = True,
+        detections: bool = True,
         line_width: int | None = None,
         font_size: int | None = None,
     ) -> np.ndarray:
         """The spans (one colour per phrase) with "phrase 0.87" labels, and the answer text in a panel.
+
+        `detections`: also draw the head's detections that no span was matched to ("category 0.42",
+        one colour per category after the span colours), so everything the model found is visible.
 
         Returns:
             (H, W, 3) uint8 RGB array of the image's exact size; the text panel is drawn
             semi-transparent over the bottom of the image (`panel=False` omits it).
         """
         canvas = _load_image(image, self.image_size, "GroundedAnswer")
+        width, height = self.image_size
+        empty = np.zeros((height, width), dtype=bool)
         phrases = list(dict.fromkeys(span.phrase for span in self.spans))
-        labels = []
+        boxes, labels, colors, mask_list = [], [], [], []
         for span in self.spans:
             name = span.phrase or span.category or "object"
+            boxes.append(np.asarray(span.box, np.float32))
             labels.append(f"{name} {span.score:.2f}" if scores else name)
+            colors.append(color_for(phrases.index(span.phrase)))
+            mask_list.append(span.mask)
+        if detections:
+            matched = {span.head_index for span in self.spans if span.head_index is not None}
+            extra = self.detections.numpy()
+            for index in range(len(extra)):
+                if index in matched:
+                    continue
+                class_id = int(extra.class_ids[index])
+                name = extra.category_names[class_id]
+                boxes.append(np.asarray(extra.boxes[index], np.float32))
+                labels.append(f"{name} {float(extra.scores[index]):.2f}" if scores else name)
+                colors.append(color_for(len(phrases) + class_id))
+                mask_list.append(None if extra.masks is None else extra.masks[index])
         mask_array = None
-        if masks and any(span.mask is not None for span in self.spans):
-            width, height = self.image_size
-            empty = np.zeros((height, width), dtype=bool)
-            mask_array = np.stack([empty if span.mask is None else span.mask for span in self.spans])
+        if masks and any(m is not None for m in mask_list):
+            mask_array = np.stack([empty if m is None else m for m in mask_list])
         return draw_overlay(
             canvas,
-            boxes=np.stack([span.box for span in self.spans]) if self.spans else np.zeros((0, 4), np.float32),
+            boxes=np.stack(boxes) if boxes else np.zeros((0, 4), np.float32),
             labels=labels,
-            colors=[color_for(phrases.index(span.phrase)) for span in self.spans],
+            colors=colors,
             masks=mask_array,
             text=self.text if panel and self.text else None,
             line_width=line_width,
