@@ -220,5 +220,27 @@ def test_7b_config_parses_and_stops_at_loading_weights(tmp_path, monkeypatch):
     config = TrainConfig.from_yaml(Path(__file__).resolve().parents[1] / "configs" / "llava15_7b_coco.yaml")
     assert config.model.load_in_4bit and config.model.gradient_checkpointing and config.train.grad_accum == 4
     assert [s.kind for s in config.stages] == ["align", "ground"] and config.model.lora.r == 64
-    with pytest.raises(BaseModelUnavailableError, match="llava-hf/llava-1.5-7b-hf"):
-        Trainer(config, tmp_path).run()
+    from accelerate.state import AcceleratorState
+
+    try:
+        with pytest.raises(BaseModelUnavailableError, match="llava-hf/llava-1.5-7b-hf"):
+            Trainer(config, tmp_path).run()
+    finally:  # the config's bf16 Accelerator must not leak into later tests of this process
+        AcceleratorState._reset_state(reset_partial_state=True)
+
+
+def test_bfloat16_with_gradient_checkpointing_trains_on_cpu(tmp_path):
+    config = tiny_test_config().to_dict() | {"dtype": "bfloat16", "gradient_checkpointing": True}
+    model = GroundedLlavaForConditionalGeneration.from_config(GroundedLlavaConfig.from_dict(config))
+    assert model.base_llava.is_gradient_checkpointing
+    assert (
+        model.base_llava.dtype == torch.bfloat16 and next(model.mask_head.parameters()).dtype == torch.float32
+    )
+    model.train()
+    batch = make_batch(model, make_samples(tmp_path, model.config.num_bins))
+    out = model(**batch.model_inputs())
+    assert torch.isfinite(out.loss)
+    out.loss.backward()
+    assert any(
+        p.grad is not None and p.grad.abs().sum() > 0 for n, p in model.named_parameters() if "lora_B" in n
+    )

@@ -310,4 +310,4 @@ class GroundedLlavaForConditionalGeneration(nn.Module):
             ]
         )
         seg_hidden = hidden[rows, cols - 1]
-        return images, boxes.to(hidden.dtype), seg_hidden
+        return images, boxes.float(), seg_hidden

@@ -62,8 +62,8 @@ def _assemble(
             canvas_size=settings.image_size,
             patch_size=settings.patch_size,
         )
-    dtype = next(llava.parameters()).dtype if not config.load_in_4bit else DTYPES[config.dtype]
-    model.neck.to(dtype), model.detection_head.to(dtype), model.mask_head.to(dtype)
+    # The heads stay float32 whatever the LLaVA dtype: they are small, and SAM's prompt encoder casts
+    # its coordinates to float32 itself. Their inputs are cast to float32 in `forward`.
     processor = GroundedProcessor(
         tokenizer,
         image_size=settings.image_size,

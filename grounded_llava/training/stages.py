@@ -112,7 +112,9 @@ class HeadDistiller(nn.Module):
         # agree; same gradient as BCE). Normalised like ultralytics' classification loss (sum / total
         # target score), so that its scale matches the detection loss that pushes old-class scores
         # down on new-class images.
-        bce = F.binary_cross_entropy_with_logits(student["scores"][:, :old].float(), teacher_prob, reduction="none")
+        bce = F.binary_cross_entropy_with_logits(
+            student["scores"][:, :old].float(), teacher_prob, reduction="none"
+        )
         entropy = F.binary_cross_entropy(teacher_prob, teacher_prob, reduction="none")
         cls = (bce - entropy).sum() / teacher_prob.sum().clamp(min=1.0)
         images, channels, anchors = student["boxes"].shape
