@@ -59,3 +59,11 @@ def random_image():
         return Image.fromarray(rng.integers(0, 255, (height, width, 3), dtype=np.uint8))
 
     return make
+
+
+@pytest.fixture(scope="session")
+def random_checkpoint(tmp_path_factory):
+    """A saved random-init tiny model; its confidence threshold (1e-3) lets the random head report detections."""
+    torch.manual_seed(0)
+    model = GroundedLlavaForConditionalGeneration.from_config(tiny_test_config(conf_threshold=1e-3))
+    return model.save_pretrained(tmp_path_factory.mktemp("random") / "ckpt")

@@ -50,10 +50,8 @@ def world(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    torch.manual_seed(0)
-    model = GroundedLlavaForConditionalGeneration.from_config(tiny_test_config(conf_threshold=1e-3))
-    return model.save_pretrained(tmp_path_factory.mktemp("eval") / "ckpt")
+def checkpoint(random_checkpoint):
+    return random_checkpoint
 
 
 @pytest.fixture(scope="module")

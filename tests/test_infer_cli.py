@@ -11,14 +11,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 from pycocotools.coco import COCO
 
 from grounded_llava.inference import GroundedLlava
-from grounded_llava.modeling import GroundedLlavaForConditionalGeneration
 
-from .conftest import TEST_CATEGORIES, tiny_test_config
+from .conftest import TEST_CATEGORIES
 
 REPO = Path(__file__).resolve().parents[1]
 SIZES = {"1": (140, 90), "2": (64, 112)}
@@ -46,10 +44,8 @@ def run_infer(*args: str, stdin: str | None = None) -> subprocess.CompletedProce
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    torch.manual_seed(0)
-    model = GroundedLlavaForConditionalGeneration.from_config(tiny_test_config(conf_threshold=1e-3))
-    return model.save_pretrained(tmp_path_factory.mktemp("cli") / "ckpt")
+def checkpoint(random_checkpoint):
+    return random_checkpoint
 
 
 @pytest.fixture(scope="module")

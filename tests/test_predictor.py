@@ -8,21 +8,16 @@ from PIL import Image
 from grounded_llava.codec import encode_phrase
 from grounded_llava.inference import Detections, GroundedAnswer, GroundedLlava
 from grounded_llava.inference import predictor as predictor_module
-from grounded_llava.modeling import CheckpointError, GroundedLlavaForConditionalGeneration
+from grounded_llava.modeling import CheckpointError
 from grounded_llava.modeling.base import BaseModelUnavailableError
-
-from .conftest import tiny_test_config
 
 SPAN_KEYS = {"phrase", "box", "score", "category", "mask_rle"}
 TOKENS = 12
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    # A low confidence threshold so that the random head reports detections to test with.
-    torch.manual_seed(0)
-    model = GroundedLlavaForConditionalGeneration.from_config(tiny_test_config(conf_threshold=1e-3))
-    return model.save_pretrained(tmp_path_factory.mktemp("predictor") / "ckpt")
+def checkpoint(random_checkpoint):
+    return random_checkpoint
 
 
 @pytest.fixture(scope="module")
