@@ -17,8 +17,8 @@ from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForCon
 
 from grounded_llava import GroundedLlavaConfig
 from grounded_llava.codec import grounding_tokens
-from grounded_llava.modeling import DetectionHead, MaskHead, VisionNeck
 from grounded_llava.modeling.base import lora_config_for
+from grounded_llava.modeling.grounded_llava import build_heads
 from grounded_llava.training.config import TrainConfig
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "llava15_7b_coco.yaml"
@@ -77,27 +77,15 @@ def estimate_llava15_7b(config_file: Path = CONFIG) -> dict:
         peft_model = get_peft_model(llava, lora_config_for(model_config, llava, new_token_ids))
         lora = _count(peft_model, lambda n: "lora_" in n)
         token_rows = _count(peft_model, lambda n: "trainable_tokens_delta" in n)
-    channels = heads_config.neck_channels
     heads = torch.nn.ModuleList(  # small, and the Detect head's bias init needs real storage: on the CPU
-        [
-            VisionNeck(in_dim=text.hidden_size, channels=channels, grid_size=grid),
-            DetectionHead(
-                num_classes=COCO_CATEGORIES,
-                channels=channels,
-                strides=(vision.patch_size / 2, float(vision.patch_size), vision.patch_size * 2.0),
-                reg_max=heads_config.reg_max,
-            ),
-            MaskHead(
-                channels=channels,
-                grid_size=grid,
-                canvas_size=vision.image_size,
-                text_hidden_size=text.hidden_size,
-                depth=heads_config.mask_decoder_depth,
-                num_heads=heads_config.mask_decoder_heads,
-                mlp_dim=heads_config.mask_decoder_mlp_dim,
-                seg_mlp_hidden=heads_config.seg_mlp_hidden,
-            ),  # fmt: skip
-        ]
+        build_heads(
+            heads_config,
+            num_classes=COCO_CATEGORIES,
+            text_hidden_size=text.hidden_size,
+            grid_size=grid,
+            canvas_size=vision.image_size,
+            patch_size=vision.patch_size,
+        )
     )
     counts |= {"lora": lora, "token_rows": token_rows, "heads": _count(heads)}
     base = counts["vision_tower"] + counts["projector"] + counts["language_model"]

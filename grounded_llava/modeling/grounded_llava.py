@@ -16,7 +16,7 @@ from torch import nn
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.utils import ModelOutput
 
-from ..config import GroundedLlavaConfig
+from ..config import GroundedLlavaConfig, HeadSettings
 from ..image_meta import ImageMeta
 from ..processor import IGNORE_INDEX
 from ..tokenizer import GroundingTokenIds
@@ -47,6 +47,39 @@ class GroundedLlavaOutput(ModelOutput):
     seg_image_index: torch.Tensor | None = None
 
 
+def build_heads(
+    heads: HeadSettings,
+    *,
+    num_classes: int,
+    text_hidden_size: int,
+    grid_size: int,
+    canvas_size: int,
+    patch_size: int,
+) -> tuple[VisionNeck, DetectionHead, MaskHead]:
+    """The neck (LLM-space image tokens -> pyramid at strides patch/2, patch, 2*patch), the Detect head
+    and the SAM mask head, sized from `heads` and the vision tower's geometry."""
+    channels = heads.neck_channels
+    neck = VisionNeck(in_dim=text_hidden_size, channels=channels, grid_size=grid_size)
+    detection = DetectionHead(
+        num_classes=num_classes,
+        channels=channels,
+        strides=(patch_size / 2, float(patch_size), patch_size * 2.0),
+        reg_max=heads.reg_max,
+        gains=(heads.box_gain, heads.cls_gain, heads.dfl_gain),
+    )
+    masks = MaskHead(
+        channels=channels,
+        grid_size=grid_size,
+        canvas_size=canvas_size,
+        text_hidden_size=text_hidden_size,
+        depth=heads.mask_decoder_depth,
+        num_heads=heads.mask_decoder_heads,
+        mlp_dim=heads.mask_decoder_mlp_dim,
+        seg_mlp_hidden=heads.seg_mlp_hidden,
+    )
+    return neck, detection, masks
+
+
 class GroundedLlavaForConditionalGeneration(nn.Module):
     """Composed from parts passed in (build them with `grounded_llava.modeling.builder`).
 
@@ -75,28 +108,13 @@ class GroundedLlavaForConditionalGeneration(nn.Module):
         self.num_image_tokens = num_image_tokens
         self.canvas_size = canvas_size
         text_hidden = self.base_llava.config.get_text_config().hidden_size
-        channels = config.heads.neck_channels
-        self.neck = VisionNeck(
-            in_dim=text_hidden,
-            channels=channels,
-            grid_size=grid_size,
-        )
-        self.detection_head = DetectionHead(
+        self.neck, self.detection_head, self.mask_head = build_heads(
+            config.heads,
             num_classes=max(len(config.heads.categories), 1),
-            channels=channels,
-            strides=(patch_size / 2, float(patch_size), patch_size * 2.0),
-            reg_max=config.heads.reg_max,
-            gains=(config.heads.box_gain, config.heads.cls_gain, config.heads.dfl_gain),
-        )
-        self.mask_head = MaskHead(
-            channels=channels,
+            text_hidden_size=text_hidden,
             grid_size=grid_size,
             canvas_size=canvas_size,
-            text_hidden_size=text_hidden,
-            depth=config.heads.mask_decoder_depth,
-            num_heads=config.heads.mask_decoder_heads,
-            mlp_dim=config.heads.mask_decoder_mlp_dim,
-            seg_mlp_hidden=config.heads.seg_mlp_hidden,
+            patch_size=patch_size,
         )
         self.processor = None  # set by from_config / from_pretrained (a GroundedProcessor)
         loc = torch.full((int(self.base_llava.get_input_embeddings().weight.shape[0]),), -1, dtype=torch.long)
