@@ -2,7 +2,7 @@
 
     python -m grounded_llava.evaluate --model runs/tiny-shapes/final --data DIR/annotations.json \\
         --images DIR/images --out outputs/eval [--tasks det,seg,rec,res,chat] \\
-        [--chat-data DIR/chat.json --reference runs/tiny-shapes/stages/align] [--stages runs/tiny-shapes]
+        [--chat-data DIR/chat.json [--reference runs/tiny-shapes/stages/align]] [--stages runs/tiny-shapes]
 
 Writes OUT/metrics.json (null = not evaluated) and OUT/metrics.md, and prints the table. The options are
 the fields of `grounded_llava.evaluation.runner.EvaluationConfig`; docs/EVALUATION.md describes the metrics.
@@ -39,7 +39,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--chat-data", type=Path, help="LLaVA conversation JSON for the chat task")
     parser.add_argument("--chat-images", type=Path, help="image folder of --chat-data (default: --images)")
     parser.add_argument(
-        "--reference", type=Path, help="checkpoint to compare chat answers with (e.g. a base stage)"
+        "--reference",
+        type=Path,
+        help="checkpoint to compare chat answers with (e.g. a base stage): chat_exact_match, chat_kl",
     )
     parser.add_argument("--stages", type=Path, help="training run directory: forgetting across its stages")
     parser.add_argument(

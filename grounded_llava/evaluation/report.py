@@ -23,6 +23,8 @@ METRIC_KEYS: tuple[str, ...] = (
     "res_giou",
     "chat_exact_match",
     "chat_kl",
+    "chat_accuracy",
+    "chat_description_f1",
     "text_head_agreement",
 )
 # Reported when available; also part of `empty_metrics()`.

@@ -8,12 +8,14 @@ Tasks (`tasks.py` holds their prompts and the aggregation):
 - `seg`: the head's detections with box-prompted masks -> COCO mask AP.
 - `rec` / `res`: the first referring expression of every annotation, asked with the `refer` prompt; the
   answer's first grounded span -> its box (`rec_*`) and its `<seg>` mask (`res_*`).
-- `chat`: the first human turn of each `--chat-data` entry, answered greedily by the model and by
-  `--reference` -> `chat_exact_match` (answers with their grounding tokens) and `chat_kl`.
+- `chat`: every human turn of each `--chat-data` entry, asked as its own single-turn prompt and answered
+  greedily by the model -> `chat_accuracy` and `chat_description_f1` against the entry's gpt answers
+  (`chat_accuracy.py`); with `--reference`, also answered by it -> `chat_exact_match` (answers with their
+  grounding tokens) and `chat_kl`.
 - `--stages RUN`: forgetting across the stages of a training run (`stage_forgetting.py`).
 
 Deterministic: greedy decoding, images by sorted id (`max_images` keeps the first N), chat entries in
-file order (the first `max_images` with an image).
+file order (the first `max_images` with an image, each with all its questions).
 """
 
 from __future__ import annotations
@@ -26,7 +28,9 @@ from pathlib import Path
 
 import torch
 
+from grounded_llava.codec import parse_grounded
 from grounded_llava.data.chat import load_llava_chat
+from grounded_llava.evaluation.chat_accuracy import chat_accuracy_entries
 from grounded_llava.evaluation.chat_metrics import chat_exact_match
 from grounded_llava.evaluation.report import empty_metrics, metrics_markdown, write_metrics
 from grounded_llava.evaluation.stage_forgetting import StagePlan, plan_stages, read_run, stage_forgetting
@@ -61,7 +65,8 @@ class EvaluationConfig:
         out: where `metrics.json`, `metrics.md` (and `stage_ap_matrix.json` with `stages`) go.
         tasks: a subset of `TASKS`.
         chat_data: LLaVA conversation JSON for `chat`; chat_images: its image folder (default `images`).
-        reference: checkpoint the chat answers are compared with (e.g. the `base`/`align` stage).
+        reference: checkpoint the chat answers are compared with (e.g. the `base`/`align` stage) for
+            `chat_exact_match` and `chat_kl`; `chat_accuracy` needs only `chat_data`.
         stages: a training run directory: evaluate forgetting across its stages.
         max_images: evaluate the first N images (by id) and N chat entries; None = all.
         batch_size: images per forward / generate call.
@@ -190,33 +195,65 @@ def _run_referring(
     return metrics
 
 
-def _chat_prompts(config: EvaluationConfig, notes: list[str]) -> tuple[list[Path], list[str]] | None:
-    """The images and first human turns of the chat task (None when it cannot run, with a note)."""
-    if config.chat_data is None or config.reference is None:
-        notes.append("chat skipped: it needs --chat-data and --reference")
-        return None
-    samples, _ = load_llava_chat(config.chat_data, config.chat_images or config.images)
-    samples = [s for s in samples if s.image_path is not None][: config.max_images]
+@dataclass
+class ChatQuestions:
+    """The chat task's single-turn prompts: image, question (no `<image>`) and ground-truth answer (plain
+    text) of every human turn of the first `max_images` entries with an image, in file order."""
+
+    images: list[Path]
+    prompts: list[str]
+    truths: list[str]
+
+
+def chat_questions(chat_data: Path, image_root: Path, *, max_images: int | None = None) -> ChatQuestions:
+    """Every human turn of the first `max_images` entries of `chat_data` that have an image, with the gpt
+    turn after it (grounding tokens removed) as its ground truth. ValueError when no entry has an image."""
+    samples, _ = load_llava_chat(chat_data, image_root)
+    samples = [s for s in samples if s.image_path is not None][:max_images]
     if not samples:
-        raise ValueError(f"{config.chat_data}: no conversation entry with an image")
-    prompts = [s.conversation[0]["value"].replace(IMAGE_TOKEN, "").strip() for s in samples]
-    return [s.image_path for s in samples], prompts
+        raise ValueError(f"{chat_data}: no conversation entry with an image")
+    questions = ChatQuestions(images=[], prompts=[], truths=[])
+    for sample in samples:
+        turns = sample.conversation
+        for human, gpt in zip(turns[::2], turns[1::2], strict=True):
+            questions.images.append(sample.image_path)
+            questions.prompts.append(human["value"].replace(IMAGE_TOKEN, "").strip())
+            questions.truths.append(parse_grounded(gpt["value"], (1, 1)).text.strip())
+    return questions
+
+
+def _chat_questions(config: EvaluationConfig, notes: list[str]) -> ChatQuestions | None:
+    """The chat task's prompts (None when it cannot run, with a note)."""
+    if config.chat_data is None:
+        notes.append("chat skipped: it needs --chat-data")
+        return None
+    if config.reference is None:
+        notes.append("chat_exact_match and chat_kl skipped: they need --reference")
+    return chat_questions(config.chat_data, config.chat_images or config.images, max_images=config.max_images)
 
 
 def _run_chat(
-    predictor: GroundedLlava, images: list[Path], prompts: list[str], config: EvaluationConfig
-) -> dict[str, float]:
-    reference = GroundedLlava.from_pretrained(config.reference, device=_device(config.device))
+    predictor: GroundedLlava, questions: ChatQuestions, config: EvaluationConfig, notes: list[str]
+) -> dict[str, float | None]:
+    images, prompts = questions.images, questions.prompts
     options = {"batch_size": config.batch_size, "max_new_tokens": config.max_new_tokens}
-    reference_answers = [a.raw_text for a in reference.predict(images, prompts, **options)]
-    answers = [a.raw_text for a in predictor.predict(images, prompts, **options)]
-    return {
-        "chat_exact_match": chat_exact_match(answers, reference_answers),
-        "chat_kl": chat_kl(
+    answers = predictor.predict(images, prompts, **options)
+    metrics = chat_accuracy_entries(prompts, questions.truths, [a.text for a in answers])
+    metrics["num_chat_prompts"] = float(len(prompts))
+    if metrics["chat_accuracy"] is None:
+        notes.append(
+            "chat_accuracy skipped: no count, colour, position or yes/no question among the chat prompts"
+        )
+    if metrics["chat_description_f1"] is None:
+        notes.append('chat_description_f1 skipped: no "Describe the scene." question among the chat prompts')
+    if config.reference is not None:
+        reference = GroundedLlava.from_pretrained(config.reference, device=_device(config.device))
+        reference_answers = [a.raw_text for a in reference.predict(images, prompts, **options)]
+        metrics["chat_exact_match"] = chat_exact_match([a.raw_text for a in answers], reference_answers)
+        metrics["chat_kl"] = chat_kl(
             predictor, reference, images, prompts, reference_answers, batch_size=config.batch_size
-        ),
-        "num_chat_prompts": float(len(images)),
-    }
+        )
+    return metrics
 
 
 def _run_stages(
@@ -255,7 +292,7 @@ def evaluate(config: EvaluationConfig) -> Evaluation:
     # Read every input first, so that mistakes fail before any model runs.
     evaluation = Evaluation()
     data = load_eval_data(config.data, config.images, max_images=config.max_images)
-    chat = _chat_prompts(config, evaluation.notes) if "chat" in config.tasks else None
+    chat = _chat_questions(config, evaluation.notes) if "chat" in config.tasks else None
     plan = plan_stages(read_run(config.stages)) if config.stages is not None else None
     predictor = GroundedLlava.from_pretrained(config.model, device=_device(config.device))
     evaluation.metrics["num_images"] = float(len(data.records))
@@ -265,7 +302,7 @@ def evaluate(config: EvaluationConfig) -> Evaluation:
     if {"rec", "res"} & set(config.tasks):
         evaluation.metrics |= _run_referring(predictor, data, config, evaluation.notes)
     if chat is not None:
-        evaluation.metrics |= _run_chat(predictor, *chat, config)
+        evaluation.metrics |= _run_chat(predictor, chat, config, evaluation.notes)
     out = Path(config.out)
     if plan is not None:
         entries, matrix = _run_stages(plan, data, config)
