@@ -6,23 +6,40 @@ Convention (DESIGN.md):
 - Coordinates are fractions of the ORIGINAL image (x / W, y / H) quantised into `num_bins` bins;
   decoding returns bin centres, so a round trip is exact to within half a bin.
 - Parsing is lenient: a broken group is dropped and counted in `ParsedAnswer.num_dropped`, never raised.
+  The grammar itself is read by `grounded_llava.grammar` (shared with the token-id readers).
 
 This module is pure Python (no torch) so data tooling can use it without the model.
 """
 
 from __future__ import annotations
 
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-P_OPEN, P_CLOSE = "<p>", "</p>"
-BOX_OPEN, BOX_CLOSE = "<box>", "</box>"
-SEG = "<seg>"
+from .grammar import BOX_CLOSE, BOX_OPEN, P_CLOSE, P_OPEN, SEG, TEXT, lex_text, parse
+
+__all__ = [
+    "BOX_CLOSE",
+    "BOX_OPEN",
+    "DEFAULT_NUM_BINS",
+    "P_CLOSE",
+    "P_OPEN",
+    "SEG",
+    "Box",
+    "GroundedSpan",
+    "ParsedAnswer",
+    "decode_bins",
+    "encode_box",
+    "encode_grounded",
+    "encode_phrase",
+    "grounding_tokens",
+    "loc_token",
+    "parse_grounded",
+]
+
 DEFAULT_NUM_BINS = 100
 
 Box = tuple[float, float, float, float]
-_TOKEN_RE = re.compile(r"<p>|</p>|<box>|</box>|<seg>|<loc_(\d+)>")
 # Boxes may overshoot the image by float rounding (COCO has such boxes); more than this is an error.
 _EDGE_TOLERANCE_PX = 1.0
 
@@ -137,7 +154,8 @@ class ParsedAnswer:
     num_dropped: int = 0
 
 
-def _decode_box(bins: list[int], image_size: tuple[int, int], num_bins: int) -> Box:
+def decode_bins(bins: Sequence[int], image_size: tuple[int, int], num_bins: int) -> Box:
+    """Four (x0, y0, x1, y1) bins -> box in original pixels (bin centres); `image_size` is (W, H)."""
     width, height = image_size
     centre = [(b + 0.5) / num_bins for b in bins]
     return (centre[0] * width, centre[1] * height, centre[2] * width, centre[3] * height)
@@ -146,95 +164,36 @@ def _decode_box(bins: list[int], image_size: tuple[int, int], num_bins: int) -> 
 def parse_grounded(
     text: str, image_size: tuple[int, int], *, num_bins: int = DEFAULT_NUM_BINS
 ) -> ParsedAnswer:
-    """Parse generated text into clean text and grounded spans; never raises on malformed token sequences.
+    """Parse generated text into clean text and grounded spans; never raises, linear in len(text).
 
-    Rules: a phrase must close (`</p>`) before any box token, and a box group is exactly four
-    `<loc_k>` (k < num_bins, x1 >= x0, y1 >= y0) between `<box>` and `</box>`; anything else is a
-    broken group: dropped and counted. Box groups with no phrase before them attach to a span
-    with an empty phrase. `image_size` is (W, H) of the original image.
+    The rules are `grounded_llava.grammar`'s: a box group is exactly four `<loc_k>` (k < num_bins,
+    x1 >= x0, y1 >= y0) between `<box>` and `</box>`, `<seg>` right after its `</box>`; a broken
+    group, stray token or unclosed phrase is dropped and counted. Box groups with no phrase before
+    them attach to a span with an empty phrase. `image_size` is (W, H) of the original image.
     """
-    pieces: list[str] = []  # clean text
-    spans: list[GroundedSpan] = []
-    dropped = 0
-    phrase_start: int | None = None  # clean-text offset where an open <p> began
-    box_bins: list[int] | None = None  # loc bins of an open <box> group (None: no group open)
-    box_ok = True
-    current: GroundedSpan | None = None  # span that subsequent box groups attach to
-    position = 0
-
-    def clean_len() -> int:
-        return sum(len(p) for p in pieces)
-
-    def close_box_group_broken() -> None:
-        nonlocal box_bins, dropped
-        if box_bins is not None:
-            dropped += 1
-            box_bins = None
-
-    for match in _TOKEN_RE.finditer(text):
-        plain = text[position : match.start()]
-        position = match.end()
-        if plain:
-            if box_bins is not None:  # text inside a box group breaks it
-                close_box_group_broken()
-            if phrase_start is None and plain.strip():
-                current = None  # prose between groups ends the phrase's instance list
-            pieces.append(plain)
-        token = match.group(0)
-        if token == P_OPEN:
-            close_box_group_broken()
-            if phrase_start is not None:  # nested/unclosed phrase: drop the earlier opening
-                dropped += 1
-            phrase_start = clean_len()
-            current = None
-        elif token == P_CLOSE:
-            close_box_group_broken()
-            if phrase_start is None:
-                dropped += 1
-                continue
-            end = clean_len()
-            phrase = "".join(pieces)[phrase_start:end]
-            current = GroundedSpan(phrase=phrase.strip(), start=phrase_start, end=end)
-            phrase_start = None
-        elif token == BOX_OPEN:
-            close_box_group_broken()
-            if phrase_start is not None:  # box inside an open phrase: the phrase is broken
-                dropped += 1
-                phrase_start = None
-            box_bins, box_ok = [], True
-        elif token == BOX_CLOSE:
-            if box_bins is None:
-                dropped += 1
-                continue
-            bins, box_bins = box_bins, None
-            if not box_ok or len(bins) != 4 or bins[2] < bins[0] or bins[3] < bins[1]:
-                dropped += 1
-                continue
-            if current is None:
-                current = GroundedSpan(phrase="", start=clean_len(), end=clean_len())
-            if not current.boxes:
-                spans.append(current)
-            current.boxes.append(_decode_box(bins, image_size, num_bins))
-            current.seg.append(False)
-        elif token == SEG:
-            if box_bins is not None:
-                close_box_group_broken()
-            elif current is not None and current.boxes and not current.seg[-1]:
-                current.seg[-1] = True
-            else:
-                dropped += 1
-        else:  # <loc_k>
-            if box_bins is None:
-                dropped += 1
-                continue
-            index = int(match.group(1))
-            if index >= num_bins:
-                box_ok = False
-            box_bins.append(index)
-    tail = text[position:]
-    close_box_group_broken()
-    if tail:
-        pieces.append(tail)
-    if phrase_start is not None:
-        dropped += 1
-    return ParsedAnswer(text="".join(pieces), spans=spans, num_dropped=dropped)
+    tokens = lex_text(text, num_bins)
+    parsed = parse(tokens)
+    # Clean text = the TEXT tokens; `clean_at[p]`: its length before source position p.
+    pieces: list[str] = []
+    clean_at: dict[int, int] = {}
+    length = 0
+    for token in tokens:
+        clean_at[token.start] = length
+        if token.kind == TEXT:
+            pieces.append(text[token.start : token.end])
+            length += token.end - token.start
+    clean_at[len(text)] = length
+    clean = "".join(pieces)
+    spans = []
+    for span in parsed.spans:
+        start, end = clean_at[span.phrase_start], clean_at[span.phrase_end]
+        spans.append(
+            GroundedSpan(
+                phrase=clean[start:end].strip(),
+                boxes=[decode_bins(g.bins, image_size, num_bins) for g in span.groups],
+                seg=[g.seg for g in span.groups],
+                start=start,
+                end=end,
+            )
+        )
+    return ParsedAnswer(text=clean, spans=spans, num_dropped=parsed.num_dropped)

@@ -7,7 +7,6 @@ Head targets live on the model canvas: Detect gets class ids and xywh boxes as f
 from __future__ import annotations
 
 import random
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -17,23 +16,27 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 
-from ..codec import SEG
+from ..codec import BOX_CLOSE, BOX_OPEN, SEG, loc_token
+from ..grammar import lex_text, parse
 from ..modeling.detection import DetectionTargets
 from ..processor import EncodedConversation, GroundedBatch, GroundedProcessor
 from .phrasing import flip_text_left_right
 from .sample import GroundedSample
 
-_BOX_GROUP = re.compile(r"<box><loc_(\d+)><loc_(\d+)><loc_(\d+)><loc_(\d+)></box>")
-
 
 def flip_text(text: str, num_bins: int) -> str:
-    """Mirror a turn left <-> right: box groups' x bins (x0' = N-1-x1, x1' = N-1-x0) and the words left/right."""
+    """Mirror a turn left <-> right: box groups' x bins (x0' = N-1-x1, x1' = N-1-x0) and the words left/right.
 
-    def flip_group(match: re.Match) -> str:
-        x0, y0, x1, y1 = (int(v) for v in match.groups())
-        return f"<box><loc_{num_bins - 1 - x1}><loc_{y0}><loc_{num_bins - 1 - x0}><loc_{y1}></box>"
-
-    return flip_text_left_right(_BOX_GROUP.sub(flip_group, text))
+    Every complete group of the grammar is flipped (inverted ones too); broken ones stay as written.
+    """
+    pieces, position = [], 0
+    for group in parse(lex_text(text, num_bins)).groups:
+        x0, y0, x1, y1 = group.bins
+        flipped = (num_bins - 1 - x1, y0, num_bins - 1 - x0, y1)
+        pieces += [text[position : group.start], BOX_OPEN, *(loc_token(b) for b in flipped), BOX_CLOSE]
+        position = group.close + len(BOX_CLOSE)
+    pieces.append(text[position:])
+    return flip_text_left_right("".join(pieces))
 
 
 def flip_sample(

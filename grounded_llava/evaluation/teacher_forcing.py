@@ -16,7 +16,7 @@ import torch
 from grounded_llava.evaluation.chat_metrics import mean_token_kl
 from grounded_llava.evaluation.tasks import TextBox
 from grounded_llava.image_meta import ImageMeta
-from grounded_llava.inference.grounding import align_boxes, find_box_groups, group_probability
+from grounded_llava.inference.grounding import answer_box_groups, group_probability
 from grounded_llava.inference.images import load_image
 from grounded_llava.inference.predictor import GroundedLlava
 from grounded_llava.processor import IGNORE_INDEX
@@ -98,18 +98,24 @@ def text_box_probabilities(
         for row, (answer, meta) in enumerate(zip(answers[chunk], out.metas, strict=True)):
             ids = out.input_ids[row].tolist()
             answer_start = int(out.answer_targets[row].nonzero()[0]) + 1
-            groups = [g for g in find_box_groups(ids, token_ids) if g.start >= answer_start]
             spans = processor.parse(answer, meta).spans
-            aligned = align_boxes(spans, groups, image_size=meta.original_size, num_bins=processor.num_bins)
+            groups = answer_box_groups(
+                spans,
+                ids,
+                answer_start=answer_start,
+                token_ids=token_ids,
+                image_size=meta.original_size,
+                num_bins=processor.num_bins,
+            )
             boxes.append(
                 [
                     TextBox(
                         box=tuple(float(v) for v in box),
                         phrase=span.phrase,
-                        score=0.0 if k is None else group_probability(out.logits[row], ids, groups[k]),
+                        score=0.0 if group is None else group_probability(out.logits[row], ids, group),
                     )
-                    for span, row_groups in zip(spans, aligned, strict=True)
-                    for box, k in zip(span.boxes, row_groups, strict=True)
+                    for span, span_groups in zip(spans, groups, strict=True)
+                    for box, group in zip(span.boxes, span_groups, strict=True)
                 ]
             )
     return boxes

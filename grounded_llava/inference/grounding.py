@@ -1,54 +1,39 @@
 """Token-level view of a generated answer: box groups, their token probabilities and their `<seg>` masks.
 
-The codec parses the decoded *text*; the model's heads read *token ids* (`<seg>` prompts take the
-box of the `<box> l0 l1 l2 l3 </box>` run right before them). This module links the two: it finds
-the box groups in the ids, scores them from teacher-forced logits, prepares ids the model accepts
-(stray tokens masked out) and aligns parsed boxes with token groups.
+The grammar is read by `grounded_llava.grammar` for both the decoded *text* (the codec) and the
+*token ids* (here, and the model's `<seg>` prompts: the box of the group right before `<seg>`).
+This module scores the groups from teacher-forced logits, prepares ids the model accepts (stray
+tokens masked out) and pairs the text's parsed boxes with their token groups. Positions index the
+id sequence.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import torch
 
-from grounded_llava.codec import BOX_CLOSE, BOX_OPEN, GroundedSpan, loc_token, parse_grounded
+from grounded_llava.codec import GroundedSpan, decode_bins
+from grounded_llava.grammar import BoxGroup, lex_ids, parse
 from grounded_llava.tokenizer import GroundingTokenIds
 
+__all__ = [
+    "BoxGroup",
+    "align_boxes",
+    "answer_box_groups",
+    "find_box_groups",
+    "group_probability",
+    "teacher_forcing_inputs",
+]
 
-@dataclass(frozen=True)
-class BoxGroup:
-    """One `<box> l0 l1 l2 l3 </box>` run of consecutive token ids.
 
-    Attributes:
-        start: position of `<box>` in the sequence; the `<loc_k>` tokens sit at start+1..start+4.
-        bins: the four `<loc_k>` bins (x0, y0, x1, y1).
-        seg: True when the token right after `</box>` (position start+6) is `<seg>`.
+def find_box_groups(ids: Sequence[int], token_ids: GroundingTokenIds, *, start: int = 0) -> list[BoxGroup]:
+    """Every complete box group in `ids[start:]`, reading order, inverted ones too (the model reads them).
+
+    A group is `<box> l0 l1 l2 l3 </box>` at positions `g.start..g.start + 5`; `g.seg` when the id at
+    `g.start + 6` (`g.seg_position`) is `<seg>`. Positions index `ids`.
     """
-
-    start: int
-    bins: tuple[int, int, int, int]
-    seg: bool
-
-    @property
-    def seg_position(self) -> int:
-        return self.start + 6
-
-
-def find_box_groups(ids: Sequence[int], token_ids: GroundingTokenIds) -> list[BoxGroup]:
-    """Every well-formed box group in `ids`, in reading order (the model's `<seg>` rule, on plain lists)."""
-    bin_of = {token: k for k, token in enumerate(token_ids.loc)}
-    groups = []
-    for start in range(len(ids) - 5):
-        if ids[start] != token_ids.box_open or ids[start + 5] != token_ids.box_close:
-            continue
-        bins = [bin_of.get(int(t), -1) for t in ids[start + 1 : start + 5]]
-        if min(bins) < 0:
-            continue
-        seg = start + 6 < len(ids) and ids[start + 6] == token_ids.seg
-        groups.append(BoxGroup(start=start, bins=(bins[0], bins[1], bins[2], bins[3]), seg=seg))
-    return groups
+    return parse(lex_ids(ids, token_ids, start=start)).groups
 
 
 def teacher_forcing_inputs(
@@ -96,11 +81,12 @@ def align_boxes(
 ) -> list[list[int | None]]:
     """For each parsed box (`spans[i].boxes[j]`), the index of its token group in `groups`.
 
-    The codec keeps a subsequence of the token groups (it drops broken ones), so walking both in
-    reading order and matching equal boxes pairs them. None only when the text holds a group
-    that is not consecutive in the ids (tokens that decode to nothing in between).
+    The text's valid groups are a subsequence of the token groups (inverted ones are dropped), so
+    walking both in reading order and matching equal boxes (both decoded by `codec.decode_bins`)
+    pairs them. None only when the text holds a group that is not consecutive in the ids (tokens
+    that decode to nothing in between).
     """
-    group_boxes = [_group_box(g, image_size, num_bins) for g in groups]
+    group_boxes = [decode_bins(g.bins, image_size, num_bins) for g in groups]
     cursor = 0
     aligned: list[list[int | None]] = []
     for span in spans:
@@ -114,8 +100,23 @@ def align_boxes(
     return aligned
 
 
-def _group_box(group: BoxGroup, image_size: tuple[int, int], num_bins: int) -> tuple[float, ...]:
-    """The box the codec decodes from this group (original pixels), through the codec itself."""
-    text = BOX_OPEN + "".join(loc_token(b) for b in group.bins) + BOX_CLOSE
-    spans = parse_grounded(text, image_size, num_bins=num_bins).spans
-    return tuple(spans[0].boxes[0]) if spans else ()
+def answer_box_groups(
+    spans: Sequence[GroundedSpan],
+    ids: Sequence[int],
+    *,
+    answer_start: int,
+    token_ids: GroundingTokenIds,
+    image_size: tuple[int, int],
+    num_bins: int,
+) -> list[list[BoxGroup | None]]:
+    """For each parsed box of an answer (`spans[i].boxes[j]`), its token group in `ids[answer_start:]`.
+
+    Args:
+        spans: the answer's parsed spans (boxes xyxy, original pixels of `image_size` (W, H)).
+        ids: the teacher-forced sequence (prompt + answer); groups' positions index it.
+    Returns:
+        Per span, per box: its `BoxGroup` (for `group_probability` and `seg_position`), or None.
+    """
+    groups = find_box_groups(ids, token_ids, start=answer_start)
+    aligned = align_boxes(spans, groups, image_size=image_size, num_bins=num_bins)
+    return [[None if k is None else groups[k] for k in row] for row in aligned]
