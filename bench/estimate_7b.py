@@ -18,7 +18,7 @@ from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForCon
 from grounded_llava import GroundedLlavaConfig
 from grounded_llava.codec import grounding_tokens
 from grounded_llava.modeling.base import lora_config_for
-from grounded_llava.modeling.grounded_llava import build_heads
+from grounded_llava.modeling.heads import build_heads
 from grounded_llava.training.config import TrainConfig
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "llava15_7b_coco.yaml"
@@ -77,7 +77,7 @@ def estimate_llava15_7b(config_file: Path = CONFIG) -> dict:
         peft_model = get_peft_model(llava, lora_config_for(model_config, llava, new_token_ids))
         lora = _count(peft_model, lambda n: "lora_" in n)
         token_rows = _count(peft_model, lambda n: "trainable_tokens_delta" in n)
-    heads = torch.nn.ModuleList(  # small, and the Detect head's bias init needs real storage: on the CPU
+    heads = (  # small, and the Detect head's bias init needs real storage: on the CPU
         build_heads(
             heads_config,
             num_classes=COCO_CATEGORIES,

@@ -79,8 +79,11 @@ def chat_latency(*, config: GroundedLlavaConfig, new_tokens: int, repeats: int, 
     def grounded_answer_length() -> int:
         """The length `chat` generates: its own generate step, run once on the same request."""
         request = predictor._request(image, PROMPT, [])
-        features = predictor._encode([request])
-        return len(predictor._generate([request], features, max_new_tokens=new_tokens, temperature=0.0)[0])
+        features, pyramid = predictor._encode([request])
+        decoded = predictor._generate(
+            [request], features, pyramid, max_new_tokens=new_tokens, temperature=0.0
+        )
+        return len(decoded.ids[0])
 
     @torch.inference_mode()
     def plain_generate() -> int:

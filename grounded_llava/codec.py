@@ -72,14 +72,21 @@ def _to_bin(fraction: float, num_bins: int) -> int:
     return min(max(int(fraction * num_bins), 0), num_bins - 1)
 
 
+def box_bins(
+    box_xyxy_px: Sequence[float], image_size: tuple[int, int], num_bins: int = DEFAULT_NUM_BINS
+) -> list[int]:
+    """The four loc bins [x0, y0, x1, y1] of a box in original pixels; `image_size` is (W, H)."""
+    x0, y0, x1, y1 = _check_box(box_xyxy_px, image_size)
+    width, height = image_size
+    bins = [_to_bin(x0 / width, num_bins), _to_bin(y0 / height, num_bins)]
+    return bins + [_to_bin(x1 / width, num_bins), _to_bin(y1 / height, num_bins)]
+
+
 def encode_box(
     box_xyxy_px: Sequence[float], image_size: tuple[int, int], num_bins: int = DEFAULT_NUM_BINS
 ) -> str:
     """One `<box><loc_..>x4</box>` group for a box in original pixels; `image_size` is (W, H)."""
-    x0, y0, x1, y1 = _check_box(box_xyxy_px, image_size)
-    width, height = image_size
-    bins = [_to_bin(x0 / width, num_bins), _to_bin(y0 / height, num_bins)]
-    bins += [_to_bin(x1 / width, num_bins), _to_bin(y1 / height, num_bins)]
+    bins = box_bins(box_xyxy_px, image_size, num_bins)
     return BOX_OPEN + "".join(loc_token(b) for b in bins) + BOX_CLOSE
 
 

@@ -82,6 +82,14 @@ class HeadSettings:
     mask_decoder_heads: int = 4
     mask_decoder_mlp_dim: int = 256
     seg_mlp_hidden: int = 256
+    spatial_prior: bool = True
+    """A conv stem on the canvas pixels beside the vision tower, fused into every neck level (ViT-Adapter)."""
+    mask_from_finest: bool = True
+    """SAM decodes from the stride patch/2 level (masks at 8x the patch grid) instead of stride patch (4x)."""
+    pointer_dim: int = 128
+    max_proposals: int = 16
+    """Class-agnostic head proposals a `<box>` chooses among (top-K after NMS)."""
+    proposal_nms_iou: float = 0.6
     box_only_prompt_rate: float = 0.2
     """Training: fraction of `<seg>` prompts given to SAM by box alone, so head detections can get masks too."""
     conf_threshold: float = 0.25
@@ -102,6 +110,7 @@ class LossWeights:
     det: float = 1.0
     mask_bce: float = 2.0
     mask_dice: float = 0.5
+    pointer: float = 1.0
 
 
 @dataclass

@@ -7,7 +7,7 @@ from PIL import Image
 
 from grounded_llava.codec import encode_phrase
 from grounded_llava.inference import Detections, GroundedAnswer, GroundedLlava
-from grounded_llava.inference import predictor as predictor_module
+from grounded_llava.inference import checkpoint_paths
 from grounded_llava.modeling import CheckpointError
 from grounded_llava.modeling.base import BaseModelUnavailableError
 
@@ -172,7 +172,7 @@ def test_errors_are_clear(predictor, checkpoint, tmp_path, monkeypatch):
         GroundedLlava.from_pretrained(tmp_path / "nowhere" / "ckpt")
     with pytest.raises(BaseModelUnavailableError, match="'nobody/no-such-model' is not a local directory"):
         GroundedLlava.from_pretrained("nobody/no-such-model")  # HF_HUB_OFFLINE=1 (conftest): fails at once
-    monkeypatch.setattr(predictor_module, "DEFAULT_CHECKPOINT", tmp_path / "checkpoints" / "tiny-shapes")
+    monkeypatch.setattr(checkpoint_paths, "DEFAULT_CHECKPOINT", tmp_path / "checkpoints" / "tiny-shapes")
     with pytest.raises(FileNotFoundError, match="default checkpoint .*--model DIR"):
         GroundedLlava.from_pretrained()
     image = noise_image(32, 32, seed=7)

@@ -12,7 +12,7 @@ import pytest
 
 from grounded_llava.data import generate_world
 from grounded_llava.evaluation.runner import EvaluationConfig, evaluate
-from grounded_llava.inference.predictor import DEFAULT_CHECKPOINT
+from grounded_llava.inference.checkpoint_paths import DEFAULT_CHECKPOINT
 
 # Measured on this set (seed 4242, 24 images): bbox_AP 0.048, bbox_AP50 0.111; an untrained head scores ~0.
 FLOORS = {"bbox_AP50": 0.065, "bbox_AP": 0.028}

@@ -20,7 +20,6 @@ Frames: boxes in results are xyxy ORIGINAL image pixels; masks are bool at origi
 
 from __future__ import annotations
 
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,8 +28,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-import grounded_llava
 from grounded_llava.image_meta import ImageMeta
+from grounded_llava.inference.checkpoint_paths import resolve_checkpoint
+from grounded_llava.inference.decoding import DecodedAnswers, PointerChoice, decode_grounded
 from grounded_llava.inference.grounding import (
     align_boxes,
     find_box_groups,
@@ -40,59 +40,11 @@ from grounded_llava.inference.grounding import (
 from grounded_llava.inference.images import ImageInput, load_image
 from grounded_llava.inference.reconcile import reconcile
 from grounded_llava.inference.results import Detections, GroundedAnswer
-from grounded_llava.modeling import CheckpointError, GroundedLlavaForConditionalGeneration
-from grounded_llava.modeling.base import BaseModelUnavailableError
+from grounded_llava.modeling import GroundedLlavaForConditionalGeneration
 from grounded_llava.processor import EncodedConversation
 from grounded_llava.tokenizer import IMAGE_TOKEN
 
-DEFAULT_CHECKPOINT = Path(grounded_llava.__file__).resolve().parents[1] / "checkpoints" / "tiny-shapes"
-CHECKPOINT_FILES = (
-    "grounded_config.json",
-    "grounded_processor.json",
-    "tokenizer_config.json",
-    "adapter",
-    "heads.safetensors",
-)
-_HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
-
 History = Sequence[tuple[str, "str | GroundedAnswer"]]
-
-
-def resolve_checkpoint(dir_or_id: str | Path | None) -> Path:
-    """The checkpoint directory to load: the shipped default, a local directory, or a hub id's snapshot."""
-    if dir_or_id is None:
-        if not DEFAULT_CHECKPOINT.is_dir():
-            raise FileNotFoundError(
-                f"the default checkpoint {DEFAULT_CHECKPOINT} does not exist yet: train it with train.py, or "
-                "pass a checkpoint directory (infer.py --model DIR, GroundedLlava.from_pretrained(DIR))"
-            )
-        directory = DEFAULT_CHECKPOINT
-    else:
-        directory = Path(dir_or_id)
-        if not directory.exists() and _HUB_ID.match(str(dir_or_id)):
-            directory = _download(str(dir_or_id))
-        elif not directory.is_dir():
-            raise FileNotFoundError(f"model directory {directory} does not exist")
-    missing = [name for name in CHECKPOINT_FILES if not (directory / name).exists()]
-    if missing:
-        raise CheckpointError(
-            f"{directory / missing[0]} is missing: {directory} is not a complete grounded-llava checkpoint "
-            f"(missing {', '.join(missing)})"
-        )
-    return directory
-
-
-def _download(repo_id: str) -> Path:
-    from huggingface_hub import constants, snapshot_download
-
-    try:
-        return Path(snapshot_download(repo_id))
-    except (OSError, ValueError) as err:
-        offline = " (HF_HUB_OFFLINE=1: only the local cache is searched)" if constants.HF_HUB_OFFLINE else ""
-        raise BaseModelUnavailableError(
-            f"model {repo_id!r} is not a local directory and cannot be fetched from the Hugging Face hub"
-            f"{offline}: {err.__class__.__name__}; pass a checkpoint directory"
-        ) from None
 
 
 @dataclass
@@ -200,11 +152,11 @@ class GroundedLlava:
         pixels, metas = zip(
             *(self.processor.preprocess_image(load_image(image)) for image in images), strict=True
         )
-        features = self.model.encode_images(torch.stack(pixels).to(self.device))
-        predictions = self.model.detection_head(self.model.neck(features.to(self._heads_dtype)))
-        return self._detections(
-            predictions, features, list(metas), masks=masks, conf_threshold=conf_threshold
-        )
+        pixel_values = torch.stack(pixels).to(self.device)
+        features = self.model.encode_images(pixel_values)
+        pyramid = self.model.image_pyramid(features, pixel_values)
+        predictions = self.model.detection_head(pyramid)
+        return self._detections(predictions, pyramid, list(metas), masks=masks, conf_threshold=conf_threshold)
 
     # ------------------------------------------------------------------ steps
     def _request(self, image: ImageInput, prompt: str, history: History) -> _Request:
@@ -226,53 +178,56 @@ class GroundedLlava:
     def _run(
         self, requests: list[_Request], *, max_new_tokens: int, temperature: float, masks_for_detections: bool
     ) -> list[GroundedAnswer]:
-        features = self._encode(requests)
-        answer_ids = self._generate(
-            requests, features, max_new_tokens=max_new_tokens, temperature=temperature
+        features, pyramid = self._encode(requests)
+        decoded = self._generate(
+            requests, features, pyramid, max_new_tokens=max_new_tokens, temperature=temperature
         )
-        return self._ground(requests, features, answer_ids, masks_for_detections=masks_for_detections)
+        return self._ground(requests, features, pyramid, decoded, masks_for_detections=masks_for_detections)
 
     @torch.inference_mode()
-    def _encode(self, requests: list[_Request]) -> torch.Tensor:
-        """(I, N, D) projected image features, one row per request."""
-        return self.model.encode_images(
-            torch.stack([r.encoded.pixel_values for r in requests]).to(self.device)
-        )
+    def _encode(self, requests: list[_Request]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """(I, N, D) projected image features, one row per request, and the neck's pyramid of them."""
+        pixel_values = torch.stack([r.encoded.pixel_values for r in requests]).to(self.device)
+        features = self.model.encode_images(pixel_values)
+        return features, self.model.image_pyramid(features, pixel_values)
 
     @torch.inference_mode()
     def _generate(
-        self, requests: list[_Request], features: torch.Tensor, *, max_new_tokens: int, temperature: float
-    ) -> list[list[int]]:
-        """Answer token ids per request (up to, not including, the first eos)."""
+        self,
+        requests: list[_Request],
+        features: torch.Tensor,
+        pyramid: list[torch.Tensor],
+        *,
+        max_new_tokens: int,
+        temperature: float,
+    ) -> DecodedAnswers:
+        """Answer token ids per request (up to, not including, the first eos), `<box>`es pointed at proposals."""
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         if temperature < 0:
             raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
         tokenizer = self.processor.tokenizer
         batch = self.processor.collate([r.encoded for r in requests], padding_side="left")
-        sampling = (
-            {"do_sample": True, "temperature": temperature} if temperature > 0 else {"do_sample": False}
-        )
-        sequences = self.model.base_llava.generate(
+        return decode_grounded(
+            self.model,
             input_ids=batch.input_ids.to(self.device),
             attention_mask=batch.attention_mask.to(self.device),
-            mm_encoder_outputs=self.model.mm_encoder_outputs(features),
+            features=features,
+            pyramid=pyramid,
+            metas=[r.meta for r in requests],
             max_new_tokens=max_new_tokens,
-            pad_token_id=tokenizer.pad_token_id,
+            temperature=temperature,
             eos_token_id=tokenizer.eos_token_id,
-            **sampling,
+            pad_token_id=tokenizer.pad_token_id,
         )
-        answers = []
-        for row in sequences[:, batch.input_ids.shape[1] :].tolist():
-            answers.append(row[: row.index(tokenizer.eos_token_id)] if tokenizer.eos_token_id in row else row)
-        return answers
 
     @torch.inference_mode()
     def _ground(
         self,
         requests: list[_Request],
         features: torch.Tensor,
-        answer_ids: Sequence[Sequence[int]],
+        pyramid: list[torch.Tensor],
+        decoded: DecodedAnswers,
         *,
         masks_for_detections: bool,
     ) -> list[GroundedAnswer]:
@@ -280,8 +235,9 @@ class GroundedLlava:
 
         Args:
             requests: the encoded prompts; features: (I, N, D) their image features (I = len(requests)).
-            answer_ids: per request, the answer's token ids (no eos).
+            decoded: per request, the answer's token ids (no eos) and the pointer's choices.
         """
+        answer_ids = decoded.ids
         pad = self.processor.tokenizer.pad_token_id
         rows = [
             teacher_forcing_inputs(
@@ -304,11 +260,12 @@ class GroundedLlava:
             input_ids=input_ids.to(self.device),
             attention_mask=attention_mask.to(self.device),
             image_features=features,
+            pyramid=pyramid,
             image_sample_index=torch.arange(len(rows), device=self.device),
             original_sizes=torch.tensor([m.original_size for m in metas], device=self.device),
             compute_masks=True,
         )
-        detections = self._detections(out.detections, features, metas, masks=masks_for_detections)
+        detections = self._detections(out.detections, pyramid, metas, masks=masks_for_detections)
         # The model returns one mask per <seg> in row-major reading order.
         seg_mask_logits: list[dict[int, torch.Tensor]] = [{} for _ in rows]
         for k, (r, c) in enumerate((input_ids == self.model.token_ids.seg).nonzero().tolist()):
@@ -322,6 +279,7 @@ class GroundedLlava:
                 seg_mask_logits=seg_mask_logits[r],
                 detections=detections[r],
                 meta=request.meta,
+                choices=decoded.choices[r],
             )
             for r, (request, answer) in enumerate(zip(requests, answer_ids, strict=True))
         ]
@@ -336,13 +294,19 @@ class GroundedLlava:
         seg_mask_logits: dict[int, torch.Tensor],
         detections: Detections,
         meta: ImageMeta,
+        choices: Sequence[PointerChoice] = (),
     ) -> GroundedAnswer:
         """One answer: parse its text, score and mask its boxes, reconcile them with the head.
 
+        A box the pointer chose is the proposal's exact box (its loc tokens are that box in bins) and its
+        score is pointer probability x head score; a box the LM wrote is scored by its loc tokens.
+
         Args:
             answer_ids: the generated ids; ids: the teacher-forced sequence (prompt + answer) of `logits` (T, V).
-            seg_mask_logits: position of each `<seg>` in `ids` -> its (4g, 4g) canvas mask logits.
+            seg_mask_logits: position of each `<seg>` in `ids` -> its (r, r) canvas mask logits.
+            choices: the pointer's decisions, by `<box>` position in `answer_ids`.
         """
+        chosen = {answer_start + c.position: c for c in choices if c.proposal is not None}
         raw_text = self.processor.decode(answer_ids)
         parsed = self.processor.parse(raw_text, meta)
         groups = [g for g in find_box_groups(ids, self.model.token_ids) if g.start >= answer_start]
@@ -353,6 +317,11 @@ class GroundedLlava:
         scores = [
             [0.0 if k is None else group_probability(logits, ids, groups[k]) for k in row] for row in aligned
         ]
+        for i, row in enumerate(aligned):
+            for j, k in enumerate(row):
+                if k is not None and (choice := chosen.get(groups[k].start)) is not None:
+                    parsed.spans[i].boxes[j] = choice.box
+                    scores[i][j] = choice.probability * choice.head_score
         masks = [
             [
                 meta.mask_from_canvas(seg_mask_logits[groups[k].seg_position])
@@ -387,7 +356,7 @@ class GroundedLlava:
     def _detections(
         self,
         predictions: dict,
-        features: torch.Tensor,
+        pyramid: list[torch.Tensor],
         metas: list[ImageMeta],
         *,
         masks: bool,
@@ -405,7 +374,7 @@ class GroundedLlava:
             boxes = meta.boxes_from_canvas(pred[:, :4])
             keep = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
             kept.append((pred[keep], boxes[keep]))
-        mask_arrays = self._box_only_masks(features, [p[:, :4] for p, _ in kept], metas) if masks else None
+        mask_arrays = self._box_only_masks(pyramid, [p[:, :4] for p, _ in kept], metas) if masks else None
         return [
             Detections(
                 boxes=boxes.cpu(),
@@ -419,10 +388,10 @@ class GroundedLlava:
         ]
 
     def _box_only_masks(
-        self, features: torch.Tensor, boxes_canvas: list[torch.Tensor], metas: list[ImageMeta]
+        self, pyramid: list[torch.Tensor], boxes_canvas: list[torch.Tensor], metas: list[ImageMeta]
     ) -> list[np.ndarray]:
         """SAM masks prompted by boxes alone (the decoder's box-only embedding): per image (n, H, W) bool."""
-        image_embeddings = self.model.neck(features.to(self._heads_dtype))[1]
+        image_embeddings = self.model.mask_features(pyramid)
         index = torch.cat([torch.full((len(b),), i, dtype=torch.long) for i, b in enumerate(boxes_canvas)])
         boxes = torch.cat(boxes_canvas).to(self.device, self._heads_dtype)
         logits, _ = self.model.mask_head(image_embeddings, index.to(self.device), boxes, seg_hidden=None)

@@ -31,6 +31,25 @@ class DetectionTargets:
         return DetectionTargets(*(t.to(device) for t in vars(self).values()))
 
 
+def _group_norm_like(batch_norm: nn.BatchNorm2d) -> nn.GroupNorm:
+    channels = batch_norm.num_features
+    return nn.GroupNorm(num_groups=math.gcd(channels, 16), num_channels=channels)
+
+
+def _replace_batch_norms(module: nn.Module) -> None:
+    """Swap every BatchNorm2d of ultralytics' `Conv` blocks for GroupNorm, in place.
+
+    Batches here are a few images per rank: BatchNorm's statistics would be noise in train mode and,
+    frozen at their init (mean 0, var 1), never normalise the bias-free convs at all; per-rank running
+    statistics also make DDP replicas diverge. GroupNorm needs no batch statistics.
+    """
+    for name, child in module.named_children():
+        if isinstance(child, nn.BatchNorm2d):
+            setattr(module, name, _group_norm_like(child))
+        else:
+            _replace_batch_norms(child)
+
+
 class _PinnedDetect(Detect):
     """ultralytics' `Detect` with its layer layout pinned: building any YOLO model from a v8 yaml sets
     the CLASS attribute `Detect.legacy = True` (process-wide), which would change the layers of every
@@ -57,6 +76,7 @@ class DetectionHead(nn.Module):
         num_classes: int,
         channels: int,
         strides: tuple[float, float, float],
+        canvas_size: int,
         reg_max: int = 16,
         gains: tuple[float, float, float] = (7.5, 0.5, 1.5),
     ) -> None:
@@ -67,20 +87,21 @@ class DetectionHead(nn.Module):
         self.gains = gains
         self.detect = _PinnedDetect(nc=num_classes, reg_max=reg_max, ch=(channels,) * len(strides))
         self.detect.stride = torch.tensor(strides, dtype=torch.float32)
-        self.detect.bias_init()
+        _replace_batch_norms(self.detect)
+        self.canvas_size = canvas_size
+        with torch.no_grad():
+            for level, (box_branch, class_branch) in enumerate(
+                zip(self.detect.cv2, self.detect.cv3, strict=True)
+            ):
+                box_branch[-1].bias.fill_(2.0)
+                class_branch[-1].bias.fill_(self.class_prior(level, num_classes))
         self._criterion: tuple[torch.device, v8DetectionLoss] | None = None
 
-    def train(self, mode: bool = True) -> DetectionHead:
-        """Train the head with its BatchNorm statistics frozen (as detectron2's FrozenBN).
-
-        Batches here are a few images per rank: batch statistics would be noise, and running
-        statistics updated per rank would make DDP replicas diverge.
-        """
-        super().train(mode)
-        for module in self.modules():
-            if isinstance(module, nn.modules.batchnorm._BatchNorm):
-                module.eval()
-        return self
+    def class_prior(self, level: int, num_classes: int) -> float:
+        """Initial class logit of a pyramid level: ~5 objects per image spread over its anchors and classes
+        (ultralytics' `bias_init`, with this head's canvas instead of its fixed 640 px image)."""
+        anchors = (self.canvas_size / float(self.detect.stride[level])) ** 2
+        return math.log(5 / num_classes / anchors)
 
     @property
     def num_classes(self) -> int:
@@ -129,8 +150,10 @@ class DetectionHead(nn.Module):
         conf_threshold: float,
         iou_threshold: float,
         max_det: int = 100,
+        agnostic: bool = False,
     ) -> list[torch.Tensor]:
-        """Decode and NMS: per image a (n, 6) tensor [x0, y0, x1, y1, score, class_id], xyxy canvas pixels."""
+        """Decode and NMS: per image a (n, 6) tensor [x0, y0, x1, y1, score, class_id], xyxy canvas pixels,
+        best first. `agnostic`: one NMS over all classes (boxes of different classes suppress each other)."""
         decoded = self.detect._inference(predictions)  # (I, 4 + nc, A): xywh canvas pixels + sigmoid scores
         return non_max_suppression(
             decoded.float(),
@@ -138,6 +161,7 @@ class DetectionHead(nn.Module):
             iou_thres=iou_threshold,
             max_det=max_det,
             nc=self.num_classes,
+            agnostic=agnostic,
         )
 
     def grow_classes(self, num_classes: int) -> None:
@@ -164,6 +188,5 @@ class DetectionHead(nn.Module):
         self.detect.no = num_classes + self.detect.reg_max * 4
         with torch.no_grad():
             for level, branch in enumerate(self.detect.cv3):
-                prior = math.log(5 / num_classes / (640 / float(self.detect.stride[level])) ** 2)
-                branch[-1].bias[old:] = prior
+                branch[-1].bias[old:] = self.class_prior(level, num_classes)
         self._criterion = None

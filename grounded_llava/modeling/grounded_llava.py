@@ -16,20 +16,21 @@ from torch import nn
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.utils import ModelOutput
 
-from ..config import GroundedLlavaConfig, HeadSettings
-from ..image_meta import ImageMeta
+from ..config import GroundedLlavaConfig
 from ..processor import IGNORE_INDEX
 from ..tokenizer import GroundingTokenIds
-from .detection import DetectionHead, DetectionTargets
-from .masks import MaskHead, mask_loss
-from .neck import VisionNeck
+from .detection import DetectionTargets
+from .heads import build_heads
+from .masks import mask_loss
+from .pointer import Proposals, pointer_loss, pointer_targets
+from .prompts import bins_to_canvas, box_queries, image_of_rows, seg_prompts
 
 
 @dataclass
 class GroundedLlavaOutput(ModelOutput):
     """What `forward` returns. Losses are None when their targets were not given.
 
-    logits: (B, T, V). image_features: (I, N, D) projected. detections: the Detect head's raw predictions (see `DetectionHead.forward`).
+    logits: (B, T, V). image_features: (I, N, D) projected. pyramid: the neck's maps (see `image_pyramid`). detections: the Detect head's raw predictions (see `DetectionHead.forward`).
     mask_logits: (M, 4g, 4g) canvas-frame logits, one per `<seg>` token in reading order (batch-major);
     mask_scores: (M,) SAM's predicted IoU. seg_image_index: (M,) the image of each mask.
     """
@@ -38,46 +39,16 @@ class GroundedLlavaOutput(ModelOutput):
     lm_loss: torch.Tensor | None = None
     det_loss: torch.Tensor | None = None
     mask_loss: torch.Tensor | None = None
+    pointer_loss: torch.Tensor | None = None
+    pointer_accuracy: torch.Tensor | None = None
     logits: torch.Tensor | None = None
     last_hidden_state: torch.Tensor | None = None
     image_features: torch.Tensor | None = None
+    pyramid: list[torch.Tensor] | None = None
     detections: dict | None = None
     mask_logits: torch.Tensor | None = None
     mask_scores: torch.Tensor | None = None
     seg_image_index: torch.Tensor | None = None
-
-
-def build_heads(
-    heads: HeadSettings,
-    *,
-    num_classes: int,
-    text_hidden_size: int,
-    grid_size: int,
-    canvas_size: int,
-    patch_size: int,
-) -> tuple[VisionNeck, DetectionHead, MaskHead]:
-    """The neck (LLM-space image tokens -> pyramid at strides patch/2, patch, 2*patch), the Detect head
-    and the SAM mask head, sized from `heads` and the vision tower's geometry."""
-    channels = heads.neck_channels
-    neck = VisionNeck(in_dim=text_hidden_size, channels=channels, grid_size=grid_size)
-    detection = DetectionHead(
-        num_classes=num_classes,
-        channels=channels,
-        strides=(patch_size / 2, float(patch_size), patch_size * 2.0),
-        reg_max=heads.reg_max,
-        gains=(heads.box_gain, heads.cls_gain, heads.dfl_gain),
-    )
-    masks = MaskHead(
-        channels=channels,
-        grid_size=grid_size,
-        canvas_size=canvas_size,
-        text_hidden_size=text_hidden_size,
-        depth=heads.mask_decoder_depth,
-        num_heads=heads.mask_decoder_heads,
-        mlp_dim=heads.mask_decoder_mlp_dim,
-        seg_mlp_hidden=heads.seg_mlp_hidden,
-    )
-    return neck, detection, masks
 
 
 class GroundedLlavaForConditionalGeneration(nn.Module):
@@ -108,7 +79,7 @@ class GroundedLlavaForConditionalGeneration(nn.Module):
         self.num_image_tokens = num_image_tokens
         self.canvas_size = canvas_size
         text_hidden = self.base_llava.config.get_text_config().hidden_size
-        self.neck, self.detection_head, self.mask_head = build_heads(
+        parts = build_heads(
             config.heads,
             num_classes=max(len(config.heads.categories), 1),
             text_hidden_size=text_hidden,
@@ -116,6 +87,14 @@ class GroundedLlavaForConditionalGeneration(nn.Module):
             canvas_size=canvas_size,
             patch_size=patch_size,
         )
+        self.neck, self.detection_head, self.mask_head, self.pointer = (
+            parts["neck"],
+            parts["detection_head"],
+            parts["mask_head"],
+            parts["pointer"],
+        )
+        self.spatial_prior = parts["spatial_prior"] if "spatial_prior" in parts else None  # noqa: SIM401 (ModuleDict has no .get)
+        self.mask_level = 0 if config.heads.mask_from_finest else 1
         self.processor = None  # set by from_config / from_pretrained (a GroundedProcessor)
         loc = torch.full((int(self.base_llava.get_input_embeddings().weight.shape[0]),), -1, dtype=torch.long)
         loc[list(token_ids.loc)] = torch.arange(len(token_ids.loc))
@@ -197,12 +176,79 @@ class GroundedLlavaForConditionalGeneration(nn.Module):
                 f"expected {expected[bad].tolist()} ({self.num_image_tokens} per image)"
             )
 
+    # ------------------------------------------------------------------ heads
+    @property
+    def heads_dtype(self) -> torch.dtype:
+        return self.neck.input_proj[0].weight.dtype
+
+    def image_pyramid(
+        self, image_features: torch.Tensor, pixel_values: torch.Tensor | None
+    ) -> list[torch.Tensor]:
+        """(I, N, D) projected features (+ (I, 3, S, S) canvas pixels for the spatial prior) -> the neck's
+        maps [(I, C, 2g, 2g), (I, C, g, g), (I, C, g/2, g/2)] at strides patch/2, patch, 2*patch."""
+        prior = None
+        if self.spatial_prior is not None:
+            if pixel_values is None:
+                raise ValueError(
+                    "this model's neck needs the canvas pixels (spatial_prior): pass pixel_values"
+                )
+            prior = self.spatial_prior(pixel_values.to(self.heads_dtype))
+        return self.neck(image_features.to(self.heads_dtype), prior)
+
+    def mask_features(self, pyramid: list[torch.Tensor]) -> torch.Tensor:
+        """The pyramid level SAM decodes from."""
+        return pyramid[self.mask_level]
+
+    @torch.no_grad()
+    def proposals(self, detections: dict[str, torch.Tensor]) -> Proposals:
+        """The head's class-agnostic proposals (top `heads.max_proposals` after NMS), canvas pixels."""
+        heads = self.config.heads
+        rows = self.detection_head.postprocess(
+            detections,
+            conf_threshold=0.001,
+            iou_threshold=heads.proposal_nms_iou,
+            max_det=heads.max_proposals,
+            agnostic=True,
+        )
+        return Proposals.from_detections([r.float() for r in rows], heads.max_proposals)
+
+    def heads_losses(
+        self,
+        *,
+        pixel_values: torch.Tensor,
+        det_targets: DetectionTargets,
+        mask_image: torch.Tensor,
+        mask_boxes: torch.Tensor,
+        mask_targets: torch.Tensor,
+    ) -> GroundedLlavaOutput:
+        """The heads stage's step, without the LLM: Detect on every box, SAM on every instance mask.
+
+        Args:
+            pixel_values: (I, 3, S, S) canvas pixels. det_targets: every instance of the images.
+            mask_image: (M,) image of each mask prompt; mask_boxes: (M, 4) xyxy canvas px (jittered true
+                boxes); mask_targets: (M, r, r) {0, 1} canvas-frame masks (r = `mask_head.mask_resolution`).
+        """
+        features = self.encode_images(pixel_values)
+        pyramid = self.image_pyramid(features, pixel_values)
+        out = GroundedLlavaOutput(image_features=features, pyramid=pyramid)
+        out.detections = self.detection_head(pyramid)
+        out.det_loss = self.detection_head.loss(out.detections, det_targets)
+        out.mask_logits, out.mask_scores = self.mask_head(
+            self.mask_features(pyramid), mask_image, mask_boxes.to(self.heads_dtype), seg_hidden=None
+        )
+        loss = self.config.loss
+        out.mask_loss = mask_loss(
+            out.mask_logits, mask_targets, bce_weight=loss.mask_bce, dice_weight=loss.mask_dice
+        )
+        out.loss = loss.det * out.det_loss + out.mask_loss
+        return out
+
     # ------------------------------------------------------------------ forward
     def forward(
         self,
         *,
-        input_ids: torch.Tensor,
-        attention_mask: torch.Tensor,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
         pixel_values: torch.Tensor | None = None,
         image_sample_index: torch.Tensor | None = None,
         original_sizes: torch.Tensor | None = None,
@@ -210,19 +256,29 @@ class GroundedLlavaForConditionalGeneration(nn.Module):
         det_targets: DetectionTargets | None = None,
         seg_masks: torch.Tensor | None = None,
         image_features: torch.Tensor | None = None,
+        pyramid: list[torch.Tensor] | None = None,
         compute_masks: bool = True,
+        mask_prompts: dict[str, torch.Tensor] | None = None,
     ) -> GroundedLlavaOutput:
-        """Teacher-forced pass over the whole sequence.
+        """Teacher-forced pass over the whole sequence; without `input_ids`, the heads stage's step
+        (`heads_losses(pixel_values=..., det_targets=..., **mask_prompts)`, routed here so DDP sees it).
 
         Args:
             input_ids, attention_mask: (B, T). labels: (B, T), -100 where not supervised.
             pixel_values: (I, 3, S, S) for the I samples that have an image, in sample order;
                 `image_sample_index` (I,) their sample rows; `original_sizes` (I, 2) (W, H).
             det_targets: Detect-head ground truth for the images (see `DetectionTargets`).
-            seg_masks: (M, 4g, 4g) {0, 1} canvas-frame targets, one per `<seg>` in reading order.
-            image_features: (I, N, D) from `encode_images`, to skip the vision tower (inference reuse).
+            seg_masks: (M, r, r) {0, 1} canvas-frame targets, one per `<seg>` in reading order.
+            image_features: (I, N, D) from `encode_images`, pyramid: from `image_pyramid` (inference reuse).
             compute_masks: run the mask decoder for the `<seg>` tokens of the sequence.
+        With `labels` and images, the `<box>` groups of the answers also train the proposal pointer.
         """
+        if input_ids is None:
+            if pixel_values is None or det_targets is None or mask_prompts is None:
+                raise ValueError(
+                    "without input_ids, forward is the heads step: pass pixel_values, det_targets, mask_prompts"
+                )
+            return self.heads_losses(pixel_values=pixel_values, det_targets=det_targets, **mask_prompts)
         batch = input_ids.shape[0]
         if image_sample_index is None:
             image_sample_index = torch.arange(
@@ -254,20 +310,30 @@ class GroundedLlavaForConditionalGeneration(nn.Module):
             out.loss = sum(losses) if losses else None
             return out
 
-        pyramid = self.neck(image_features.to(self.neck.input_proj[0].weight.dtype))
-        out.detections = self.detection_head(pyramid)
+        out.pyramid = pyramid if pyramid is not None else self.image_pyramid(image_features, pixel_values)
+        out.detections = self.detection_head(out.pyramid)
         if det_targets is not None and bool(det_targets.image_has_targets.any()):
             out.det_loss = self.detection_head.loss(out.detections, det_targets.to(hidden.device))
             losses.append(self.config.loss.det * out.det_loss)
+        if labels is not None and original_sizes is not None:
+            out.pointer_loss, out.pointer_accuracy = self._pointer_loss(
+                input_ids, labels, hidden, image_sample_index, original_sizes, out
+            )
+            losses.append(self.config.loss.pointer * out.pointer_loss)
         if compute_masks or seg_masks is not None:
-            prompts = self._seg_prompts(input_ids, hidden, image_sample_index, original_sizes)
+            prompts = seg_prompts(
+                input_ids, hidden, image_sample_index, original_sizes, token_ids=self.token_ids,
+                loc_bin_of_token=self.loc_bin_of_token, canvas_size=self.canvas_size,
+            )  # fmt: skip
             box_only = None
             if self.training and self.config.heads.box_only_prompt_rate > 0:
                 box_only = (
                     torch.rand(prompts[0].shape[0], device=hidden.device)
                     < self.config.heads.box_only_prompt_rate
                 )
-            out.mask_logits, out.mask_scores = self.mask_head(pyramid[1], *prompts, box_only=box_only)
+            out.mask_logits, out.mask_scores = self.mask_head(
+                self.mask_features(out.pyramid), *prompts, box_only=box_only
+            )
             out.seg_image_index = prompts[0]
             if seg_masks is not None and seg_masks.shape[0] != out.mask_logits.shape[0]:
                 raise ValueError(
@@ -284,48 +350,35 @@ class GroundedLlavaForConditionalGeneration(nn.Module):
         out.loss = sum(losses) if losses else None
         return out
 
-    def _seg_prompts(
+    def _pointer_loss(
         self,
         input_ids: torch.Tensor,
+        labels: torch.Tensor,
         hidden: torch.Tensor,
         image_sample_index: torch.Tensor,
-        original_sizes: torch.Tensor | None,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """For every `<seg>` token: its image, the box group before it (canvas pixels) and the hidden state.
-
-        As in LISA, the prompt is the last hidden state at the position that predicts `<seg>` (t - 1),
-        which generation also has when it emits `<seg>`. The box is read from the four `<loc_k>`
-        tokens of the `<box>` group that the `<seg>` follows: `<box> l0 l1 l2 l3 </box> <seg>`.
-        """
-        rows, cols = (input_ids == self.token_ids.seg).nonzero(as_tuple=True)
-        device = hidden.device
-        if rows.numel() == 0:
-            empty = torch.zeros(0, dtype=torch.long, device=device)
-            return empty, hidden.new_zeros((0, 4)), hidden.new_zeros((0, hidden.shape[-1]))
-        image_of_sample = torch.full((input_ids.shape[0],), -1, dtype=torch.long, device=device)
-        image_of_sample[image_sample_index.to(device)] = torch.arange(
-            image_sample_index.numel(), device=device
+        original_sizes: torch.Tensor,
+        out: GroundedLlavaOutput,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Cross-entropy of the answers' `<box>` queries over the head's proposals (+ "none"), and its accuracy."""
+        queries = box_queries(input_ids, labels, self.token_ids, self.loc_bin_of_token)
+        images = image_of_rows(input_ids.shape[0], image_sample_index, hidden.device)[queries.rows]
+        keep = images >= 0
+        if not bool(keep.any()):
+            zero = hidden.sum() * 0.0
+            return zero, zero.detach()
+        images = images[keep]
+        proposals = self.proposals(out.detections)
+        target_boxes = bins_to_canvas(
+            queries.bins[keep],
+            images,
+            original_sizes,
+            num_bins=len(self.token_ids.loc),
+            canvas_size=self.canvas_size,
         )
-        images = image_of_sample[rows]
-        window = torch.stack([input_ids[rows, (cols - k).clamp(min=0)] for k in range(6, 0, -1)], dim=1)
-        bins = self.loc_bin_of_token[window[:, 1:5]]
-        valid = (cols >= 6) & (images >= 0) & (bins >= 0).all(1)
-        valid &= (window[:, 0] == self.token_ids.box_open) & (window[:, 5] == self.token_ids.box_close)
-        if not bool(valid.all()):
-            bad = [(int(r), int(c)) for r, c in zip(rows[~valid], cols[~valid], strict=True)]
-            raise ValueError(
-                f"<seg> token(s) at (sample, position) {bad} do not follow a <box> group of an image"
-            )
-        if original_sizes is None:
-            raise ValueError("original_sizes is needed to place the <seg> box prompts on the canvas")
-        fractions = (bins.float() + 0.5) / len(self.token_ids.loc)
-        boxes = torch.stack(
-            [
-                ImageMeta(tuple(original_sizes[i].tolist()), self.canvas_size).fractions_to_canvas(
-                    fractions[j]
-                )
-                for j, i in enumerate(images.tolist())
-            ]
+        targets, excluded = pointer_targets(proposals, images, target_boxes, queries.phrase[keep])
+        regions = self.pointer.region_embeddings(out.pyramid[0], proposals)
+        logits = self.pointer(
+            hidden[queries.rows[keep], queries.cols[keep]], images, regions, proposals.valid, excluded
         )
-        seg_hidden = hidden[rows, cols - 1]
-        return images, boxes.float(), seg_hidden
+        accuracy = (logits.argmax(1) == targets).float().mean().detach()
+        return pointer_loss(logits, targets), accuracy

@@ -10,7 +10,7 @@ from typing import Literal
 from ..config import GroundedLlavaConfig
 from ..config_io import ConfigError, apply_overrides, from_dict, load_yaml, to_dict
 
-StageKind = Literal["base", "align", "ground", "increment"]
+StageKind = Literal["heads", "base", "align", "ground", "increment"]
 SourceKind = Literal["coco", "synthetic", "llava_chat", "coco_captions", "synthetic_chat"]
 
 
@@ -57,8 +57,11 @@ class SourceConfig:
 class StageConfig:
     """One incremental stage (DESIGN.md "Incremental training").
 
-    kind: `base` (tiny bases only: trains the whole random-init LLaVA on chat, standing in for
-    LLaVA's own pre-training), `align` (heads, neck, `<seg>` MLP, new token rows; LLM frozen),
+    kind: `heads` (no LLM: spatial prior, neck, Detect and SAM on every box and every instance mask of
+    grounding sources, on augmented images; with `train_vision` also the tower + projector; with new
+    categories and `replay_weight` it is the heads part of an increment), `base` (tiny bases only: trains
+    the random-init LLM on chat, vision tower and projector frozen, standing in for LLaVA's own
+    pre-training), `align` (heads, neck, `<seg>` MLP, new token rows; LLM frozen),
     `ground` (+ LoRA, chat replay with KL to the adapter-disabled model), `increment` (new categories:
     the Detect class branch grows, replay of earlier grounding data, distillation of old-class outputs).
     """
@@ -78,8 +81,17 @@ class StageConfig:
     replay_size: int = 200
     hflip_prob: float = 0.5
     train_vision: bool = False
-    """Tiny bases only: also train the vision tower + projector (a random-init tower has no pretrained
-    visual features; a real LLaVA keeps its CLIP frozen, DESIGN.md)."""
+    """Tiny bases only, `heads` stages only: also train the vision tower + projector on boxes and masks (a
+    random-init tower has no visual features; a real LLaVA keeps its CLIP frozen, DESIGN.md). No stage
+    trains the tower on text alone: it collapses the features the heads need."""
+    batch_size: int | None = None
+    """Samples per step (per rank) in this stage; None: `train.batch_size`."""
+    vision_lr_scale: float = 0.3
+    """The tower + projector's learning rate as a fraction of `lr` (with `train_vision`)."""
+    mask_jitter: float = 0.08
+    """`heads` stages: SAM's box prompts are true boxes with each side moved by N(0, this * box side)."""
+    zoom_prob: float = 0.3
+    """`heads` stages: probability of the zoom-out augmentation (hflip uses `hflip_prob`)."""
 
     def __post_init__(self) -> None:
         if not self.data:
@@ -88,6 +100,14 @@ class StageConfig:
             raise ConfigError(f"stage {self.name!r}: proportion must be > 0")
         if self.kind == "base" and (self.kl_weight or self.distill_weight):
             raise ConfigError(f"stage {self.name!r}: a base stage has no KL or distillation")
+        if self.train_vision and self.kind != "heads":
+            raise ConfigError(
+                f"stage {self.name!r}: train_vision is for heads stages only (text alone collapses the tower's features)"
+            )
+        if self.kind == "heads" and (self.kl_weight or not all(s.is_grounding for s in self.data)):
+            raise ConfigError(
+                f"stage {self.name!r}: a heads stage trains on grounding sources only, without KL"
+            )
 
 
 @dataclass

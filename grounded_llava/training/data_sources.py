@@ -15,6 +15,7 @@ from ..data import (
     load_coco_instances,
     load_llava_chat,
 )
+from ..data.coco import ImageRecord
 from ..data.sample import GroundedSample
 from .config import SourceConfig, TrainConfig
 
@@ -24,9 +25,10 @@ _WORLD_PARAMS = "world_params.json"
 
 @dataclass
 class LoadedSource:
-    """The samples of one source, its category names (grounding sources) and a description for the manifest."""
+    """The samples of one source, its category names (grounding sources) and a description for the manifest.
+    `samples` are `GroundedSample`s, or `ImageRecord`s for a heads stage (`heads_data.py`)."""
 
-    samples: list[GroundedSample]
+    samples: list[GroundedSample] | list[ImageRecord]
     categories: list[str]
     description: dict
 

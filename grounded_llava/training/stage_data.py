@@ -13,13 +13,15 @@ from ..config_io import from_dict, to_dict
 from ..data.sample import GroundedSample
 from .config import SourceConfig, TrainConfig
 from .data_sources import LoadedSource, load_source, synthetic_dir
+from .heads_data import load_heads_sources
 
 logger = logging.getLogger(__name__)
 
 
 @dataclass
 class StageData:
-    """The sources of one stage (replay buffer last), their mixing weights, the categories new to the head."""
+    """The sources of one stage (replay buffer last), their mixing weights, the categories new to the head.
+    A heads stage's sources hold `ImageRecord`s (whole images), the others' `GroundedSample`s."""
 
     sources: list[LoadedSource]
     weights: list[float]
@@ -38,6 +40,17 @@ def load_stage_data(
 ) -> StageData:
     """Read stage `index`'s sources (rank 0 first: it generates synthetic worlds) and its replay buffer."""
     stage = config.stages[index]
+    if stage.kind == "heads":
+        with accelerator.main_process_first():
+            earlier = [s for st in config.stages[:index] for s in st.data]
+            earlier += _inherited_sources(config, manifest, output_dir)
+            loaded, weights = load_heads_sources(config, index, output_dir=output_dir, earlier=earlier)
+        sources = [
+            LoadedSource(records, categories, description) for records, categories, description in loaded
+        ]
+        return StageData(
+            sources=sources, weights=weights, new_categories=_new_categories(sources, known_categories)
+        )
     with accelerator.main_process_first():
         sources = [
             load_source(s, config=config, output_dir=output_dir, num_bins=num_bins) for s in stage.data
@@ -48,10 +61,16 @@ def load_stage_data(
             if replay.samples:
                 sources.append(replay)
                 weights.append(stage.replay_weight)
+    return StageData(
+        sources=sources, weights=weights, new_categories=_new_categories(sources, known_categories)
+    )
+
+
+def _new_categories(sources: list[LoadedSource], known: list[str]) -> list[str]:
     new: list[str] = []
     for source in sources:
-        new += [c for c in source.categories if c not in known_categories and c not in new]
-    return StageData(sources=sources, weights=weights, new_categories=new)
+        new += [c for c in source.categories if c not in known and c not in new]
+    return new
 
 
 def _inherited_sources(config: TrainConfig, manifest: list[dict], output_dir: Path) -> list[SourceConfig]:

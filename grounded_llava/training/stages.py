@@ -13,7 +13,7 @@ from ..modeling import GroundedLlavaForConditionalGeneration
 from ..processor import IGNORE_INDEX, GroundedBatch
 
 # Parameter groups, by what their names contain (peft injects "lora_" and "trainable_tokens_delta").
-_HEADS = ("neck.", "detection_head.", "mask_head.")
+_HEADS = ("neck.", "detection_head.", "mask_head.", "pointer.", "spatial_prior.")
 
 
 def _group_of(name: str) -> str:
@@ -29,7 +29,8 @@ def _group_of(name: str) -> str:
 
 
 STAGE_GROUPS = {
-    "base": {"base", "vision"},
+    "heads": {"heads"},
+    "base": {"base"},
     "align": {"heads", "token_rows"},
     "ground": {"heads", "token_rows", "lora"},
     "increment": {"heads", "token_rows", "lora"},
@@ -41,9 +42,8 @@ def set_trainable(
 ) -> dict[str, int]:
     """Freeze everything but the stage's parameter groups; returns trainable parameter counts per group.
 
-    `base` (tiny bases only) trains the whole LLaVA, vision tower included; the others follow DESIGN.md.
-    `train_vision` (tiny bases only) also trains the vision tower + projector: a random-init tower has
-    no pretrained visual features for the heads to build on.
+    `base` (tiny bases only) trains the LLM; the others follow DESIGN.md. `train_vision` (tiny bases,
+    heads stages) also trains the vision tower + projector: a random-init tower has no visual features.
     """
     if (kind == "base" or train_vision) and not model.config.is_tiny:
         raise ValueError(
@@ -57,6 +57,18 @@ def set_trainable(
         if group in groups:
             counts[group] = counts.get(group, 0) + parameter.numel()
     return counts
+
+
+def parameter_groups(model: nn.Module, lr: float, vision_lr_scale: float) -> list[dict]:
+    """The trainable parameters as AdamW groups: the vision tower + projector at `lr * vision_lr_scale`."""
+    vision, rest = [], []
+    for name, parameter in model.named_parameters():
+        if parameter.requires_grad:
+            (vision if _group_of(name) == "vision" else rest).append(parameter)
+    groups = [{"params": rest, "lr": lr}]
+    if vision:
+        groups.append({"params": vision, "lr": lr * vision_lr_scale})
+    return groups
 
 
 def chat_kl_loss(
@@ -90,7 +102,7 @@ def chat_kl_loss(
 
 
 class HeadDistiller(nn.Module):
-    """Frozen snapshot of the neck + Detect head at the start of an increment stage.
+    """Frozen snapshot of the spatial prior + neck + Detect head at the start of an increment stage.
 
     `loss` keeps the student's outputs for the OLD classes close to the snapshot's on every image:
     BCE of the old-class score logits against the snapshot's probabilities, plus KL of the box (DFL)
@@ -101,11 +113,21 @@ class HeadDistiller(nn.Module):
         super().__init__()
         self.neck = copy.deepcopy(model.neck).eval().requires_grad_(False)
         self.head = copy.deepcopy(model.detection_head).eval().requires_grad_(False)
+        prior = model.spatial_prior
+        self.spatial_prior = None if prior is None else copy.deepcopy(prior).eval().requires_grad_(False)
         self.num_old_classes = self.head.num_classes
 
-    def loss(self, image_features: torch.Tensor, student: dict[str, torch.Tensor]) -> torch.Tensor:
+    def loss(
+        self,
+        image_features: torch.Tensor,
+        pixel_values: torch.Tensor | None,
+        student: dict[str, torch.Tensor],
+    ) -> torch.Tensor:
+        """image_features (I, N, D) and canvas pixel_values (I, 3, S, S) of the student's images."""
         with torch.no_grad():
-            teacher = self.head(self.neck(image_features.detach()))
+            dtype = self.neck.input_proj[0].weight.dtype
+            prior = None if self.spatial_prior is None else self.spatial_prior(pixel_values.to(dtype))
+            teacher = self.head(self.neck(image_features.detach().to(dtype), prior))
         old = self.num_old_classes
         teacher_prob = teacher["scores"].float().sigmoid()  # (I, old, A)
         # BCE against soft targets minus the targets' own entropy = KL per logit (0 when the outputs

@@ -33,15 +33,16 @@ from .checkpointing import (
     trainable_state_dict,
 )
 from .config import StageConfig, TrainConfig
+from .heads_data import HeadsBatch, HeadsDataset, collate_heads, jitter_boxes
 from .metrics_log import MetricsLogger
 from .plots import plot_loss_curves
 from .sampler import ResumableSampler
 from .stage_data import StageData, absolute_source, load_stage_data
-from .stages import HeadDistiller, chat_kl_loss, set_trainable
+from .stages import HeadDistiller, chat_kl_loss, parameter_groups, set_trainable
 
 MANIFEST = "stages.json"
 logger = logging.getLogger(__name__)
-LOSS_KEYS = ("loss", "lm_loss", "det_loss", "mask_loss", "kl_loss", "distill_loss")
+LOSS_KEYS = ("loss", "lm_loss", "det_loss", "mask_loss", "pointer_loss", "kl_loss", "distill_loss")
 
 
 def _to_device(batch: TrainingBatch, device: torch.device) -> dict:
@@ -147,7 +148,9 @@ class Trainer:
 
         datasets, sampler, loader = self._data_pipeline(index, model, data)
         parameters = [p for p in model.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(parameters, lr=stage.lr, weight_decay=loop.weight_decay)
+        optimizer = torch.optim.AdamW(
+            parameter_groups(model, stage.lr, stage.vision_lr_scale), weight_decay=loop.weight_decay
+        )
         steps = self.stage_steps[index]
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(steps, loop.warmup_ratio))
         stage_step = 0
@@ -191,8 +194,8 @@ class Trainer:
                     if accelerator.sync_gradients:
                         scheduler.step()
                     optimizer.zero_grad()
-                sampler.advance(loop.batch_size)
-                samples_seen += loop.batch_size * accelerator.num_processes
+                sampler.advance(stage.batch_size or loop.batch_size)
+                samples_seen += (stage.batch_size or loop.batch_size) * accelerator.num_processes
                 for key, value in {"loss": total, **losses}.items():
                     if value is not None:
                         running.setdefault(key, []).append(float(value.detach()))
@@ -225,7 +228,7 @@ class Trainer:
     ) -> HeadDistiller | None:
         """The frozen stage-start snapshot of an increment stage (reloaded from disk on resume)."""
         stage = self.config.stages[index]
-        if stage.kind != "increment" or stage.distill_weight <= 0:
+        if stage.kind not in ("increment", "heads") or stage.distill_weight <= 0:
             return None
         snapshot_dir = self._stage_start_dir(index)
         if snapshot_dir is None:
@@ -242,17 +245,7 @@ class Trainer:
     ) -> tuple[list[GroundedDataset], ResumableSampler, DataLoader]:
         """Datasets per source, the resumable rank-sharded mixing sampler and the loader over them."""
         stage, loop = self.config.stages[index], self.config.train
-        datasets = [
-            GroundedDataset(
-                s.samples,
-                model.processor,
-                categories=model.config.heads.categories,
-                mask_resolution=model.mask_head.mask_resolution,
-                hflip_prob=stage.hflip_prob,
-                seed=loop.seed + index,
-            )
-            for s in data.sources
-        ]
+        datasets = [self._dataset(stage, model, s.samples, seed=loop.seed + index) for s in data.sources]
         sampler = ResumableSampler(
             source_sizes=[len(d) for d in datasets],
             weights=data.weights,
@@ -262,31 +255,66 @@ class Trainer:
         )
         loader = DataLoader(
             ConcatDataset(datasets),
-            batch_size=loop.batch_size,
+            batch_size=stage.batch_size or loop.batch_size,
             sampler=sampler,
-            collate_fn=GroundedCollator(model.processor),
+            collate_fn=collate_heads if stage.kind == "heads" else GroundedCollator(model.processor),
             drop_last=True,
             generator=torch.Generator(),
         )
         return datasets, sampler, loader
 
+    @staticmethod
+    def _dataset(stage: StageConfig, model, samples: list, *, seed: int) -> GroundedDataset | HeadsDataset:
+        common = {
+            "categories": model.config.heads.categories,
+            "mask_resolution": model.mask_head.mask_resolution,
+        }
+        if stage.kind == "heads":
+            return HeadsDataset(
+                samples,
+                model.processor,
+                hflip_prob=stage.hflip_prob,
+                zoom_prob=stage.zoom_prob,
+                seed=seed,
+                **common,
+            )
+        return GroundedDataset(samples, model.processor, hflip_prob=stage.hflip_prob, seed=seed, **common)
+
     def _losses(
         self,
         wrapped,
         model: GroundedLlavaForConditionalGeneration,
-        batch: TrainingBatch,
+        batch: TrainingBatch | HeadsBatch,
         stage: StageConfig,
         distiller: HeadDistiller | None,
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor | None]]:
-        """The stage's total loss: the model's (LM + det + mask) + KL on chat samples + old-class distillation."""
-        out = wrapped(**_to_device(batch, self.accelerator.device))
-        losses = {"lm_loss": out.lm_loss, "det_loss": out.det_loss, "mask_loss": out.mask_loss}
+        """The stage's total loss: the model's (LM + det + mask + pointer) + KL on chat samples + old-class
+        distillation. A heads stage runs the heads step alone (jittered true boxes as SAM prompts)."""
+        device = self.accelerator.device
+        if isinstance(batch, HeadsBatch):
+            pixel_values = batch.pixel_values.to(device)
+            prompts = {
+                "mask_image": batch.mask_image.to(device),
+                "mask_boxes": jitter_boxes(
+                    batch.mask_boxes, scale=stage.mask_jitter, canvas_size=model.canvas_size
+                ).to(device),
+                "mask_targets": batch.mask_targets.to(device),
+            }
+            out = wrapped(
+                pixel_values=pixel_values, det_targets=batch.det_targets.to(device), mask_prompts=prompts
+            )
+        else:
+            out = wrapped(**_to_device(batch, device))
+            pixel_values = batch.batch.pixel_values
+        losses = {"lm_loss": out.lm_loss, "det_loss": out.det_loss, "mask_loss": out.mask_loss,
+                  "pointer_loss": out.pointer_loss, "pointer_accuracy": out.pointer_accuracy}  # fmt: skip
         total = out.loss if out.loss is not None else out.logits.sum() * 0.0
-        if stage.kl_weight > 0:
+        if stage.kl_weight > 0 and not isinstance(batch, HeadsBatch):
             losses["kl_loss"] = chat_kl_loss(model, batch.batch, out.logits, batch.is_chat)
             total = total + stage.kl_weight * losses["kl_loss"]
         if distiller is not None:
-            losses["distill_loss"] = distiller.loss(out.image_features, out.detections)
+            pixels = None if pixel_values is None else pixel_values.to(device)
+            losses["distill_loss"] = distiller.loss(out.image_features, pixels, out.detections)
             total = total + stage.distill_weight * losses["distill_loss"]
         return total, losses
 
@@ -312,15 +340,23 @@ class Trainer:
         model.eval()
         per_source = max(1, self.config.train.eval_samples // len(datasets))
         totals: dict[str, list[float]] = {}
-        collate = GroundedCollator(model.processor)
+        device = self.accelerator.device
         for dataset in datasets:
             for start in range(0, min(per_source, len(dataset)), self.config.train.batch_size):
                 items = [
                     dataset[i]
                     for i in range(start, min(start + self.config.train.batch_size, per_source, len(dataset)))
                 ]
-                out = model(**_to_device(collate(items), self.accelerator.device))
-                for key in ("lm_loss", "det_loss", "mask_loss"):
+                if isinstance(dataset, HeadsDataset):
+                    batch = collate_heads(items)
+                    prompts = {
+                        k: getattr(batch, k).to(device) for k in ("mask_image", "mask_boxes", "mask_targets")
+                    }
+                    out = model(pixel_values=batch.pixel_values.to(device), det_targets=batch.det_targets.to(device),
+                                mask_prompts=prompts)  # fmt: skip
+                else:
+                    out = model(**_to_device(GroundedCollator(model.processor)(items), device))
+                for key in ("lm_loss", "det_loss", "mask_loss", "pointer_accuracy"):
                     value = getattr(out, key)
                     if value is not None:
                         totals.setdefault(f"eval_{key}", []).append(float(value))

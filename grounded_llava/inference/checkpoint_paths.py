@@ -1,0 +1,57 @@
+"""Where a checkpoint comes from: the shipped default, a local directory, or a hub id's snapshot."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import grounded_llava
+from grounded_llava.modeling import CheckpointError
+from grounded_llava.modeling.base import BaseModelUnavailableError
+
+DEFAULT_CHECKPOINT = Path(grounded_llava.__file__).resolve().parents[1] / "checkpoints" / "tiny-shapes"
+CHECKPOINT_FILES = (
+    "grounded_config.json",
+    "grounded_processor.json",
+    "tokenizer_config.json",
+    "adapter",
+    "heads.safetensors",
+)
+_HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
+
+
+def resolve_checkpoint(dir_or_id: str | Path | None) -> Path:
+    """The checkpoint directory to load: the shipped default, a local directory, or a hub id's snapshot."""
+    if dir_or_id is None:
+        if not DEFAULT_CHECKPOINT.is_dir():
+            raise FileNotFoundError(
+                f"the default checkpoint {DEFAULT_CHECKPOINT} does not exist yet: train it with train.py, or "
+                "pass a checkpoint directory (infer.py --model DIR, GroundedLlava.from_pretrained(DIR))"
+            )
+        directory = DEFAULT_CHECKPOINT
+    else:
+        directory = Path(dir_or_id)
+        if not directory.exists() and _HUB_ID.match(str(dir_or_id)):
+            directory = _download(str(dir_or_id))
+        elif not directory.is_dir():
+            raise FileNotFoundError(f"model directory {directory} does not exist")
+    missing = [name for name in CHECKPOINT_FILES if not (directory / name).exists()]
+    if missing:
+        raise CheckpointError(
+            f"{directory / missing[0]} is missing: {directory} is not a complete grounded-llava checkpoint "
+            f"(missing {', '.join(missing)})"
+        )
+    return directory
+
+
+def _download(repo_id: str) -> Path:
+    from huggingface_hub import constants, snapshot_download
+
+    try:
+        return Path(snapshot_download(repo_id))
+    except (OSError, ValueError) as err:
+        offline = " (HF_HUB_OFFLINE=1: only the local cache is searched)" if constants.HF_HUB_OFFLINE else ""
+        raise BaseModelUnavailableError(
+            f"model {repo_id!r} is not a local directory and cannot be fetched from the Hugging Face hub"
+            f"{offline}: {err.__class__.__name__}; pass a checkpoint directory"
+        ) from None

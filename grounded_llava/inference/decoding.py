@@ -1,0 +1,135 @@
+"""Grounded decoding: LLaVA's autoregressive loop (KV cache, left padding) where every `<box>` the model
+writes picks one of the detection head's proposals through the pointer, and the chosen proposal's box
+is then forced as the group's four `<loc_k>` tokens and `</box>`.
+
+"none" (the pointer's last option) leaves the four loc tokens to the LM (an object the head cannot
+propose). Within one phrase (the `<box>` groups after the same `</p>`), a proposal already chosen is
+excluded, as in training (`modeling.pointer.pointer_targets`): "every circle" lists each circle once.
+
+Frames: proposals are xyxy canvas pixels; `PointerChoice.box` is xyxy ORIGINAL image pixels.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from grounded_llava.codec import box_bins
+from grounded_llava.image_meta import ImageMeta
+from grounded_llava.modeling import GroundedLlavaForConditionalGeneration
+from grounded_llava.modeling.pointer import Proposals
+
+
+@dataclass
+class PointerChoice:
+    """The pointer's decision at one `<box>`: `position` of the `<box>` token in the answer ids, the
+    chosen `proposal` index (None: "none"), its probability, box (original px) and head score."""
+
+    position: int
+    proposal: int | None
+    probability: float
+    box: tuple[float, float, float, float] | None = None
+    head_score: float = 0.0
+
+
+@dataclass
+class DecodedAnswers:
+    """Per request: the answer's token ids (no eos) and the pointer's choices, in reading order."""
+
+    ids: list[list[int]]
+    choices: list[list[PointerChoice]]
+
+
+def _choose(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    if temperature <= 0:
+        return logits.argmax(-1)
+    return torch.multinomial(torch.softmax(logits.float() / temperature, dim=-1), 1)[:, 0]
+
+
+@torch.inference_mode()
+def decode_grounded(
+    model: GroundedLlavaForConditionalGeneration,
+    *,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    features: torch.Tensor,
+    pyramid: list[torch.Tensor],
+    metas: list[ImageMeta],
+    max_new_tokens: int,
+    temperature: float,
+    eos_token_id: int,
+    pad_token_id: int,
+) -> DecodedAnswers:
+    """Generate answers for a left-padded batch (B, T) whose rows are one image each (`features` (B, N, D),
+    `pyramid` the neck's maps of those images, `metas` their geometry)."""
+    llava, ids = model.base_llava, model.token_ids
+    num_bins = len(ids.loc)
+    batch = input_ids.shape[0]
+    proposals: Proposals = model.proposals(model.detection_head(pyramid))
+    regions = model.pointer.region_embeddings(pyramid[0], proposals)
+    position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+    out = llava.model(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        position_ids=position_ids,
+        mm_encoder_outputs=model.mm_encoder_outputs(features),
+        use_cache=True,
+    )
+    cache, hidden = out.past_key_values, out.last_hidden_state[:, -1]
+    next_position = position_ids[:, -1] + 1
+    answers: list[list[int]] = [[] for _ in range(batch)]
+    choices: list[list[PointerChoice]] = [[] for _ in range(batch)]
+    forced: list[list[int]] = [[] for _ in range(batch)]
+    taken = torch.zeros_like(proposals.valid)  # (B, K): chosen within the current phrase
+    finished = torch.zeros(batch, dtype=torch.bool, device=input_ids.device)
+    for _ in range(max_new_tokens):
+        tokens = _choose(llava.lm_head(hidden), temperature)
+        at_box = [
+            r for r in range(batch)
+            if answers[r] and answers[r][-1] == ids.box_open and not forced[r] and not finished[r]
+        ]  # fmt: skip
+        if at_box:
+            rows = torch.tensor(at_box, device=hidden.device)
+            logits = model.pointer(hidden[rows], rows, regions, proposals.valid, taken[rows])
+            probabilities = logits.softmax(-1)
+            best = probabilities.argmax(-1)
+            for r, k, p in zip(at_box, best.tolist(), probabilities.max(-1).values.tolist(), strict=True):
+                position = len(answers[r]) - 1
+                if k == proposals.valid.shape[1]:  # "none": the LM writes the box
+                    choices[r].append(PointerChoice(position=position, proposal=None, probability=p))
+                    continue
+                box = metas[r].boxes_from_canvas(proposals.boxes[r, k : k + 1].float().cpu())[0]
+                width, height = metas[r].original_size
+                box = box.clamp(min=0).minimum(torch.tensor([width, height, width, height], dtype=box.dtype))
+                bins = box_bins(tuple(box.tolist()), metas[r].original_size, num_bins)
+                forced[r] = [ids.loc[b] for b in bins] + [ids.box_close]
+                taken[r, k] = True
+                choices[r].append(
+                    PointerChoice(position, k, p, tuple(box.tolist()), float(proposals.scores[r, k]))
+                )
+        for r in range(batch):
+            if forced[r]:
+                tokens[r] = forced[r].pop(0)
+        tokens = torch.where(finished, torch.full_like(tokens, pad_token_id), tokens)
+        for r, token in enumerate(tokens.tolist()):
+            if not finished[r] and token != eos_token_id:
+                answers[r].append(token)
+                if token == ids.p_close:
+                    taken[r] = False
+        finished |= tokens == eos_token_id
+        if bool(finished.all()):
+            break
+        attention_mask = torch.cat(
+            [attention_mask, (~finished).long()[:, None].to(attention_mask.dtype)], dim=1
+        )
+        out = llava.model(
+            input_ids=tokens[:, None],
+            attention_mask=attention_mask,
+            position_ids=next_position[:, None],
+            past_key_values=cache,
+            use_cache=True,
+        )
+        cache, hidden = out.past_key_values, out.last_hidden_state[:, -1]
+        next_position = next_position + 1
+    return DecodedAnswers(ids=answers, choices=choices)

@@ -1,0 +1,67 @@
+"""`build_heads`: everything outside LLaVA, sized from `HeadSettings` and the vision tower's geometry."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from ..config import HeadSettings
+from .detection import DetectionHead
+from .masks import MaskHead
+from .neck import VisionNeck
+from .pointer import ProposalPointer
+from .spatial_prior import SpatialPrior
+
+
+def build_heads(
+    heads: HeadSettings,
+    *,
+    num_classes: int,
+    text_hidden_size: int,
+    grid_size: int,
+    canvas_size: int,
+    patch_size: int,
+) -> nn.ModuleDict:
+    """The heads, sized from `heads` and the vision tower's geometry: "neck" (LLM-space image tokens ->
+    pyramid at strides patch/2, patch, 2*patch), "spatial_prior" (pixels -> the same strides; when
+    `heads.spatial_prior`), "detection_head" (Detect), "mask_head" (SAM) and "pointer" (`<box>` -> proposal)."""
+    channels = heads.neck_channels
+    strides = (patch_size / 2, float(patch_size), patch_size * 2.0)
+    mask_level = 0 if heads.mask_from_finest else 1
+    parts = nn.ModuleDict(
+        {
+            "neck": VisionNeck(
+                in_dim=text_hidden_size,
+                channels=channels,
+                grid_size=grid_size,
+                with_prior=heads.spatial_prior,
+            ),
+            "detection_head": DetectionHead(
+                num_classes=num_classes,
+                channels=channels,
+                strides=strides,
+                canvas_size=canvas_size,
+                reg_max=heads.reg_max,
+                gains=(heads.box_gain, heads.cls_gain, heads.dfl_gain),
+            ),
+            "mask_head": MaskHead(
+                channels=channels,
+                grid_size=grid_size * 2 if mask_level == 0 else grid_size,
+                canvas_size=canvas_size,
+                text_hidden_size=text_hidden_size,
+                depth=heads.mask_decoder_depth,
+                num_heads=heads.mask_decoder_heads,
+                mlp_dim=heads.mask_decoder_mlp_dim,
+                seg_mlp_hidden=heads.seg_mlp_hidden,
+            ),
+            "pointer": ProposalPointer(
+                channels=channels,
+                text_hidden_size=text_hidden_size,
+                canvas_size=canvas_size,
+                stride=strides[0],
+                dim=heads.pointer_dim,
+            ),
+        }
+    )
+    if heads.spatial_prior:
+        parts["spatial_prior"] = SpatialPrior(channels=channels)
+    return parts
