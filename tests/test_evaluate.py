@@ -34,6 +34,7 @@ from grounded_llava.evaluation.tasks import (
 )
 from grounded_llava.evaluation.teacher_forcing import chat_kl, text_box_probabilities
 from grounded_llava.inference import Detections, GroundedAnswer, GroundedLlava, GroundedSpanResult
+from grounded_llava.inference.decoding import DecodedAnswers
 from grounded_llava.modeling import GroundedLlavaForConditionalGeneration
 
 from .conftest import tiny_test_config
@@ -183,7 +184,9 @@ def test_text_box_probabilities_are_the_predictors_own_scores(predictor, checkpo
     strict.model.config.heads.conf_threshold = 0.99
     request = strict._request(data.image_paths[0], DETECT_PROMPT, [])
     ids = strict.processor.tokenizer(" " + answers[0], add_special_tokens=False).input_ids
-    grounded = strict._ground([request], strict._encode([request]), [ids], masks_for_detections=False)[0]
+    features, pyramid = strict._encode([request])
+    given = DecodedAnswers(ids=[ids], choices=[[]])  # no pointer choice: the boxes are the text's
+    grounded = strict._ground([request], features, pyramid, given, masks_for_detections=False)[0]
     assert [s.source for s in grounded.spans] == ["text"] * len(boxes[0])
     np.testing.assert_allclose([s.score for s in grounded.spans], [b.score for b in boxes[0]], rtol=1e-4)
 

@@ -6,8 +6,9 @@ import torch
 from PIL import Image
 
 from grounded_llava.codec import encode_phrase
-from grounded_llava.inference import Detections, GroundedAnswer, GroundedLlava
-from grounded_llava.inference import checkpoint_paths
+from grounded_llava.inference import Detections, GroundedAnswer, GroundedLlava, checkpoint_paths
+from grounded_llava.inference.decoding import DecodedAnswers
+from grounded_llava.inference.reconcile import pairwise_iou
 from grounded_llava.modeling import CheckpointError
 from grounded_llava.modeling.base import BaseModelUnavailableError
 
@@ -100,23 +101,32 @@ def test_forced_answer_gets_box_mask_and_token_probability(predictor):
     assert answer_ids.count(model.image_token_id) == 1 and answer_ids.count(model.token_ids.seg) == 2
 
     request = predictor._request(image, "Segment the circle.", [])
-    features = predictor._encode([request])
-    answer = predictor._ground([request], features, [answer_ids], masks_for_detections=False)[0]
+    features, pyramid = predictor._encode([request])
+    given = DecodedAnswers(ids=[answer_ids], choices=[[]])  # no pointer choice: every box is the LM's
+    answer = predictor._ground([request], features, pyramid, given, masks_for_detections=False)[0]
     assert answer.text.startswith("Here: circle") and answer.num_dropped_groups == 1
     assert len(answer.spans) == 1
     span = answer.spans[0]
     assert span.phrase == "circle"
     bin_px = np.array([160, 120, 160, 120]) / processor.num_bins
-    assert (np.abs(span.box - np.array(box)) <= bin_px).all()
+    written = np.array(processor.parse(answer.raw_text, request.meta).spans[0].boxes[0])
+    assert (np.abs(written - np.array(box)) <= bin_px).all()  # the text's box, to the bin
+    if span.source == "head":  # reconciled: the matched detection's box, which overlaps the text's enough
+        np.testing.assert_allclose(span.box, answer.detections.numpy().boxes[span.head_index])
+        assert pairwise_iou(span.box[None], written[None])[0, 0] >= model.config.heads.match_iou
+    else:
+        np.testing.assert_allclose(span.box, written)
     assert span.mask.shape == (120, 160) and span.mask.dtype == bool
     assert 0.0 <= span.score <= 1.0
 
     # Grounded in a right-padded batch after a longer sample: the same span.
     other = predictor._request(noise_image(50, 70, seed=8), "Describe the image in detail, please.", [])
+    other_features, other_pyramid = predictor._encode([other])
     pair = predictor._ground(
         [other, request],
-        torch.cat([predictor._encode([other]), features]),
-        [answer_ids[:3], answer_ids],
+        torch.cat([other_features, features]),
+        [torch.cat(levels) for levels in zip(other_pyramid, pyramid, strict=True)],
+        DecodedAnswers(ids=[answer_ids[:3], answer_ids], choices=[[], []]),
         masks_for_detections=False,
     )
     batched_span = pair[1].spans[0]
@@ -134,6 +144,7 @@ def test_forced_answer_gets_box_mask_and_token_probability(predictor):
             input_ids=ids,
             attention_mask=torch.ones_like(ids),
             image_features=features,
+            pyramid=pyramid,
             image_sample_index=torch.tensor([0]),
             original_sizes=torch.tensor([size]),
         )

@@ -1,6 +1,7 @@
 """train.py end to end: a two-step run, 2-process CPU DDP, SIGKILL + resume equality, increment forgetting."""
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -10,10 +11,12 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from safetensors.torch import load_file
 
 from grounded_llava import GroundedLlavaForConditionalGeneration
 from grounded_llava.config_io import from_dict, load_yaml
+from grounded_llava.modeling.base import build_tiny_base
 from grounded_llava.training.config import TrainConfig
 from grounded_llava.training.metrics_log import read_metrics
 from grounded_llava.training.trainer import Trainer
@@ -53,11 +56,76 @@ def test_two_step_run_of_train_py(tmp_path):
     manifest = json.loads((tmp_path / "final" / "stages.json").read_text())
     assert [s["name"] for s in manifest] == ["align", "ground"] and all(s["steps"] == 1 for s in manifest)
     assert manifest[0]["new_categories"] == ["circle", "square", "star"]
+    assert manifest[2]["new_categories"] == ["hexagon"] and manifest[2]["categories"][-1] == "hexagon"
+    assert [d["kind"] for d in manifest[2]["data"]] == ["synthetic", "replay"]
     assert set(manifest[1]["trainable_parameters"]) == {"heads", "token_rows", "lora"}
     assert (tmp_path / "loss_curves.png").stat().st_size > 0
     assert [r["step"] for r in read_metrics(tmp_path / "metrics.jsonl") if "loss" in r] == [1, 2]
     model = GroundedLlavaForConditionalGeneration.from_pretrained(tmp_path / "final")
     assert model.config.heads.categories == ["circle", "square", "star"]
+
+
+def _vision_state(model: GroundedLlavaForConditionalGeneration) -> dict[str, torch.Tensor]:
+    llava = model.base_llava.model
+    return {**llava.vision_tower.state_dict(), **llava.multi_modal_projector.state_dict()}
+
+
+def test_heads_then_base_stages_of_train_py(tmp_path):
+    """A `heads` stage (no LLM: every box and mask, the tower trained too), `base` (the LLM on chat, the tower
+    frozen: text alone would collapse its features) and a `heads` increment (new categories, replayed old
+    images, old-class distillation), as configs/tiny_shapes.yaml runs them, through train.py."""
+    data = load_yaml(CONFIG)
+    world = {"kind": "synthetic", "dir": "data/old", "num_images": 8, "seed": 1, "image_size": 112,
+             "categories": ["circle", "square", "star"]}  # fmt: skip
+    data["stages"] = [
+        {"name": "heads", "kind": "heads", "proportion": 2, "batch_size": 2, "lr": 2.0e-3,
+         "train_vision": True, "data": [world]},
+        {"name": "base", "kind": "base", "proportion": 1, "data": [{**world, "kind": "synthetic_chat"}]},
+        {"name": "new_heads", "kind": "heads", "proportion": 1, "batch_size": 2, "distill_weight": 1.0,
+         "replay_weight": 0.5, "replay_size": 4,
+         "data": [{**world, "dir": "data/new", "seed": 2, "categories": ["hexagon"]}]},
+    ]  # fmt: skip
+    config = tmp_path / "heads.yaml"
+    config.write_text(yaml.safe_dump(data))
+    run = tmp_path / "run"
+    command = [sys.executable, str(REPO / "train.py"), "--config", str(config), "--output-dir", str(run)]
+    result = subprocess.run([*command, "max_steps=4"], env=_env(), capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+    manifest = json.loads((run / "stages.json").read_text())
+    assert [(s["name"], s["steps"]) for s in manifest] == [("heads", 2), ("base", 1), ("new_heads", 1)]
+    assert set(manifest[0]["trainable_parameters"]) == {"heads", "vision"}
+    assert set(manifest[1]["trainable_parameters"]) == {"base"}
+    assert manifest[0]["new_categories"] == ["circle", "square", "star"]
+    assert manifest[2]["new_categories"] == ["hexagon"] and manifest[2]["categories"][-1] == "hexagon"
+    assert [d["kind"] for d in manifest[2]["data"]] == ["synthetic", "replay"]
+    heads_records = [r for r in read_metrics(run / "metrics.jsonl") if r["stage"] == "heads" and "loss" in r]
+    assert [r["step"] for r in heads_records] == [1, 2]
+    for record in heads_records:
+        assert "lm_loss" not in record and "pointer_loss" not in record
+        assert all(math.isfinite(record[k]) and record[k] > 0 for k in ("loss", "det_loss", "mask_loss"))
+    assert all((run / "stages" / s["name"] / "heads.safetensors").is_file() for s in manifest)
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == [
+        "step-000003",
+        "step-000004",
+    ]  # keep_last
+    increment = [r for r in read_metrics(run / "metrics.jsonl") if r["stage"] == "new_heads" and "loss" in r]
+    assert increment and all(math.isfinite(r["distill_loss"]) for r in increment)
+
+    after_heads = GroundedLlavaForConditionalGeneration.from_pretrained(run / "stages" / "heads")
+    after_base = GroundedLlavaForConditionalGeneration.from_pretrained(run / "stages" / "base")
+    initial, _ = build_tiny_base(after_heads.config.tiny, after_heads.config.num_bins)
+    initial_vision = {
+        **initial.model.vision_tower.state_dict(),
+        **initial.model.multi_modal_projector.state_dict(),
+    }
+    heads_vision, base_vision = _vision_state(after_heads), _vision_state(after_base)
+    assert not all(torch.equal(initial_vision[k], v) for k, v in heads_vision.items())  # `heads` trained it
+    assert all(torch.equal(base_vision[k], v) for k, v in heads_vision.items())  # `base` did not
+    assert after_base.heads_state_dict().keys() == after_heads.heads_state_dict().keys()
+    assert all(
+        torch.equal(after_base.heads_state_dict()[k], v) for k, v in after_heads.heads_state_dict().items()
+    )
 
 
 def test_bad_override_exits_2_with_one_line(tmp_path):
@@ -154,7 +222,7 @@ def _old_class_scores(model_dir: Path, images_dir: Path, num_old: int) -> torch.
         [model.processor.preprocess_image(Image.open(p))[0] for p in sorted(images_dir.glob("*.png"))[:8]]
     )
     with torch.no_grad():
-        predictions = model.detection_head(model.neck(model.encode_images(pixels)))
+        predictions = model.detection_head(model.image_pyramid(model.encode_images(pixels), pixels))
     return predictions["scores"][:, :num_old].sigmoid()
 
 
