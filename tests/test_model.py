@@ -59,11 +59,12 @@ def test_forward_backward_on_a_mixed_batch(tiny_model, tmp_path):
     assert batch.batch.pixel_values.shape[0] == 3 and batch.seg_masks.shape[0] == 1
     assert batch.det_targets.image_has_targets.tolist() == [True, True, False]
     out = tiny_model(**batch.model_inputs())
-    for name in ("loss", "lm_loss", "det_loss", "mask_loss"):
+    for name in ("loss", "lm_loss", "det_loss", "mask_loss", "pointer_loss"):
         assert torch.isfinite(getattr(out, name)), name
     out.loss.backward()
-    heads_grad = [p.grad for p in tiny_model.mask_head.parameters() if p.requires_grad]
-    assert any(g is not None and g.abs().sum() > 0 for g in heads_grad)
+    for head in (tiny_model.mask_head, tiny_model.pointer, tiny_model.spatial_prior):
+        grads = [p.grad for p in head.parameters() if p.requires_grad]
+        assert any(g is not None and g.abs().sum() > 0 for g in grads), type(head).__name__
     lora_grads = [p.grad for n, p in tiny_model.named_parameters() if "lora_B" in n]
     assert lora_grads and all(g is not None for g in lora_grads)
     assert all(p.grad is None for n, p in tiny_model.named_parameters() if "vision_tower" in n)

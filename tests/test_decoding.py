@@ -1,0 +1,156 @@
+"""`decode_grounded`: at every `<box>` the model writes, the pointer's proposal is forced as the loc tokens.
+
+The tiny model is rigged through its weights (nothing is monkeypatched): with every attention output and
+MLP output projection of the LLM zeroed, the last hidden state depends on the current token alone, so the
+LM head can be set to a bigram table that writes `<p> circle </p> <box>` and, after every `</box>`, another
+`<box>`. The pointer is set to prefer proposals by head score and never to say "none": within the phrase
+it must take proposal 0, then 1, then 2 (a chosen proposal is excluded for the rest of the phrase); the
+Detect head is set to propose small boxes, so that the proposals' loc tokens differ.
+"""
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from grounded_llava import GroundedLlavaForConditionalGeneration
+from grounded_llava.codec import box_bins
+from grounded_llava.inference import GroundedLlava
+from grounded_llava.inference.decoding import decode_grounded
+
+from .conftest import tiny_test_config
+
+BOXES_PER_PHRASE = 3
+
+
+def _image(width: int, height: int, seed: int) -> Image.Image:
+    return Image.fromarray(np.random.default_rng(seed).integers(0, 255, (height, width, 3), dtype=np.uint8))
+
+
+def _rig(model: GroundedLlavaForConditionalGeneration, prompt_end: int, phrase: list[int]) -> list[int]:
+    """Set the weights as the module docstring says; returns the answer the LM alone would write (the loc
+    tokens left out): `<p> phrase </p>` then `<box>` after `</p>` and after every `</box>`. Use the model
+    inside `model.llava.disable_adapter()` (the LoRA and token-row adapters would override these rows)."""
+    ids, llava = model.token_ids, model.base_llava
+    parameters = dict(llava.named_parameters())
+    with torch.no_grad():
+        for name, parameter in parameters.items():
+            if "language_model" in name and ("o_proj" in name or "down_proj" in name):
+                parameter.zero_()
+        chain = [prompt_end, ids.p_open, *phrase, ids.p_close]
+        bigrams = list(zip(chain, [*chain[1:], ids.box_open], strict=True)) + [(ids.box_close, ids.box_open)]
+        with model.llava.disable_adapter():
+            states = {
+                t: llava.model(input_ids=torch.tensor([[t]])).last_hidden_state[0, -1] for t, _ in bigrams
+            }
+        head = parameters["lm_head.token_adapter.base_layer.weight"]
+        for _, following in bigrams:
+            head[following] = 0.0
+        for current, following in bigrams:
+            head[following] += 5.0 * states[current] / states[current].norm()
+        pointer = model.pointer
+        pointer.query[-1].weight.zero_(), pointer.query[-1].bias.fill_(1.0)  # every query: the ones vector
+        pointer.region[-1].weight.zero_(), pointer.region[-1].bias.zero_()  # regions: geometry only ...
+        pointer.geometry[0].weight.zero_(), pointer.geometry[0].bias.zero_()
+        pointer.geometry[0].weight[:, 8] = 1000.0  # ... of the head score alone (geometry's last input)
+        pointer.geometry[-1].weight.copy_(torch.eye(pointer.geometry[-1].weight.shape[0]))
+        pointer.geometry[-1].bias.zero_()
+        pointer.none.fill_(-100.0)
+        for box_branch in model.detection_head.detect.cv2:  # small boxes around the anchors (DFL favours
+            reg_max = box_branch[-1].bias.numel() // 4  # the low bins): proposals that differ from each other
+            box_branch[-1].bias.copy_(-0.5 * torch.arange(reg_max, dtype=torch.float32).repeat(4))
+    return chain[1:] + [ids.box_open]
+
+
+@pytest.fixture(scope="module")
+def rigged():
+    torch.manual_seed(0)
+    model = GroundedLlavaForConditionalGeneration.from_config(tiny_test_config()).eval()
+    processor = model.processor
+    images = [_image(140, 90, seed=1), _image(64, 128, seed=2)]
+    prompts = ["Where is the circle?", "Find every circle in this picture, please."]
+    encoded = [
+        processor.encode_conversation(
+            [{"from": "human", "value": f"<image>\n{prompt}"}], image, add_generation_prompt=True
+        )
+        for image, prompt in zip(images, prompts, strict=True)
+    ]
+    ends = {int(e.input_ids[-1]) for e in encoded}
+    assert len(ends) == 1  # "ASSISTANT:" ends every prompt
+    phrase = processor.tokenizer(" circle", add_special_tokens=False).input_ids
+    expected_lm = _rig(model, ends.pop(), phrase)
+    return model, images, prompts, encoded, expected_lm
+
+
+def test_decode_grounded_forces_the_chosen_proposals_box_after_box(rigged):
+    model, images, _, encoded, expected_lm = rigged
+    ids, processor = model.token_ids, model.processor
+    batch = processor.collate(encoded, padding_side="left")
+    assert len({len(e.input_ids) for e in encoded}) == 2  # left padding is exercised
+    max_new_tokens = len(expected_lm) - 1 + 6 * BOXES_PER_PHRASE
+    with torch.no_grad(), model.llava.disable_adapter():
+        features = model.encode_images(batch.pixel_values)
+        pyramid = model.image_pyramid(features, batch.pixel_values)
+        proposals = model.proposals(model.detection_head(pyramid))
+        decoded = decode_grounded(
+            model,
+            input_ids=batch.input_ids,
+            attention_mask=batch.attention_mask,
+            features=features,
+            pyramid=pyramid,
+            metas=batch.image_metas,
+            max_new_tokens=max_new_tokens,
+            temperature=0.0,
+            eos_token_id=processor.tokenizer.eos_token_id,
+            pad_token_id=processor.tokenizer.pad_token_id,
+        )
+    assert (proposals.valid.sum(1) > BOXES_PER_PHRASE).all()
+    forced_bins = []
+    for row, (answer, choices, meta) in enumerate(
+        zip(decoded.ids, decoded.choices, batch.image_metas, strict=True)
+    ):
+        assert answer[: len(expected_lm)] == expected_lm and len(answer) == max_new_tokens
+        positions = [p for p, token in enumerate(answer) if token == ids.box_open]
+        assert positions == [len(expected_lm) - 1 + 6 * k for k in range(BOXES_PER_PHRASE)]
+        assert [c.position for c in choices] == positions
+        # Score order, each proposal once per phrase ("none" is never chosen: its logit is -inf-like).
+        assert [c.proposal for c in choices] == list(range(BOXES_PER_PHRASE))
+        for choice in choices:
+            k = choice.proposal
+            box = meta.boxes_from_canvas(proposals.boxes[row, k : k + 1].float())[0]
+            width, height = meta.original_size
+            box = box.clamp(min=0).minimum(torch.tensor([width, height, width, height], dtype=box.dtype))
+            bins = box_bins(tuple(box.tolist()), meta.original_size, processor.num_bins)
+            forced_bins.append(tuple(bins))
+            start = choice.position + 1
+            assert answer[start : start + 5] == [ids.loc[b] for b in bins] + [ids.box_close]
+            np.testing.assert_allclose(choice.box, box.numpy(), atol=1e-4)
+            assert choice.head_score == pytest.approx(float(proposals.scores[row, k]))
+            assert 0.0 < choice.probability <= 1.0
+    assert len(set(forced_bins)) == len(forced_bins)  # six different boxes: a wrong proposal would show
+
+
+def test_predictor_answers_carry_the_pointers_boxes_and_scores(rigged):
+    """`GroundedLlava` on the rigged model: the k-th text box is proposal k's exact box (original pixels),
+    scored pointer probability (~1 here) x head score; the head reports nothing at conf 0.99: unmatched."""
+    model, images, prompts, _, expected_lm = rigged
+    model.config.heads.conf_threshold = 0.99
+    predictor = GroundedLlava(model, device="cpu")
+    with torch.inference_mode(), model.llava.disable_adapter():
+        answers = predictor.predict(
+            images, prompts, max_new_tokens=len(expected_lm) - 1 + 6 * BOXES_PER_PHRASE
+        )
+        requests = [
+            predictor._request(image, prompt, []) for image, prompt in zip(images, prompts, strict=True)
+        ]
+        proposals = model.proposals(model.detection_head(predictor._encode(requests)[1]))
+    for row, (answer, request) in enumerate(zip(answers, requests, strict=True)):
+        assert answer.text.strip() == "circle" and len(answer.detections) == 0
+        assert [s.phrase for s in answer.spans] == ["circle"] * BOXES_PER_PHRASE
+        width, height = request.meta.original_size
+        for k, span in enumerate(answer.spans):
+            assert span.source == "text"
+            box = request.meta.boxes_from_canvas(proposals.boxes[row, k : k + 1].float())[0]
+            box = box.clamp(min=0).minimum(torch.tensor([width, height, width, height], dtype=box.dtype))
+            np.testing.assert_allclose(span.box, box.numpy(), atol=1e-3)
+            assert span.score == pytest.approx(float(proposals.scores[row, k]), rel=1e-3)
