@@ -3,16 +3,18 @@
 It wraps a `GroundedLlavaForConditionalGeneration` (the trainable nn.Module, STYLE rule 8) and runs
 every request in three steps:
 
-1. `_encode`: the vision tower runs ONCE per image; its projected features are reused below.
-2. `_generate`: LLaVA's `generate` (KV cache, left padding, positions from the attention mask) is
-   fed the features through `mm_encoder_outputs`.
+1. `_encode`: the vision tower and the neck run ONCE per image; features and pyramid are reused below.
+2. `_generate`: `decode_grounded` (KV cache, left padding, positions from the attention mask; the
+   features enter through `mm_encoder_outputs`): every `<box>` picks one of the head's proposals
+   through the pointer, whose box is forced as the group's loc tokens (`inference/decoding.py`).
 3. `_ground`: ONE teacher-forced `forward` over prompt + answer gives the Detect head's boxes and a
    mask for every `<seg>`: masks and their box prompts come from exactly the training code path.
    The same logits score the text boxes: a box's score is the geometric mean of the probabilities
    of its four `<loc_k>` tokens (full-vocabulary softmax, temperature 1: the model's probability,
    not the sampling distribution). Taking them from this pass rather than from `generate`'s scores
    lets `_ground` work from answer ids alone (any given answer can be grounded and scored), and
-   for greedy decoding they are the probabilities generation saw. Text boxes are then reconciled
+   for greedy decoding they are the probabilities generation saw. Boxes the pointer chose keep the
+   proposal's exact box and score pointer probability x head score. Text boxes are then reconciled
    with the head's detections (`reconcile`).
 
 Frames: boxes in results are xyxy ORIGINAL image pixels; masks are bool at original image size.
