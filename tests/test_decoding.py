@@ -98,6 +98,7 @@ def test_decode_grounded_forces_the_chosen_proposals_box_after_box(rigged):
             attention_mask=batch.attention_mask,
             features=features,
             pyramid=pyramid,
+            pixel_values=batch.pixel_values,
             metas=batch.image_metas,
             max_new_tokens=max_new_tokens,
             temperature=0.0,

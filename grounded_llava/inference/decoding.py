@@ -55,6 +55,7 @@ def decode_grounded(
     attention_mask: torch.Tensor,
     features: torch.Tensor,
     pyramid: list[torch.Tensor],
+    pixel_values: torch.Tensor,
     metas: list[ImageMeta],
     max_new_tokens: int,
     temperature: float,
@@ -62,12 +63,12 @@ def decode_grounded(
     pad_token_id: int,
 ) -> DecodedAnswers:
     """Generate answers for a left-padded batch (B, T) whose rows are one image each (`features` (B, N, D),
-    `pyramid` the neck's maps of those images, `metas` their geometry)."""
+    `pyramid` the neck's maps of those images, `pixel_values` (B, 3, S, S) their canvas, `metas` their geometry)."""
     llava, ids = model.base_llava, model.token_ids
     num_bins = len(ids.loc)
     batch = input_ids.shape[0]
     proposals: Proposals = model.proposals(model.detection_head(pyramid))
-    regions = model.pointer.region_embeddings(pyramid[0], proposals)
+    regions = model.pointer.region_embeddings(model.pointer_features(pyramid, pixel_values), proposals)
     position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
     out = llava.model(
         input_ids=input_ids,

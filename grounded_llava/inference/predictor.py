@@ -216,6 +216,7 @@ class GroundedLlava:
             attention_mask=batch.attention_mask.to(self.device),
             features=features,
             pyramid=pyramid,
+            pixel_values=torch.stack([r.encoded.pixel_values for r in requests]).to(self.device),
             metas=[r.meta for r in requests],
             max_new_tokens=max_new_tokens,
             temperature=temperature,

@@ -199,6 +199,18 @@ class GroundedLlavaForConditionalGeneration(nn.Module):
         """The pyramid level SAM decodes from."""
         return pyramid[self.mask_level]
 
+    def pointer_features(
+        self, pyramid: list[torch.Tensor], pixel_values: torch.Tensor | None
+    ) -> torch.Tensor:
+        """The map the pointer pools regions from: the finest neck level (I, C, 2g, 2g) and the canvas pixels
+        averaged to its resolution (I, 3, 2g, 2g), concatenated: the colour of a region stays legible."""
+        level = pyramid[0]
+        if pixel_values is None:
+            colour = level.new_zeros((level.shape[0], 3, *level.shape[-2:]))
+        else:
+            colour = F.adaptive_avg_pool2d(pixel_values.to(level.dtype), level.shape[-2:])
+        return torch.cat([level, colour], dim=1)
+
     @torch.no_grad()
     def proposals(self, detections: dict[str, torch.Tensor]) -> Proposals:
         """The head's class-agnostic proposals (top `heads.max_proposals` after NMS), canvas pixels."""
@@ -317,7 +329,7 @@ class GroundedLlavaForConditionalGeneration(nn.Module):
             losses.append(self.config.loss.det * out.det_loss)
         if labels is not None and original_sizes is not None:
             out.pointer_loss, out.pointer_accuracy = self._pointer_loss(
-                input_ids, labels, hidden, image_sample_index, original_sizes, out
+                input_ids, labels, hidden, image_sample_index, original_sizes, out, pixel_values
             )
             losses.append(self.config.loss.pointer * out.pointer_loss)
         if compute_masks or seg_masks is not None:
@@ -358,6 +370,7 @@ class GroundedLlavaForConditionalGeneration(nn.Module):
         image_sample_index: torch.Tensor,
         original_sizes: torch.Tensor,
         out: GroundedLlavaOutput,
+        pixel_values: torch.Tensor | None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Cross-entropy of the answers' `<box>` queries over the head's proposals (+ "none"), and its accuracy."""
         queries = box_queries(input_ids, labels, self.token_ids, self.loc_bin_of_token)
@@ -375,10 +388,9 @@ class GroundedLlavaForConditionalGeneration(nn.Module):
             num_bins=len(self.token_ids.loc),
             canvas_size=self.canvas_size,
         )
-        targets, excluded = pointer_targets(proposals, images, target_boxes, queries.phrase[keep])
-        regions = self.pointer.region_embeddings(out.pyramid[0], proposals)
+        positives, excluded = pointer_targets(proposals, images, target_boxes, queries.phrase[keep])
+        regions = self.pointer.region_embeddings(self.pointer_features(out.pyramid, pixel_values), proposals)
         logits = self.pointer(
             hidden[queries.rows[keep], queries.cols[keep]], images, regions, proposals.valid, excluded
         )
-        accuracy = (logits.argmax(1) == targets).float().mean().detach()
-        return pointer_loss(logits, targets), accuracy
+        return pointer_loss(logits, positives)

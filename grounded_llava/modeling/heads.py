@@ -54,7 +54,7 @@ def build_heads(
                 seg_mlp_hidden=heads.seg_mlp_hidden,
             ),
             "pointer": ProposalPointer(
-                channels=channels,
+                channels=channels + 3,  # + the canvas colour (`pointer_features`)
                 text_hidden_size=text_hidden_size,
                 canvas_size=canvas_size,
                 stride=strides[0],

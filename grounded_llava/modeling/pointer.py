@@ -13,7 +13,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torchvision.ops import box_iou, roi_align
 
@@ -119,36 +118,50 @@ def pointer_targets(
     *,
     iou_threshold: float = 0.5,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Training targets, queries taken in reading order: each query's target is the proposal with the best
-    IoU >= `iou_threshold` to its true box among those not taken by an earlier query of the same phrase,
-    else "none" (index K). Inference excludes the same way (one object is not listed twice in a phrase).
+    """Training targets, queries in reading order. A phrase's boxes may be listed in any order (decoding
+    excludes what the phrase already took), so every query's positives are the proposals with IoU >=
+    `iou_threshold` to any of its phrase's boxes not yet listed, among proposals not yet taken; "none"
+    (index K) is the positive when there is none. After each query, its own box's best free proposal
+    is taken (what teacher forcing writes next is that box).
 
     Args:
         query_image: (M,) image of each query; target_boxes: (M, 4) xyxy canvas px; phrase: (M,) phrase keys.
-    Returns: targets (M,) long in [0, K]; excluded (M, K) bool, the proposals taken before each query.
+    Returns: positives (M, K + 1) bool; excluded (M, K) bool, the proposals taken before each query.
     """
     count, k = len(query_image), proposals.valid.shape[1]
-    targets = torch.full((count,), k, dtype=torch.long, device=proposals.boxes.device)
-    excluded = torch.zeros((count, k), dtype=torch.bool, device=proposals.boxes.device)
-    taken: dict[int, torch.Tensor] = {}
-    for m, (image, key) in enumerate(zip(query_image.tolist(), phrase.tolist(), strict=True)):
-        blocked = taken.get(key, torch.zeros(k, dtype=torch.bool, device=excluded.device))
-        excluded[m] = blocked
-        ious = box_iou(
-            target_boxes[m : m + 1].float().to(proposals.boxes.device), proposals.boxes[image].float()
-        )[0]
-        ious = ious.masked_fill(~proposals.valid[image] | blocked, -1.0)
-        best, index = ious.max(0)
-        if float(best) >= iou_threshold:
-            targets[m] = index
-            blocked = blocked.clone()
-            blocked[index] = True
-        taken[key] = blocked
-    return targets, excluded
+    device = proposals.boxes.device
+    positives = torch.zeros((count, k + 1), dtype=torch.bool, device=device)
+    excluded = torch.zeros((count, k), dtype=torch.bool, device=device)
+    if count == 0:
+        return positives, excluded
+    images, keys = query_image.tolist(), phrase.tolist()
+    members: dict[int, list[int]] = {}
+    for m, key in enumerate(keys):
+        members.setdefault(key, []).append(m)
+    for queries in members.values():
+        image = images[queries[0]]
+        ious = box_iou(target_boxes[queries].float().to(device), proposals.boxes[image].float())  # (q, K)
+        ious = ious.masked_fill(~proposals.valid[image], -1.0)
+        taken = torch.zeros(k, dtype=torch.bool, device=device)
+        for n, m in enumerate(queries):
+            excluded[m] = taken
+            free = ious[n:].masked_fill(taken, -1.0)  # the boxes not listed yet, on free proposals
+            positives[m, :k] = (free >= iou_threshold).any(0)
+            positives[m, k] = not bool(positives[m, :k].any())
+            best, index = free[0].max(0)
+            if float(best) >= iou_threshold:
+                taken = taken.clone()
+                taken[index] = True
+    return positives, excluded
 
 
-def pointer_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Mean cross-entropy over the queries (0 when there are none)."""
+def pointer_loss(logits: torch.Tensor, positives: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Multi-positive cross-entropy -log(sum of the positives' probabilities), mean over queries (0 when
+    there are none), and the accuracy (the argmax is a positive)."""
     if logits.shape[0] == 0:
-        return logits.sum() * 0.0
-    return F.cross_entropy(logits, targets)
+        zero = logits.sum() * 0.0
+        return zero, zero.detach()
+    log_probs = logits.log_softmax(-1)
+    loss = -torch.logsumexp(log_probs.masked_fill(~positives, float("-inf")), dim=-1).mean()
+    accuracy = positives.gather(1, logits.argmax(-1, keepdim=True)).float().mean()
+    return loss, accuracy.detach()
