@@ -56,8 +56,6 @@ def test_two_step_run_of_train_py(tmp_path):
     manifest = json.loads((tmp_path / "final" / "stages.json").read_text())
     assert [s["name"] for s in manifest] == ["align", "ground"] and all(s["steps"] == 1 for s in manifest)
     assert manifest[0]["new_categories"] == ["circle", "square", "star"]
-    assert manifest[2]["new_categories"] == ["hexagon"] and manifest[2]["categories"][-1] == "hexagon"
-    assert [d["kind"] for d in manifest[2]["data"]] == ["synthetic", "replay"]
     assert set(manifest[1]["trainable_parameters"]) == {"heads", "token_rows", "lora"}
     assert (tmp_path / "loss_curves.png").stat().st_size > 0
     assert [r["step"] for r in read_metrics(tmp_path / "metrics.jsonl") if "loss" in r] == [1, 2]
