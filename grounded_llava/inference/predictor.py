@@ -317,9 +317,8 @@ class GroundedLlava:
             parsed.spans, groups, image_size=meta.original_size, num_bins=self.processor.num_bins
         )
         # A parsed box without its token group (cannot happen for text decoded from these ids) gets score 0, no mask.
-        scores = [
-            [0.0 if k is None else group_probability(logits, ids, groups[k]) for k in row] for row in aligned
-        ]
+        scores = [[0.0 if k is None else group_probability(logits, ids, groups[k]) for k in row]
+                  for row in aligned]  # fmt: skip
         for i, row in enumerate(aligned):
             for j, k in enumerate(row):
                 if k is not None and (choice := chosen.get(groups[k].start)) is not None:
@@ -352,10 +351,6 @@ class GroundedLlava:
         )
 
     # ------------------------------------------------------------------ detection head
-    @property
-    def _heads_dtype(self) -> torch.dtype:
-        return next(self.model.neck.parameters()).dtype
-
     def _detections(
         self,
         predictions: dict,
@@ -394,14 +389,12 @@ class GroundedLlava:
         self, pyramid: list[torch.Tensor], boxes_canvas: list[torch.Tensor], metas: list[ImageMeta]
     ) -> list[np.ndarray]:
         """SAM masks prompted by boxes alone (the decoder's box-only embedding): per image (n, H, W) bool."""
-        image_embeddings = self.model.mask_features(pyramid)
         index = torch.cat([torch.full((len(b),), i, dtype=torch.long) for i, b in enumerate(boxes_canvas)])
-        boxes = torch.cat(boxes_canvas).to(self.device, self._heads_dtype)
-        logits, _ = self.model.mask_head(image_embeddings, index.to(self.device), boxes, seg_hidden=None)
-        per_image = logits.split([len(b) for b in boxes_canvas])
+        boxes = torch.cat(boxes_canvas).to(self.device, self.model.heads_dtype)
+        features = self.model.mask_features(pyramid)
+        logits, _ = self.model.mask_head(features, index.to(self.device), boxes, seg_hidden=None)
         return [
-            np.stack([meta.mask_from_canvas(m) for m in image_logits])
-            if len(image_logits)
+            np.stack([meta.mask_from_canvas(m) for m in image_logits]) if len(image_logits)
             else np.zeros((0, meta.original_size[1], meta.original_size[0]), dtype=bool)
-            for image_logits, meta in zip(per_image, metas, strict=True)
-        ]
+            for image_logits, meta in zip(logits.split([len(b) for b in boxes_canvas]), metas, strict=True)
+        ]  # fmt: skip

@@ -24,6 +24,7 @@ Sharded optimizers (FSDP, DeepSpeed ZeRO) keep their state per rank and need acc
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import pickle
@@ -346,3 +347,13 @@ def load_training_state(
     return TrainingState(
         path=path, step=int(state["step"]), sampler_state=state["sampler"], extra=state["extra"]
     )
+
+
+def write_replica_digest(model: nn.Module, directory: Path, process_index: int) -> None:
+    """Each rank writes a SHA-256 of its weights to `directory/rank-<i>.sha256`: equal files = consistent DDP."""
+    digest = hashlib.sha256()
+    for key, tensor in sorted(model.state_dict().items()):
+        digest.update(key.encode())
+        digest.update(tensor.detach().float().cpu().contiguous().numpy().tobytes())
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / f"rank-{process_index}.sha256").write_text(digest.hexdigest() + "\n")

@@ -10,7 +10,6 @@ Output directory layout:
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
@@ -31,6 +30,7 @@ from .checkpointing import (
     read_trainer_state,
     save_training_state,
     trainable_state_dict,
+    write_replica_digest,
 )
 from .config import StageConfig, TrainConfig
 from .heads_data import HeadsBatch, HeadsDataset, collate_heads, jitter_boxes
@@ -114,23 +114,13 @@ class Trainer:
         for index in range(start_index, len(self.config.stages)):
             model = self._run_stage(index, model, resume_from)
             resume_from = None
-        self._write_replica_digest(model)
+        write_replica_digest(model, self.output_dir / "replicas", self.accelerator.process_index)
         final = self.output_dir / "final"
         if self.accelerator.is_main_process:
             model.save_pretrained(final)
             (final / MANIFEST).write_text(json.dumps(self.manifest, indent=2))
         self.accelerator.wait_for_everyone()
         return final
-
-    def _write_replica_digest(self, model: GroundedLlavaForConditionalGeneration) -> None:
-        """Each rank writes a SHA-256 of its weights to `replicas/rank-<i>.sha256`: equal files = consistent DDP."""
-        digest = hashlib.sha256()
-        for key, tensor in sorted(model.state_dict().items()):
-            digest.update(key.encode())
-            digest.update(tensor.detach().float().cpu().contiguous().numpy().tobytes())
-        replicas = self.output_dir / "replicas"
-        replicas.mkdir(parents=True, exist_ok=True)
-        (replicas / f"rank-{self.accelerator.process_index}.sha256").write_text(digest.hexdigest() + "\n")
 
     def _run_stage(
         self, index: int, model: GroundedLlavaForConditionalGeneration, resume_from: Path | None
