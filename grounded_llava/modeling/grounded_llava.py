@@ -17,6 +17,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.utils import ModelOutput
 
 from ..config import GroundedLlavaConfig
+from ..grammar import BatchBoxGroups, box_groups_in_ids
 from ..processor import IGNORE_INDEX
 from ..tokenizer import GroundingTokenIds
 from .detection import DetectionTargets
@@ -96,9 +97,6 @@ class GroundedLlavaForConditionalGeneration(nn.Module):
         self.spatial_prior = parts["spatial_prior"] if "spatial_prior" in parts else None  # noqa: SIM401 (ModuleDict has no .get)
         self.mask_level = 0 if config.heads.mask_from_finest else 1
         self.processor = None  # set by from_config / from_pretrained (a GroundedProcessor)
-        loc = torch.full((int(self.base_llava.get_input_embeddings().weight.shape[0]),), -1, dtype=torch.long)
-        loc[list(token_ids.loc)] = torch.arange(len(token_ids.loc))
-        self.register_buffer("loc_bin_of_token", loc, persistent=False)
 
     # ------------------------------------------------------------------ construction and persistence
     @classmethod
@@ -323,19 +321,21 @@ class GroundedLlavaForConditionalGeneration(nn.Module):
             return out
 
         out.pyramid = pyramid if pyramid is not None else self.image_pyramid(image_features, pixel_values)
+        groups = box_groups_in_ids(input_ids, self.token_ids)  # the heads' one reading of the grammar
         out.detections = self.detection_head(out.pyramid)
         if det_targets is not None and bool(det_targets.image_has_targets.any()):
             out.det_loss = self.detection_head.loss(out.detections, det_targets.to(hidden.device))
             losses.append(self.config.loss.det * out.det_loss)
         if labels is not None and original_sizes is not None:
             out.pointer_loss, out.pointer_accuracy = self._pointer_loss(
-                input_ids, labels, hidden, image_sample_index, original_sizes, out, pixel_values
+                groups, labels, hidden, image_sample_index, original_sizes, out, pixel_values
             )
-            losses.append(self.config.loss.pointer * out.pointer_loss)
+            if out.pointer_loss is not None:
+                losses.append(self.config.loss.pointer * out.pointer_loss)
         if compute_masks or seg_masks is not None:
             prompts = seg_prompts(
-                input_ids, hidden, image_sample_index, original_sizes, token_ids=self.token_ids,
-                loc_bin_of_token=self.loc_bin_of_token, canvas_size=self.canvas_size,
+                groups, hidden, image_sample_index, original_sizes,
+                num_bins=len(self.token_ids.loc), canvas_size=self.canvas_size,
             )  # fmt: skip
             box_only = None
             if self.training and self.config.heads.box_only_prompt_rate > 0:
@@ -364,21 +364,21 @@ class GroundedLlavaForConditionalGeneration(nn.Module):
 
     def _pointer_loss(
         self,
-        input_ids: torch.Tensor,
+        groups: BatchBoxGroups,
         labels: torch.Tensor,
         hidden: torch.Tensor,
         image_sample_index: torch.Tensor,
         original_sizes: torch.Tensor,
         out: GroundedLlavaOutput,
         pixel_values: torch.Tensor | None,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Cross-entropy of the answers' `<box>` queries over the head's proposals (+ "none"), and its accuracy."""
-        queries = box_queries(input_ids, labels, self.token_ids, self.loc_bin_of_token)
-        images = image_of_rows(input_ids.shape[0], image_sample_index, hidden.device)[queries.rows]
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """Cross-entropy of the answers' `<box>` queries over the head's proposals (+ "none"), and its accuracy
+        (None, None when the batch has no supervised `<box>` of an image)."""
+        queries = box_queries(groups, labels)
+        images = image_of_rows(hidden.shape[0], image_sample_index, hidden.device)[queries.rows]
         keep = images >= 0
         if not bool(keep.any()):
-            zero = hidden.sum() * 0.0
-            return zero, zero.detach()
+            return None, None
         images = images[keep]
         proposals = self.proposals(out.detections)
         target_boxes = bins_to_canvas(
