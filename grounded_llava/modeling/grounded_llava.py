@@ -52,6 +52,10 @@ class GroundedLlavaOutput(ModelOutput):
     seg_image_index: torch.Tensor | None = None
 
 
+def _trains(module: nn.Module) -> bool:
+    return any(p.requires_grad for p in module.parameters())
+
+
 class GroundedLlavaForConditionalGeneration(nn.Module):
     """Composed from parts passed in (build them with `grounded_llava.modeling.builder`).
 
@@ -158,10 +162,20 @@ class GroundedLlavaForConditionalGeneration(nn.Module):
         )
         return torch.stack(list(output.pooler_output))
 
-    @staticmethod
-    def mm_encoder_outputs(image_features: torch.Tensor) -> dict[str, BaseModelOutputWithPooling]:
-        """Pre-computed image features in the form LLaVA's forward/generate accept instead of pixel values."""
-        return {"image": BaseModelOutputWithPooling(pooler_output=list(image_features))}
+    def llm_image_tokens(self, image_features: torch.Tensor) -> torch.Tensor:
+        """(I, N, D) projected features -> (I, N', D) the LLM's image tokens: the patch grid average-pooled
+        `config.image_token_pool` x `config.image_token_pool` (row-major), or unchanged when 1."""
+        pool = self.config.image_token_pool
+        if pool == 1:
+            return image_features
+        count, _, dim = image_features.shape
+        grid = self.neck.grid_size
+        maps = image_features.transpose(1, 2).reshape(count, dim, grid, grid)
+        return F.avg_pool2d(maps, pool).flatten(2).transpose(1, 2)
+
+    def mm_encoder_outputs(self, image_features: torch.Tensor) -> dict[str, BaseModelOutputWithPooling]:
+        """Pre-computed image features (I, N, D), as LLaVA's forward accepts them instead of pixel values."""
+        return {"image": BaseModelOutputWithPooling(pooler_output=list(self.llm_image_tokens(image_features)))}
 
     def _check_image_tokens(self, input_ids: torch.Tensor, image_sample_index: torch.Tensor) -> None:
         counts = (input_ids == self.image_token_id).sum(1)
@@ -320,19 +334,30 @@ class GroundedLlavaForConditionalGeneration(nn.Module):
             out.loss = sum(losses) if losses else None
             return out
 
-        out.pyramid = pyramid if pyramid is not None else self.image_pyramid(image_features, pixel_values)
         groups = box_groups_in_ids(input_ids, self.token_ids)  # the heads' one reading of the grammar
+        # Training computes the losses of the heads that train (a `base` stage trains the LLM alone).
+        run_det = det_targets is not None and bool(det_targets.image_has_targets.any())
+        run_det = run_det and (not self.training or _trains(self.detection_head))
+        has_groups = groups.rows.numel() > 0
+        run_pointer = has_groups and (not self.training or _trains(self.pointer))
+        if self.training:
+            has_seg = has_groups or groups.stray_seg.numel() > 0  # a stray <seg> still raises below
+            compute_masks = compute_masks and has_seg and _trains(self.mask_head)
+        if self.training and pyramid is None and not (run_det or run_pointer or compute_masks):
+            out.loss = sum(losses) if losses else None  # e.g. a chat batch: no head to train
+            return out
+        out.pyramid = pyramid if pyramid is not None else self.image_pyramid(image_features, pixel_values)
         out.detections = self.detection_head(out.pyramid)
-        if det_targets is not None and bool(det_targets.image_has_targets.any()):
+        if run_det:
             out.det_loss = self.detection_head.loss(out.detections, det_targets.to(hidden.device))
             losses.append(self.config.loss.det * out.det_loss)
-        if labels is not None and original_sizes is not None:
+        if run_pointer and labels is not None and original_sizes is not None:
             out.pointer_loss, out.pointer_accuracy = self._pointer_loss(
                 groups, labels, hidden, image_sample_index, original_sizes, out, pixel_values
             )
             if out.pointer_loss is not None:
                 losses.append(self.config.loss.pointer * out.pointer_loss)
-        if compute_masks or seg_masks is not None:
+        if compute_masks:
             prompts = seg_prompts(
                 groups, hidden, image_sample_index, original_sizes,
                 num_bins=len(self.token_ids.loc), canvas_size=self.canvas_size,
@@ -390,7 +415,5 @@ class GroundedLlavaForConditionalGeneration(nn.Module):
         )
         positives, excluded = pointer_targets(proposals, images, target_boxes, queries.phrase[keep])
         regions = self.pointer.region_embeddings(self.pointer_features(out.pyramid, pixel_values), proposals)
-        logits = self.pointer(
-            hidden[queries.rows[keep], queries.cols[keep]], images, regions, proposals.valid, excluded
-        )
+        logits = self.pointer(queries.pointer_queries(hidden)[keep], images, regions, proposals.valid, excluded)
         return pointer_loss(logits, positives)

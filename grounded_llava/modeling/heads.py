@@ -53,15 +53,16 @@ def build_heads(
                 mlp_dim=heads.mask_decoder_mlp_dim,
                 seg_mlp_hidden=heads.seg_mlp_hidden,
             ),
-            "pointer": ProposalPointer(
-                channels=channels + 3,  # + the canvas colour (`pointer_features`)
-                text_hidden_size=text_hidden_size,
-                canvas_size=canvas_size,
-                stride=strides[0],
-                dim=heads.pointer_dim,
-            ),
         }
     )
     if heads.spatial_prior:
         parts["spatial_prior"] = SpatialPrior(channels=channels)
+    # built last, so that its size (a query change) leaves the other heads' initialisation as it was
+    parts["pointer"] = ProposalPointer(
+        channels=channels + 3,  # + the canvas colour (`pointer_features`)
+        text_hidden_size=text_hidden_size,
+        canvas_size=canvas_size,
+        stride=strides[0],
+        dim=heads.pointer_dim,
+    )
     return parts

@@ -1,7 +1,7 @@
 """`ProposalPointer`: a `<box>` chooses among the detection head's proposals (as Groma and ChatRex do).
 
 When the model writes `<box>`, the LLM hidden state at that position (the state that predicts the first
-`<loc_k>`) is scored against an embedding of every class-agnostic proposal of its image (neck features
+`<loc_k>`), beside the mean hidden state of the phrase it grounds, is scored against an embedding of every class-agnostic proposal of its image (neck features
 pooled in the box + box geometry + the head's score) and against a learned "none" option. The chosen
 proposal's box is then written as the group's four `<loc_k>` tokens; "none" leaves them to the LM.
 
@@ -62,7 +62,7 @@ class ProposalPointer(nn.Module):
         )
         self.geometry = nn.Sequential(nn.Linear(9, dim), nn.GELU(), nn.Linear(dim, dim))
         self.query = nn.Sequential(
-            nn.Linear(text_hidden_size, dim), nn.LayerNorm(dim), nn.GELU(), nn.Linear(dim, dim)
+            nn.Linear(2 * text_hidden_size, dim), nn.LayerNorm(dim), nn.GELU(), nn.Linear(dim, dim)
         )
         self.none = nn.Parameter(torch.zeros(dim))
         self.scale = dim**-0.5
@@ -96,7 +96,8 @@ class ProposalPointer(nn.Module):
         """Pointer logits (M, K + 1); padding and `excluded` (M, K) proposals get -inf, "none" never does.
 
         Args:
-            query_hidden: (M, D_text) LLM last hidden states at the `<box>` positions.
+            query_hidden: (M, 2 D_text) `prompts.pointer_query`: the LLM's last hidden state at each
+                `<box>` beside the mean state of its phrase.
             query_image: (M,) the image of each query; regions: (I, K, dim); valid: (I, K).
             excluded: (M, K) proposals already chosen by an earlier box of the same phrase.
         """

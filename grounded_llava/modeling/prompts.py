@@ -20,13 +20,34 @@ class BoxQueries:
     """The supervised `<box>` groups of a batch, in reading order (row-major).
 
     rows, cols: (M,) sample row and position of each `<box>` token; bins: (M, 4) its loc bins;
-    phrase: (M,) a key equal for the groups of one phrase (one row, same count of `</p>` before).
+    phrase: (M,) a key equal for the groups of one phrase (one row, same count of `</p>` before);
+    phrase_starts, phrase_ends: (M,) the phrase's content `[start, end)` in the row (empty: no phrase).
     """
 
     rows: torch.Tensor
     cols: torch.Tensor
     bins: torch.Tensor
     phrase: torch.Tensor
+    phrase_starts: torch.Tensor
+    phrase_ends: torch.Tensor
+
+    def pointer_queries(self, hidden: torch.Tensor) -> torch.Tensor:
+        """(B, T, D) last hidden states -> (M, 2D) pointer queries (`pointer_query`)."""
+        return pointer_query(hidden, self.rows, self.cols, self.phrase_starts, self.phrase_ends)
+
+
+def pointer_query(
+    hidden: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, starts: torch.Tensor, ends: torch.Tensor
+) -> torch.Tensor:
+    """The pointer's query for each `<box>`: its hidden state beside the mean hidden state of its phrase
+    (what the phrase names, as Groma and ChatRex read it), (M, 2D); zeros for a group without a phrase.
+
+    hidden: (B, T, D); rows, cols: (M,) the `<box>` positions; starts, ends: (M,) phrase content ranges.
+    """
+    prefix = torch.cat([hidden.new_zeros((hidden.shape[0], 1, hidden.shape[2])), hidden.cumsum(1)], dim=1)
+    length = (ends - starts).clamp(min=1).to(hidden.dtype)[:, None]
+    phrase = (prefix[rows, ends] - prefix[rows, starts]) / length
+    return torch.cat([hidden[rows, cols], phrase], dim=-1)
 
 
 def image_of_rows(batch: int, image_sample_index: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -58,7 +79,12 @@ def box_queries(groups: BatchBoxGroups, labels: torch.Tensor) -> BoxQueries:
     index = torch.arange(len(groups.rows), device=groups.rows.device)
     phrase = torch.where(groups.spans >= 0, groups.spans, -2 - index)
     return BoxQueries(
-        rows=groups.rows[keep], cols=groups.starts[keep], bins=groups.bins[keep], phrase=phrase[keep]
+        rows=groups.rows[keep],
+        cols=groups.starts[keep],
+        bins=groups.bins[keep],
+        phrase=phrase[keep],
+        phrase_starts=groups.phrase_starts[keep],
+        phrase_ends=groups.phrase_ends[keep],
     )
 
 
