@@ -175,7 +175,9 @@ class GroundedLlavaForConditionalGeneration(nn.Module):
 
     def mm_encoder_outputs(self, image_features: torch.Tensor) -> dict[str, BaseModelOutputWithPooling]:
         """Pre-computed image features (I, N, D), as LLaVA's forward accepts them instead of pixel values."""
-        return {"image": BaseModelOutputWithPooling(pooler_output=list(self.llm_image_tokens(image_features)))}
+        return {
+            "image": BaseModelOutputWithPooling(pooler_output=list(self.llm_image_tokens(image_features)))
+        }
 
     def _check_image_tokens(self, input_ids: torch.Tensor, image_sample_index: torch.Tensor) -> None:
         counts = (input_ids == self.image_token_id).sum(1)
@@ -415,5 +417,7 @@ class GroundedLlavaForConditionalGeneration(nn.Module):
         )
         positives, excluded = pointer_targets(proposals, images, target_boxes, queries.phrase[keep])
         regions = self.pointer.region_embeddings(self.pointer_features(out.pyramid, pixel_values), proposals)
-        logits = self.pointer(queries.pointer_queries(hidden)[keep], images, regions, proposals.valid, excluded)
+        logits = self.pointer(
+            queries.pointer_queries(hidden)[keep], images, regions, proposals.valid, excluded
+        )
         return pointer_loss(logits, positives)

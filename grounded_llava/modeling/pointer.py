@@ -1,9 +1,10 @@
 """`ProposalPointer`: a `<box>` chooses among the detection head's proposals (as Groma and ChatRex do).
 
 When the model writes `<box>`, the LLM hidden state at that position (the state that predicts the first
-`<loc_k>`), beside the mean hidden state of the phrase it grounds, is scored against an embedding of every class-agnostic proposal of its image (neck features
-pooled in the box + box geometry + the head's score) and against a learned "none" option. The chosen
-proposal's box is then written as the group's four `<loc_k>` tokens; "none" leaves them to the LM.
+`<loc_k>`), beside the mean hidden state of the phrase it grounds, is scored against an embedding of
+every class-agnostic proposal of its image (neck features pooled in the box + box geometry + the head's
+score) and against a learned "none" option. The chosen proposal's box is then written as the group's
+four `<loc_k>` tokens; "none" leaves them to the LM.
 
 Frames: proposal boxes are xyxy canvas pixels (S, S); region features come from the stride-`stride` map.
 """

@@ -104,7 +104,9 @@ class StageConfig:
         if self.kind == "base" and (self.kl_weight or self.distill_weight):
             raise ConfigError(f"stage {self.name!r}: a base stage has no KL or distillation")
         if not self.train_detector and self.kind == "heads":
-            raise ConfigError(f"stage {self.name!r}: a heads stage trains the detector (train_detector: true)")
+            raise ConfigError(
+                f"stage {self.name!r}: a heads stage trains the detector (train_detector: true)"
+            )
         if self.train_vision and self.kind != "heads":
             raise ConfigError(
                 f"stage {self.name!r}: train_vision is for heads stages only (text alone collapses the tower's features)"

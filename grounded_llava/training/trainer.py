@@ -11,7 +11,6 @@ Output directory layout:
 from __future__ import annotations
 
 import contextlib
-
 import json
 import logging
 import math
