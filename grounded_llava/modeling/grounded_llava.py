@@ -17,14 +17,14 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.utils import ModelOutput
 
 from ..config import GroundedLlavaConfig
-from ..grammar import BatchBoxGroups, box_groups_in_ids
+from ..grammar import box_groups_in_ids
 from ..processor import IGNORE_INDEX
 from ..tokenizer import GroundingTokenIds
 from .detection import DetectionTargets
 from .heads import build_heads
 from .masks import mask_loss
-from .pointer import Proposals, pointer_loss, pointer_targets
-from .prompts import bins_to_canvas, box_queries, image_of_rows, seg_prompts
+from .pointer import Proposals
+from .prompts import answer_pointer_loss, seg_prompts
 
 
 @dataclass
@@ -354,8 +354,8 @@ class GroundedLlavaForConditionalGeneration(nn.Module):
             out.det_loss = self.detection_head.loss(out.detections, det_targets.to(hidden.device))
             losses.append(self.config.loss.det * out.det_loss)
         if run_pointer and labels is not None and original_sizes is not None:
-            out.pointer_loss, out.pointer_accuracy = self._pointer_loss(
-                groups, labels, hidden, image_sample_index, original_sizes, out, pixel_values
+            out.pointer_loss, out.pointer_accuracy = answer_pointer_loss(
+                self, groups, labels, hidden, image_sample_index, original_sizes, out, pixel_values
             )
             if out.pointer_loss is not None:
                 losses.append(self.config.loss.pointer * out.pointer_loss)
@@ -388,36 +388,3 @@ class GroundedLlavaForConditionalGeneration(nn.Module):
                 losses.append(out.mask_loss)
         out.loss = sum(losses) if losses else None
         return out
-
-    def _pointer_loss(
-        self,
-        groups: BatchBoxGroups,
-        labels: torch.Tensor,
-        hidden: torch.Tensor,
-        image_sample_index: torch.Tensor,
-        original_sizes: torch.Tensor,
-        out: GroundedLlavaOutput,
-        pixel_values: torch.Tensor | None,
-    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        """Cross-entropy of the answers' `<box>` queries over the head's proposals (+ "none"), and its accuracy
-        (None, None when the batch has no supervised `<box>` of an image)."""
-        queries = box_queries(groups, labels)
-        images = image_of_rows(hidden.shape[0], image_sample_index, hidden.device)[queries.rows]
-        keep = images >= 0
-        if not bool(keep.any()):
-            return None, None
-        images = images[keep]
-        proposals = self.proposals(out.detections)
-        target_boxes = bins_to_canvas(
-            queries.bins[keep],
-            images,
-            original_sizes,
-            num_bins=len(self.token_ids.loc),
-            canvas_size=self.canvas_size,
-        )
-        positives, excluded = pointer_targets(proposals, images, target_boxes, queries.phrase[keep])
-        regions = self.pointer.region_embeddings(self.pointer_features(out.pyramid, pixel_values), proposals)
-        logits = self.pointer(
-            queries.pointer_queries(hidden)[keep], images, regions, proposals.valid, excluded
-        )
-        return pointer_loss(logits, positives)

@@ -1,4 +1,5 @@
-"""Where the heads read the LLM: `<seg>` mask prompts and `<box>` pointer queries, from (B, T) token ids.
+"""Where the heads read the LLM: `<seg>` mask prompts and `<box>` pointer queries (and their loss), from
+(B, T) token ids.
 
 A box group is `<box> l0 l1 l2 l3 </box>` (four `<loc_k>` tokens, bins of the ORIGINAL image's
 fractions), read by the one grammar reader (`grammar.box_groups_in_ids`); `bins_to_canvas` places it
@@ -13,6 +14,7 @@ import torch
 
 from ..grammar import BatchBoxGroups
 from ..image_meta import ImageMeta
+from .pointer import pointer_loss, pointer_targets
 
 
 @dataclass
@@ -120,3 +122,36 @@ def seg_prompts(
         raise ValueError("original_sizes is needed to place the <seg> box prompts on the canvas")
     boxes = bins_to_canvas(bins, images, original_sizes, num_bins=num_bins, canvas_size=canvas_size)
     return images, boxes.to(device), hidden[rows, cols - 1]
+
+
+def answer_pointer_loss(
+    model,
+    groups: BatchBoxGroups,
+    labels: torch.Tensor,
+    hidden: torch.Tensor,
+    image_sample_index: torch.Tensor,
+    original_sizes: torch.Tensor,
+    out,
+    pixel_values: torch.Tensor | None,
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """The pointer's training loss for `model` (the grounded model; `out` its output so far, with
+    `detections` and `pyramid`): cross-entropy of the answers' `<box>` queries over the head's
+    proposals (+ "none"), and its accuracy (None, None when no supervised `<box>` has an image)."""
+    queries = box_queries(groups, labels)
+    images = image_of_rows(hidden.shape[0], image_sample_index, hidden.device)[queries.rows]
+    keep = images >= 0
+    if not bool(keep.any()):
+        return None, None
+    images = images[keep]
+    proposals = model.proposals(out.detections)
+    target_boxes = bins_to_canvas(
+        queries.bins[keep],
+        images,
+        original_sizes,
+        num_bins=len(model.token_ids.loc),
+        canvas_size=model.canvas_size,
+    )
+    positives, excluded = pointer_targets(proposals, images, target_boxes, queries.phrase[keep])
+    regions = model.pointer.region_embeddings(model.pointer_features(out.pyramid, pixel_values), proposals)
+    logits = model.pointer(queries.pointer_queries(hidden)[keep], images, regions, proposals.valid, excluded)
+    return pointer_loss(logits, positives)
