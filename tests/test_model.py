@@ -279,3 +279,44 @@ def test_training_skips_the_heads_on_a_chat_only_batch(tiny_model, tmp_path):
     out = tiny_model.train()(**batch.model_inputs())
     assert out.detections is None and out.pyramid is None and torch.isfinite(out.loss)
     assert tiny_model.eval()(**batch.model_inputs()).detections is not None  # evaluation always runs them
+
+
+def test_region_tokens_put_the_heads_proposals_into_the_llm_input(tmp_path):
+    """`region_tokens`: K = max_proposals tokens follow the image tokens; they carry the region encoder's
+    output (changing it changes the LLM's logits, not the head's detections), train with the LLM, decode,
+    and survive save/load."""
+    from grounded_llava.inference.predictor import GroundedLlava
+
+    config = tiny_test_config()
+    config.region_tokens = True
+    model = GroundedLlavaForConditionalGeneration.from_config(config)
+    grid_tokens = model.neck.grid_size**2
+    assert model.num_image_tokens == grid_tokens + config.heads.max_proposals == model.processor.num_image_tokens
+    batch = make_batch(model, make_samples(tmp_path, model.config.num_bins))
+    model.train()
+    out = model(**batch.model_inputs())
+    out.loss.backward()
+    assert out.proposals.boxes.shape == (3, config.heads.max_proposals, 4)
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.region_encoder.appearance.parameters())
+    model.eval()
+    with torch.no_grad():
+        before = model(**batch.model_inputs())
+        model.region_encoder.geometry[-1].bias.add_(1.0)
+        after = model(**batch.model_inputs())
+    assert not torch.allclose(before.logits, after.logits)
+    assert all(torch.equal(a, b) for a, b in zip(before.pyramid, after.pyramid, strict=True))
+    answer = GroundedLlava(model, device="cpu").chat(tmp_path / "a.png", "Find the circle.", max_new_tokens=6)
+    assert isinstance(answer.raw_text, str)
+    loaded = GroundedLlavaForConditionalGeneration.from_pretrained(model.save_pretrained(tmp_path / "ckpt"))
+    assert loaded.config.region_tokens and loaded.num_image_tokens == model.num_image_tokens
+    assert torch.equal(loaded.region_encoder.empty, model.region_encoder.empty)
+
+
+def test_region_token_projector_trains_with_the_llm_not_in_the_heads_stage():
+    from grounded_llava.training.stages import set_trainable
+
+    config = tiny_test_config()
+    config.region_tokens = True
+    model = GroundedLlavaForConditionalGeneration.from_config(config)
+    assert "regions" in set_trainable(model, "ground") and "regions" in set_trainable(model, "base")
+    assert "regions" not in set_trainable(model, "heads")

@@ -115,7 +115,9 @@ def decode_grounded(
         input_ids=input_ids,
         attention_mask=attention_mask,
         position_ids=position_ids,
-        mm_encoder_outputs=model.mm_encoder_outputs(features),
+        mm_encoder_outputs=model.mm_encoder_outputs(
+            features, model.region_tokens(pyramid, pixel_values, proposals)
+        ),
         use_cache=True,
     )
     cache, hidden = out.past_key_values, out.last_hidden_state[:, -1]

@@ -6,7 +6,6 @@ own `mm_encoder_outputs` input) and the heads.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -14,7 +13,6 @@ import torch.nn.functional as F
 from peft import PeftModel
 from torch import nn
 from transformers.modeling_outputs import BaseModelOutputWithPooling
-from transformers.utils import ModelOutput
 
 from ..config import GroundedLlavaConfig
 from ..grammar import box_groups_in_ids
@@ -23,33 +21,9 @@ from ..tokenizer import GroundingTokenIds
 from .detection import DetectionTargets
 from .heads import build_heads
 from .masks import mask_loss
+from .outputs import GroundedLlavaOutput
 from .pointer import Proposals
 from .prompts import answer_pointer_loss, seg_prompts
-
-
-@dataclass
-class GroundedLlavaOutput(ModelOutput):
-    """What `forward` returns. Losses are None when their targets were not given.
-
-    logits: (B, T, V). image_features: (I, N, D) projected. pyramid: the neck's maps (see `image_pyramid`). detections: the Detect head's raw predictions (see `DetectionHead.forward`).
-    mask_logits: (M, 4g, 4g) canvas-frame logits, one per `<seg>` token in reading order (batch-major);
-    mask_scores: (M,) SAM's predicted IoU. seg_image_index: (M,) the image of each mask.
-    """
-
-    loss: torch.Tensor | None = None
-    lm_loss: torch.Tensor | None = None
-    det_loss: torch.Tensor | None = None
-    mask_loss: torch.Tensor | None = None
-    pointer_loss: torch.Tensor | None = None
-    pointer_accuracy: torch.Tensor | None = None
-    logits: torch.Tensor | None = None
-    last_hidden_state: torch.Tensor | None = None
-    image_features: torch.Tensor | None = None
-    pyramid: list[torch.Tensor] | None = None
-    detections: dict | None = None
-    mask_logits: torch.Tensor | None = None
-    mask_scores: torch.Tensor | None = None
-    seg_image_index: torch.Tensor | None = None
 
 
 def _trains(module: nn.Module) -> bool:
@@ -86,6 +60,7 @@ class GroundedLlavaForConditionalGeneration(nn.Module):
         text_hidden = self.base_llava.config.get_text_config().hidden_size
         parts = build_heads(
             config.heads,
+            region_tokens=config.region_tokens,
             num_classes=max(len(config.heads.categories), 1),
             text_hidden_size=text_hidden,
             grid_size=grid_size,
@@ -100,6 +75,7 @@ class GroundedLlavaForConditionalGeneration(nn.Module):
         )
         self.spatial_prior = parts["spatial_prior"] if "spatial_prior" in parts else None  # noqa: SIM401 (ModuleDict has no .get)
         self.mask_level = 0 if config.heads.mask_from_finest else 1
+        self.region_encoder = parts["region_encoder"] if "region_encoder" in parts else None  # noqa: SIM401
         self.processor = None  # set by from_config / from_pretrained (a GroundedProcessor)
 
     # ------------------------------------------------------------------ construction and persistence
@@ -173,11 +149,25 @@ class GroundedLlavaForConditionalGeneration(nn.Module):
         maps = image_features.transpose(1, 2).reshape(count, dim, grid, grid)
         return F.avg_pool2d(maps, pool).flatten(2).transpose(1, 2)
 
-    def mm_encoder_outputs(self, image_features: torch.Tensor) -> dict[str, BaseModelOutputWithPooling]:
-        """Pre-computed image features (I, N, D), as LLaVA's forward accepts them instead of pixel values."""
-        return {
-            "image": BaseModelOutputWithPooling(pooler_output=list(self.llm_image_tokens(image_features)))
-        }
+    def mm_encoder_outputs(
+        self, image_features: torch.Tensor, region_tokens: torch.Tensor | None = None
+    ) -> dict[str, BaseModelOutputWithPooling]:
+        """Pre-computed image features (I, N, D) (+ (I, K, D) region tokens after them, when the config has
+        `region_tokens`), as LLaVA's forward accepts them instead of pixel values."""
+        tokens = self.llm_image_tokens(image_features)
+        if (region_tokens is None) != (self.region_encoder is None):
+            raise ValueError("region tokens must be given exactly when the config has region_tokens")
+        if region_tokens is not None:
+            tokens = torch.cat([tokens, region_tokens.to(tokens.dtype)], dim=1)
+        return {"image": BaseModelOutputWithPooling(pooler_output=list(tokens))}
+
+    def region_tokens(
+        self, pyramid: list[torch.Tensor], pixel_values: torch.Tensor | None, proposals: Proposals
+    ) -> torch.Tensor | None:
+        """(I, K, D) the LLM's region tokens of `proposals` (None without `config.region_tokens`)."""
+        if self.region_encoder is None:
+            return None
+        return self.region_encoder(self.pointer_features(pyramid, pixel_values), proposals)
 
     def _check_image_tokens(self, input_ids: torch.Tensor, image_sample_index: torch.Tensor) -> None:
         counts = (input_ids == self.image_token_id).sum(1)
@@ -314,18 +304,25 @@ class GroundedLlavaForConditionalGeneration(nn.Module):
             image_features = self.encode_images(pixel_values)
         self._check_image_tokens(input_ids, image_sample_index.to(input_ids.device))
 
+        out = GroundedLlavaOutput(image_features=image_features, pyramid=pyramid)
+        encoder_outputs = None
+        if image_features is not None:
+            regions = None
+            if self.region_encoder is not None:  # the LLM reads the head's proposals: the heads run first
+                out.pyramid = out.pyramid or self.image_pyramid(image_features, pixel_values)
+                out.detections = self.detection_head(out.pyramid)
+                out.proposals = self.proposals(out.detections)
+                regions = self.region_tokens(out.pyramid, pixel_values, out.proposals)
+            encoder_outputs = self.mm_encoder_outputs(image_features, regions)
         llava = self.base_llava
         llm_out = llava.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
-            mm_encoder_outputs=self.mm_encoder_outputs(image_features)
-            if image_features is not None
-            else None,
+            mm_encoder_outputs=encoder_outputs,
             use_cache=False,
         )
-        hidden = llm_out.last_hidden_state
-        logits = llava.lm_head(hidden)
-        out = GroundedLlavaOutput(logits=logits, last_hidden_state=hidden, image_features=image_features)
+        out.last_hidden_state = hidden = llm_out.last_hidden_state
+        out.logits = logits = llava.lm_head(hidden)
         losses = []
         if labels is not None:
             out.lm_loss = F.cross_entropy(
@@ -345,11 +342,12 @@ class GroundedLlavaForConditionalGeneration(nn.Module):
         if self.training:
             has_seg = has_groups or groups.stray_seg.numel() > 0  # a stray <seg> still raises below
             compute_masks = compute_masks and has_seg and _trains(self.mask_head)
-        if self.training and pyramid is None and not (run_det or run_pointer or compute_masks):
+        if self.training and out.pyramid is None and not (run_det or run_pointer or compute_masks):
             out.loss = sum(losses) if losses else None  # e.g. a chat batch: no head to train
             return out
-        out.pyramid = pyramid if pyramid is not None else self.image_pyramid(image_features, pixel_values)
-        out.detections = self.detection_head(out.pyramid)
+        out.pyramid = out.pyramid or self.image_pyramid(image_features, pixel_values)
+        if out.detections is None:
+            out.detections = self.detection_head(out.pyramid)
         if run_det:
             out.det_loss = self.detection_head.loss(out.detections, det_targets.to(hidden.device))
             losses.append(self.config.loss.det * out.det_loss)

@@ -41,6 +41,31 @@ class Proposals:
         return cls(boxes=boxes, scores=scores, valid=valid)
 
 
+def region_inputs(
+    feature_map: torch.Tensor, proposals: Proposals, *, pool: int, stride: float, canvas_size: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """What a region is made of, for the pointer and the LLM's region tokens alike.
+
+    Args:
+        feature_map: (I, C, h, w) map at `stride` (canvas pixels per cell); proposals: K per image.
+    Returns:
+        pooled: (I, K, C * pool * pool) the map roi-aligned in each box; geometry: (I, K, 9) the box as
+        canvas fractions (x0, y0, x1, y1, cx, cy, w, h) and the head's score.
+    """
+    count, k = proposals.valid.shape
+    boxes = proposals.boxes.to(feature_map.dtype)
+    rois = torch.cat(
+        [torch.arange(count, device=boxes.device, dtype=boxes.dtype).repeat_interleave(k)[:, None],
+         boxes.reshape(-1, 4)], dim=1)  # fmt: skip
+    pooled = roi_align(feature_map, rois, output_size=pool, spatial_scale=1.0 / stride, aligned=True)
+    norm = boxes / canvas_size
+    size = (norm[..., 2:] - norm[..., :2]).clamp(min=1e-4)
+    geometry = torch.cat(
+        [norm, (norm[..., :2] + norm[..., 2:]) / 2, size, proposals.scores.to(norm.dtype)[..., None]], dim=-1
+    )
+    return pooled.flatten(1).view(count, k, -1), geometry
+
+
 class ProposalPointer(nn.Module):
     """Scores (M,) queries against their images' K proposals + "none": logits (M, K + 1), "none" last."""
 
@@ -70,21 +95,10 @@ class ProposalPointer(nn.Module):
 
     def region_embeddings(self, feature_map: torch.Tensor, proposals: Proposals) -> torch.Tensor:
         """(I, C, h, w) neck map at `stride` + proposals -> (I, K, dim) region embeddings."""
-        count, k = proposals.valid.shape
-        boxes = proposals.boxes.to(feature_map.dtype)
-        rois = torch.cat(
-            [torch.arange(count, device=boxes.device, dtype=boxes.dtype).repeat_interleave(k)[:, None],
-             boxes.reshape(-1, 4)], dim=1)  # fmt: skip
-        pooled = roi_align(
-            feature_map, rois, output_size=self.pool, spatial_scale=1.0 / self.stride, aligned=True
+        pooled, geometry = region_inputs(
+            feature_map, proposals, pool=self.pool, stride=self.stride, canvas_size=self.canvas_size
         )
-        norm = boxes / self.canvas_size
-        size = (norm[..., 2:] - norm[..., :2]).clamp(min=1e-4)
-        geometry = torch.cat(
-            [norm, (norm[..., :2] + norm[..., 2:]) / 2, size, proposals.scores.to(norm.dtype)[..., None]],
-            dim=-1,
-        )
-        return self.region(pooled.flatten(1)).view(count, k, -1) + self.geometry(geometry)
+        return self.region(pooled) + self.geometry(geometry)
 
     def forward(
         self,

@@ -143,7 +143,7 @@ def answer_pointer_loss(
     if not bool(keep.any()):
         return None, None
     images = images[keep]
-    proposals = model.proposals(out.detections)
+    proposals = out.proposals if out.proposals is not None else model.proposals(out.detections)
     target_boxes = bins_to_canvas(
         queries.bins[keep],
         images,

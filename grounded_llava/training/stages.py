@@ -15,6 +15,7 @@ from ..processor import IGNORE_INDEX, GroundedBatch
 # Parameter groups, by what their names contain (peft injects "lora_" and "trainable_tokens_delta").
 _DETECTOR = ("neck.", "detection_head.", "spatial_prior.")
 _HEADS = ("mask_head.", "pointer.")
+_REGIONS = ("region_encoder.",)  # the LLM's region-token projector: trains with the LLM
 
 
 def _group_of(name: str) -> str:
@@ -22,6 +23,8 @@ def _group_of(name: str) -> str:
         return "detector"
     if name.startswith(_HEADS):
         return "heads"
+    if name.startswith(_REGIONS):
+        return "regions"
     if "lora_" in name:
         return "lora"
     if "trainable_tokens_delta" in name:
@@ -33,10 +36,10 @@ def _group_of(name: str) -> str:
 
 STAGE_GROUPS = {
     "heads": {"detector", "heads"},
-    "base": {"base"},
-    "align": {"detector", "heads", "token_rows"},
-    "ground": {"detector", "heads", "token_rows", "lora"},
-    "increment": {"detector", "heads", "token_rows", "lora"},
+    "base": {"base", "regions"},
+    "align": {"detector", "heads", "token_rows", "regions"},
+    "ground": {"detector", "heads", "token_rows", "lora", "regions"},
+    "increment": {"detector", "heads", "token_rows", "lora", "regions"},
 }
 
 
