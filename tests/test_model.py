@@ -291,13 +291,17 @@ def test_region_tokens_put_the_heads_proposals_into_the_llm_input(tmp_path):
     config.region_tokens = True
     model = GroundedLlavaForConditionalGeneration.from_config(config)
     grid_tokens = model.neck.grid_size**2
-    assert model.num_image_tokens == grid_tokens + config.heads.max_proposals == model.processor.num_image_tokens
+    assert (
+        model.num_image_tokens == grid_tokens + config.heads.max_proposals == model.processor.num_image_tokens
+    )
     batch = make_batch(model, make_samples(tmp_path, model.config.num_bins))
     model.train()
     out = model(**batch.model_inputs())
     out.loss.backward()
     assert out.proposals.boxes.shape == (3, config.heads.max_proposals, 4)
-    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.region_encoder.appearance.parameters())
+    assert all(
+        p.grad is not None and p.grad.abs().sum() > 0 for p in model.region_encoder.appearance.parameters()
+    )
     model.eval()
     with torch.no_grad():
         before = model(**batch.model_inputs())
