@@ -130,6 +130,13 @@ class GroundedLlavaConfig:
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     load_in_4bit: bool = False
     gradient_checkpointing: bool = False
+    image_token_pool: int = 1
+    """k > 1: the LLM reads the projected patch grid average-pooled k x k ((g/k)^2 image tokens, e.g. the
+    tiny preset's 14x14 -> 7x7: 4x fewer image tokens per LLM step); the heads always read the full grid.
+    Needs the "default" feature strategy (no CLS token) and k dividing the grid."""
+    region_tokens: bool = False
+    """After the image tokens the LLM reads one token per head proposal (`heads.max_proposals`, best
+    first; Groma's region tokens): neck features pooled in the box + geometry + score."""
     system_prompt: str = (
         "A chat between a curious human and an artificial intelligence assistant. "
         "The assistant gives helpful, detailed, and polite answers to the human's questions."
@@ -138,8 +145,15 @@ class GroundedLlavaConfig:
     def __post_init__(self) -> None:
         if not 2 <= self.num_bins <= 1000:
             raise ConfigError(f"num_bins must be in [2, 1000], got {self.num_bins}")
+        if self.image_token_pool < 1:
+            raise ConfigError(f"image_token_pool must be >= 1, got {self.image_token_pool}")
         if self.load_in_4bit and self.dtype == "float32":
             raise ConfigError("load_in_4bit needs dtype bfloat16 or float16 for the compute")
+
+    @property
+    def num_region_tokens(self) -> int:
+        """Region tokens per image in the LLM input (0 without `region_tokens`)."""
+        return self.heads.max_proposals if self.region_tokens else 0
 
     @property
     def is_tiny(self) -> bool:

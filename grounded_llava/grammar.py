@@ -270,6 +270,8 @@ class BatchBoxGroups:
         seg_positions: (N,) long, position of the `<seg>` right after `</box>`, -1 when none.
         spans: (N,) long, batch-wide index of the span (phrase) a group belongs to, so the groups
             of one phrase share it; -1 for an inverted group (in no span).
+        phrase_starts, phrase_ends: (N,) long, the content `[start, end)` of the group's phrase (between
+            `<p>` and `</p>`); empty (start == end) for a group without a phrase.
         stray_seg: (M, 2) long, (row, position) of every `<seg>` that follows no group.
     """
 
@@ -279,6 +281,8 @@ class BatchBoxGroups:
     seg_positions: torch.Tensor
     spans: torch.Tensor
     stray_seg: torch.Tensor
+    phrase_starts: torch.Tensor
+    phrase_ends: torch.Tensor
 
 
 def box_groups_in_ids(input_ids: torch.Tensor, token_ids: GroundingTokenIds) -> BatchBoxGroups:
@@ -290,12 +294,16 @@ def box_groups_in_ids(input_ids: torch.Tensor, token_ids: GroundingTokenIds) -> 
     import torch
 
     kinds = _id_kinds(token_ids)
-    rows, starts, bins, seg_positions, spans, stray = [], [], [], [], [], []
+    rows, starts, bins, seg_positions, spans, stray, phrases = [], [], [], [], [], [], []
     num_spans = 0  # spans of the rows before
     for row, ids in enumerate(input_ids.tolist()):
         tokens = _lex_id_list(ids, kinds, 0, frozenset())
         parsed = parse(tokens)
         span_of = {g.start: num_spans + k for k, span in enumerate(parsed.spans) for g in span.groups}
+        phrase_of = {
+            g.start: (span.phrase_start, span.phrase_end) for span in parsed.spans if span.open is not None
+            for g in span.groups
+        }  # fmt: skip
         num_spans += len(parsed.spans)
         found = parsed.groups
         rows += [row] * len(found)
@@ -303,6 +311,7 @@ def box_groups_in_ids(input_ids: torch.Tensor, token_ids: GroundingTokenIds) -> 
         bins += [g.bins for g in found]
         seg_positions += [-1 if g.seg_position is None else g.seg_position for g in found]
         spans += [span_of.get(g.start, -1) for g in found]
+        phrases += [phrase_of.get(g.start, (g.start, g.start)) for g in found]
         valid = {g.seg_position for g in found}
         stray += [(row, t.start) for t in tokens if t.kind == SEG and t.start not in valid]
 
@@ -316,4 +325,6 @@ def box_groups_in_ids(input_ids: torch.Tensor, token_ids: GroundingTokenIds) -> 
         seg_positions=long(seg_positions, (-1,)),
         spans=long(spans, (-1,)),
         stray_seg=long(stray, (-1, 2)),
+        phrase_starts=long([a for a, _ in phrases], (-1,)),
+        phrase_ends=long([b for _, b in phrases], (-1,)),
     )

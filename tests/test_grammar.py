@@ -216,9 +216,26 @@ def test_box_groups_in_ids_matches_the_models_seg_rule():
     assert found.bins.tolist() == [[0, 1, 2, 3], [7, 6, 5, 4]] + [[0, 0, 0, 0]] * 4
     assert found.seg_positions.tolist() == [7, -1, -1, -1, 22, -1]
     assert found.spans.tolist() == [0, -1, 1, 1, 2, 2]  # the inverted group is in no span
+    # phrase content ranges: only the last two groups follow a <p> dog </p>; the others read none
+    assert found.phrase_starts.tolist() == [1, 1, 0, 6, 14, 14]
+    assert found.phrase_ends.tolist() == [1, 1, 0, 6, 15, 15]
     assert found.stray_seg.tolist() == [[0, 8], [1, 0]]
     segs = (input_ids == IDS.seg).nonzero().tolist()
     valid = [[r, c] for r, c in zip(found.rows.tolist(), found.seg_positions.tolist(), strict=True) if c >= 0]
     assert sorted(valid + found.stray_seg.tolist()) == segs
     empty = box_groups_in_ids(torch.zeros((2, 0), dtype=torch.long), IDS)
     assert empty.bins.shape == (0, 4) and empty.stray_seg.shape == (0, 2)
+
+
+def test_pointer_query_is_the_box_state_beside_its_phrases_mean_state():
+    """`<p> a b </p> <box> l l l l </box> <box> ...`: both groups read the mean of the phrase's two states."""
+    from grounded_llava.modeling.prompts import pointer_query
+
+    hidden = torch.arange(2 * 12 * 2, dtype=torch.float32).reshape(2, 12, 2)
+    rows, cols = torch.tensor([0, 0, 1]), torch.tensor([4, 10, 3])
+    starts, ends = torch.tensor([1, 1, 3]), torch.tensor([3, 3, 3])  # the last group has no phrase
+    query = pointer_query(hidden, rows, cols, starts, ends)
+    assert query.shape == (3, 4)
+    assert torch.equal(query[0], torch.cat([hidden[0, 4], hidden[0, 1:3].mean(0)]))
+    assert torch.equal(query[1, 2:], query[0, 2:]) and torch.equal(query[1, :2], hidden[0, 10])
+    assert torch.equal(query[2], torch.cat([hidden[1, 3], torch.zeros(2)]))

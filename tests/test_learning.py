@@ -165,7 +165,8 @@ def test_pointer_overfits_category_queries_and_says_none_when_the_object_is_not_
     assert len(targets) == 10 and int(absent.sum()) == 6 and not excluded.any()
 
     hidden_size = model.base_llava.config.get_text_config().hidden_size
-    category_states = torch.randn(len(TEST_CATEGORIES), hidden_size, generator=generator)
+    # a query per category, as `prompts.pointer_query` gives it: (`<box>` state, phrase mean state)
+    category_states = torch.randn(len(TEST_CATEGORIES), 2 * hidden_size, generator=generator)
     queries = category_states[torch.tensor(query_class)]
     with torch.no_grad():
         features = model.encode_images(batch.pixel_values)

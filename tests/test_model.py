@@ -245,3 +245,82 @@ def test_bfloat16_with_gradient_checkpointing_trains_on_cpu(tmp_path):
     assert any(
         p.grad is not None and p.grad.abs().sum() > 0 for n, p in model.named_parameters() if "lora_B" in n
     )
+
+
+def test_pooled_image_tokens_feed_the_llm_while_the_heads_read_the_full_grid(tmp_path):
+    """image_token_pool=2 on a 128 px canvas (8x8 patches): 16 LLM image tokens, each the mean of a 2x2
+    block of the projected grid; the neck still gets all 64; the setting survives save/load."""
+    config = tiny_test_config()
+    config.tiny.image_size = 128
+    config.image_token_pool = 2
+    model = GroundedLlavaForConditionalGeneration.from_config(config)
+    assert model.num_image_tokens == 16 and model.processor.num_image_tokens == 16
+    features = torch.arange(2 * 64 * 3, dtype=torch.float32).reshape(2, 64, 3)
+    tokens = model.llm_image_tokens(features)
+    block = features[0].reshape(8, 8, 3)[2:4, 4:6].reshape(4, 3).mean(0)  # row 1, column 2 of the 4x4 grid
+    assert tokens.shape == (2, 16, 3) and torch.equal(tokens[0, 1 * 4 + 2], block)
+    batch = make_batch(model, make_samples(tmp_path, model.config.num_bins))
+    assert int((batch.batch.input_ids == model.image_token_id).sum()) == 3 * 16
+    out = model(**batch.model_inputs())
+    assert torch.isfinite(out.loss) and out.image_features.shape[1] == 64
+    loaded = GroundedLlavaForConditionalGeneration.from_pretrained(model.save_pretrained(tmp_path / "ckpt"))
+    assert loaded.num_image_tokens == 16 and loaded.config.image_token_pool == 2
+
+
+def test_token_pool_that_does_not_divide_the_grid_is_refused():
+    config = tiny_test_config()  # 112 px: a 7x7 grid
+    config.image_token_pool = 2
+    with pytest.raises(ValueError, match="image_token_pool=2"):
+        GroundedLlavaForConditionalGeneration.from_config(config)
+
+
+def test_training_skips_the_heads_on_a_chat_only_batch(tiny_model, tmp_path):
+    batch = make_batch(tiny_model, make_samples(tmp_path, tiny_model.config.num_bins)[2:])
+    out = tiny_model.train()(**batch.model_inputs())
+    assert out.detections is None and out.pyramid is None and torch.isfinite(out.loss)
+    assert tiny_model.eval()(**batch.model_inputs()).detections is not None  # evaluation always runs them
+
+
+def test_region_tokens_put_the_heads_proposals_into_the_llm_input(tmp_path):
+    """`region_tokens`: K = max_proposals tokens follow the image tokens; they carry the region encoder's
+    output (changing it changes the LLM's logits, not the head's detections), train with the LLM, decode,
+    and survive save/load."""
+    from grounded_llava.inference.predictor import GroundedLlava
+
+    config = tiny_test_config()
+    config.region_tokens = True
+    model = GroundedLlavaForConditionalGeneration.from_config(config)
+    grid_tokens = model.neck.grid_size**2
+    assert (
+        model.num_image_tokens == grid_tokens + config.heads.max_proposals == model.processor.num_image_tokens
+    )
+    batch = make_batch(model, make_samples(tmp_path, model.config.num_bins))
+    model.train()
+    out = model(**batch.model_inputs())
+    out.loss.backward()
+    assert out.proposals.boxes.shape == (3, config.heads.max_proposals, 4)
+    assert all(
+        p.grad is not None and p.grad.abs().sum() > 0 for p in model.region_encoder.appearance.parameters()
+    )
+    model.eval()
+    with torch.no_grad():
+        before = model(**batch.model_inputs())
+        model.region_encoder.geometry[-1].bias.add_(1.0)
+        after = model(**batch.model_inputs())
+    assert not torch.allclose(before.logits, after.logits)
+    assert all(torch.equal(a, b) for a, b in zip(before.pyramid, after.pyramid, strict=True))
+    answer = GroundedLlava(model, device="cpu").chat(tmp_path / "a.png", "Find the circle.", max_new_tokens=6)
+    assert isinstance(answer.raw_text, str)
+    loaded = GroundedLlavaForConditionalGeneration.from_pretrained(model.save_pretrained(tmp_path / "ckpt"))
+    assert loaded.config.region_tokens and loaded.num_image_tokens == model.num_image_tokens
+    assert torch.equal(loaded.region_encoder.empty, model.region_encoder.empty)
+
+
+def test_region_token_projector_trains_with_the_llm_not_in_the_heads_stage():
+    from grounded_llava.training.stages import set_trainable
+
+    config = tiny_test_config()
+    config.region_tokens = True
+    model = GroundedLlavaForConditionalGeneration.from_config(config)
+    assert "regions" in set_trainable(model, "ground") and "regions" in set_trainable(model, "base")
+    assert "regions" not in set_trainable(model, "heads")

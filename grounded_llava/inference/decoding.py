@@ -47,6 +47,47 @@ def _choose(logits: torch.Tensor, temperature: float) -> torch.Tensor:
     return torch.multinomial(torch.softmax(logits.float() / temperature, dim=-1), 1)[:, 0]
 
 
+class _PhraseStates:
+    """The mean hidden state of each row's current phrase, as `prompts.pointer_query` reads it in training:
+    the states of the tokens between `<p>` and `</p>`, kept for the box groups right after `</p>` (zeros
+    for a `<box>` in no phrase). `read` takes the state of the token `wrote` last appended."""
+
+    def __init__(self, batch: int, hidden: torch.Tensor, ids) -> None:
+        self.ids = ids
+        self.total = hidden.new_zeros((batch, hidden.shape[-1]))
+        self.count = [0] * batch
+        self.inside = [False] * batch  # between <p> and </p>
+        self.grounding = [False] * batch  # after </p>, within its box groups
+        self.pending = [False] * batch  # the last written token is phrase content
+
+    def read(self, hidden: torch.Tensor) -> None:
+        for r, pending in enumerate(self.pending):
+            if pending:
+                self.total[r] += hidden[r]
+                self.count[r] += 1
+                self.pending[r] = False
+
+    def wrote(self, row: int, token: int) -> None:
+        ids = self.ids
+        if token == ids.p_open:
+            self.total[row].zero_()
+            self.count[row], self.inside[row], self.grounding[row] = 0, True, False
+        elif token == ids.p_close:
+            self.inside[row], self.grounding[row] = False, True
+        elif self.inside[row]:
+            self.pending[row] = True
+        elif token not in (ids.box_open, ids.box_close, ids.seg) and token not in ids.loc:
+            self.grounding[row] = False
+
+    def queries(self, hidden: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """(R, 2D) pointer queries of `rows` (their `<box>` states are `hidden[rows]`)."""
+        means = torch.stack([
+            self.total[r] / max(self.count[r], 1) if self.grounding[r] else torch.zeros_like(self.total[r])
+            for r in rows.tolist()
+        ])  # fmt: skip
+        return torch.cat([hidden[rows], means], dim=-1)
+
+
 @torch.inference_mode()
 def decode_grounded(
     model: GroundedLlavaForConditionalGeneration,
@@ -74,7 +115,9 @@ def decode_grounded(
         input_ids=input_ids,
         attention_mask=attention_mask,
         position_ids=position_ids,
-        mm_encoder_outputs=model.mm_encoder_outputs(features),
+        mm_encoder_outputs=model.mm_encoder_outputs(
+            features, model.region_tokens(pyramid, pixel_values, proposals)
+        ),
         use_cache=True,
     )
     cache, hidden = out.past_key_values, out.last_hidden_state[:, -1]
@@ -84,7 +127,9 @@ def decode_grounded(
     forced: list[list[int]] = [[] for _ in range(batch)]
     taken = torch.zeros_like(proposals.valid)  # (B, K): chosen within the current phrase
     finished = torch.zeros(batch, dtype=torch.bool, device=input_ids.device)
+    phrase = _PhraseStates(batch, hidden, ids)
     for _ in range(max_new_tokens):
+        phrase.read(hidden)
         tokens = _choose(llava.lm_head(hidden), temperature)
         at_box = [
             r for r in range(batch)
@@ -92,7 +137,7 @@ def decode_grounded(
         ]  # fmt: skip
         if at_box:
             rows = torch.tensor(at_box, device=hidden.device)
-            logits = model.pointer(hidden[rows], rows, regions, proposals.valid, taken[rows])
+            logits = model.pointer(phrase.queries(hidden, rows), rows, regions, proposals.valid, taken[rows])
             probabilities = logits.softmax(-1)
             best = probabilities.argmax(-1)
             for r, k, p in zip(at_box, best.tolist(), probabilities.max(-1).values.tolist(), strict=True):
@@ -116,6 +161,7 @@ def decode_grounded(
         for r, token in enumerate(tokens.tolist()):
             if not finished[r] and token != eos_token_id:
                 answers[r].append(token)
+                phrase.wrote(r, token)
                 if token == ids.p_close:
                     taken[r] = False
         finished |= tokens == eos_token_id

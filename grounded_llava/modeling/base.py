@@ -45,12 +45,22 @@ class ImageSettings:
         return self.image_size // self.patch_size
 
 
-def image_settings_for(llava_config: LlavaConfig, mean=CLIP_MEAN, std=CLIP_STD) -> ImageSettings:
-    """Image tokens per image: (S / patch)^2 patches, plus the CLS token unless the "default" strategy drops it."""
+def image_settings_for(
+    llava_config: LlavaConfig, mean=CLIP_MEAN, std=CLIP_STD, *, token_pool: int = 1, region_tokens: int = 0
+) -> ImageSettings:
+    """Image tokens per image: (S / patch / token_pool)^2 patches, plus the CLS token unless the "default"
+    strategy drops it (pooling needs "default": a CLS token has no place in the pooled grid), plus
+    `region_tokens` (the head's proposals, `GroundedLlavaConfig.region_tokens`)."""
     vision = llava_config.vision_config
     grid = vision.image_size // vision.patch_size
     extra = 0 if llava_config.vision_feature_select_strategy == "default" else 1
-    return ImageSettings(vision.image_size, vision.patch_size, tuple(mean), tuple(std), grid * grid + extra)
+    if token_pool > 1 and (extra or grid % token_pool):
+        raise ValueError(
+            f"image_token_pool={token_pool} needs the 'default' feature strategy and a patch grid ({grid}) "
+            "it divides"
+        )
+    tokens = (grid // token_pool) ** 2 + extra + region_tokens
+    return ImageSettings(vision.image_size, vision.patch_size, tuple(mean), tuple(std), tokens)
 
 
 def build_tiny_base(
@@ -144,7 +154,17 @@ def load_pretrained_base(
     if model.get_input_embeddings().weight.shape[0] < len(tokenizer):
         model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
     _check_token_ids(ids, model)
-    return model, tokenizer, image_settings_for(model.config, mean, std)
+    return (
+        model,
+        tokenizer,
+        image_settings_for(
+            model.config,
+            mean,
+            std,
+            token_pool=config.image_token_pool,
+            region_tokens=config.num_region_tokens,
+        ),
+    )
 
 
 def _check_device_support(config: GroundedLlavaConfig) -> None:

@@ -6,7 +6,6 @@ own `mm_encoder_outputs` input) and the heads.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -14,42 +13,21 @@ import torch.nn.functional as F
 from peft import PeftModel
 from torch import nn
 from transformers.modeling_outputs import BaseModelOutputWithPooling
-from transformers.utils import ModelOutput
 
 from ..config import GroundedLlavaConfig
-from ..grammar import BatchBoxGroups, box_groups_in_ids
+from ..grammar import box_groups_in_ids
 from ..processor import IGNORE_INDEX
 from ..tokenizer import GroundingTokenIds
 from .detection import DetectionTargets
 from .heads import build_heads
 from .masks import mask_loss
-from .pointer import Proposals, pointer_loss, pointer_targets
-from .prompts import bins_to_canvas, box_queries, image_of_rows, seg_prompts
+from .outputs import GroundedLlavaOutput
+from .pointer import Proposals
+from .prompts import answer_pointer_loss, seg_prompts
 
 
-@dataclass
-class GroundedLlavaOutput(ModelOutput):
-    """What `forward` returns. Losses are None when their targets were not given.
-
-    logits: (B, T, V). image_features: (I, N, D) projected. pyramid: the neck's maps (see `image_pyramid`). detections: the Detect head's raw predictions (see `DetectionHead.forward`).
-    mask_logits: (M, 4g, 4g) canvas-frame logits, one per `<seg>` token in reading order (batch-major);
-    mask_scores: (M,) SAM's predicted IoU. seg_image_index: (M,) the image of each mask.
-    """
-
-    loss: torch.Tensor | None = None
-    lm_loss: torch.Tensor | None = None
-    det_loss: torch.Tensor | None = None
-    mask_loss: torch.Tensor | None = None
-    pointer_loss: torch.Tensor | None = None
-    pointer_accuracy: torch.Tensor | None = None
-    logits: torch.Tensor | None = None
-    last_hidden_state: torch.Tensor | None = None
-    image_features: torch.Tensor | None = None
-    pyramid: list[torch.Tensor] | None = None
-    detections: dict | None = None
-    mask_logits: torch.Tensor | None = None
-    mask_scores: torch.Tensor | None = None
-    seg_image_index: torch.Tensor | None = None
+def _trains(module: nn.Module) -> bool:
+    return any(p.requires_grad for p in module.parameters())
 
 
 class GroundedLlavaForConditionalGeneration(nn.Module):
@@ -82,6 +60,7 @@ class GroundedLlavaForConditionalGeneration(nn.Module):
         text_hidden = self.base_llava.config.get_text_config().hidden_size
         parts = build_heads(
             config.heads,
+            region_tokens=config.region_tokens,
             num_classes=max(len(config.heads.categories), 1),
             text_hidden_size=text_hidden,
             grid_size=grid_size,
@@ -96,6 +75,7 @@ class GroundedLlavaForConditionalGeneration(nn.Module):
         )
         self.spatial_prior = parts["spatial_prior"] if "spatial_prior" in parts else None  # noqa: SIM401 (ModuleDict has no .get)
         self.mask_level = 0 if config.heads.mask_from_finest else 1
+        self.region_encoder = parts["region_encoder"] if "region_encoder" in parts else None  # noqa: SIM401
         self.processor = None  # set by from_config / from_pretrained (a GroundedProcessor)
 
     # ------------------------------------------------------------------ construction and persistence
@@ -158,10 +138,36 @@ class GroundedLlavaForConditionalGeneration(nn.Module):
         )
         return torch.stack(list(output.pooler_output))
 
-    @staticmethod
-    def mm_encoder_outputs(image_features: torch.Tensor) -> dict[str, BaseModelOutputWithPooling]:
-        """Pre-computed image features in the form LLaVA's forward/generate accept instead of pixel values."""
-        return {"image": BaseModelOutputWithPooling(pooler_output=list(image_features))}
+    def llm_image_tokens(self, image_features: torch.Tensor) -> torch.Tensor:
+        """(I, N, D) projected features -> (I, N', D) the LLM's image tokens: the patch grid average-pooled
+        `config.image_token_pool` x `config.image_token_pool` (row-major), or unchanged when 1."""
+        pool = self.config.image_token_pool
+        if pool == 1:
+            return image_features
+        count, _, dim = image_features.shape
+        grid = self.neck.grid_size
+        maps = image_features.transpose(1, 2).reshape(count, dim, grid, grid)
+        return F.avg_pool2d(maps, pool).flatten(2).transpose(1, 2)
+
+    def mm_encoder_outputs(
+        self, image_features: torch.Tensor, region_tokens: torch.Tensor | None = None
+    ) -> dict[str, BaseModelOutputWithPooling]:
+        """Pre-computed image features (I, N, D) (+ (I, K, D) region tokens after them, when the config has
+        `region_tokens`), as LLaVA's forward accepts them instead of pixel values."""
+        tokens = self.llm_image_tokens(image_features)
+        if (region_tokens is None) != (self.region_encoder is None):
+            raise ValueError("region tokens must be given exactly when the config has region_tokens")
+        if region_tokens is not None:
+            tokens = torch.cat([tokens, region_tokens.to(tokens.dtype)], dim=1)
+        return {"image": BaseModelOutputWithPooling(pooler_output=list(tokens))}
+
+    def region_tokens(
+        self, pyramid: list[torch.Tensor], pixel_values: torch.Tensor | None, proposals: Proposals
+    ) -> torch.Tensor | None:
+        """(I, K, D) the LLM's region tokens of `proposals` (None without `config.region_tokens`)."""
+        if self.region_encoder is None:
+            return None
+        return self.region_encoder(self.pointer_features(pyramid, pixel_values), proposals)
 
     def _check_image_tokens(self, input_ids: torch.Tensor, image_sample_index: torch.Tensor) -> None:
         counts = (input_ids == self.image_token_id).sum(1)
@@ -298,18 +304,25 @@ class GroundedLlavaForConditionalGeneration(nn.Module):
             image_features = self.encode_images(pixel_values)
         self._check_image_tokens(input_ids, image_sample_index.to(input_ids.device))
 
+        out = GroundedLlavaOutput(image_features=image_features, pyramid=pyramid)
+        encoder_outputs = None
+        if image_features is not None:
+            regions = None
+            if self.region_encoder is not None:  # the LLM reads the head's proposals: the heads run first
+                out.pyramid = out.pyramid or self.image_pyramid(image_features, pixel_values)
+                out.detections = self.detection_head(out.pyramid)
+                out.proposals = self.proposals(out.detections)
+                regions = self.region_tokens(out.pyramid, pixel_values, out.proposals)
+            encoder_outputs = self.mm_encoder_outputs(image_features, regions)
         llava = self.base_llava
         llm_out = llava.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
-            mm_encoder_outputs=self.mm_encoder_outputs(image_features)
-            if image_features is not None
-            else None,
+            mm_encoder_outputs=encoder_outputs,
             use_cache=False,
         )
-        hidden = llm_out.last_hidden_state
-        logits = llava.lm_head(hidden)
-        out = GroundedLlavaOutput(logits=logits, last_hidden_state=hidden, image_features=image_features)
+        out.last_hidden_state = hidden = llm_out.last_hidden_state
+        out.logits = logits = llava.lm_head(hidden)
         losses = []
         if labels is not None:
             out.lm_loss = F.cross_entropy(
@@ -320,19 +333,31 @@ class GroundedLlavaForConditionalGeneration(nn.Module):
             out.loss = sum(losses) if losses else None
             return out
 
-        out.pyramid = pyramid if pyramid is not None else self.image_pyramid(image_features, pixel_values)
         groups = box_groups_in_ids(input_ids, self.token_ids)  # the heads' one reading of the grammar
-        out.detections = self.detection_head(out.pyramid)
-        if det_targets is not None and bool(det_targets.image_has_targets.any()):
+        # Training computes the losses of the heads that train (a `base` stage trains the LLM alone).
+        run_det = det_targets is not None and bool(det_targets.image_has_targets.any())
+        run_det = run_det and (not self.training or _trains(self.detection_head))
+        has_groups = groups.rows.numel() > 0
+        run_pointer = has_groups and (not self.training or _trains(self.pointer))
+        if self.training:
+            has_seg = has_groups or groups.stray_seg.numel() > 0  # a stray <seg> still raises below
+            compute_masks = compute_masks and has_seg and _trains(self.mask_head)
+        if self.training and out.pyramid is None and not (run_det or run_pointer or compute_masks):
+            out.loss = sum(losses) if losses else None  # e.g. a chat batch: no head to train
+            return out
+        out.pyramid = out.pyramid or self.image_pyramid(image_features, pixel_values)
+        if out.detections is None:
+            out.detections = self.detection_head(out.pyramid)
+        if run_det:
             out.det_loss = self.detection_head.loss(out.detections, det_targets.to(hidden.device))
             losses.append(self.config.loss.det * out.det_loss)
-        if labels is not None and original_sizes is not None:
-            out.pointer_loss, out.pointer_accuracy = self._pointer_loss(
-                groups, labels, hidden, image_sample_index, original_sizes, out, pixel_values
+        if run_pointer and labels is not None and original_sizes is not None:
+            out.pointer_loss, out.pointer_accuracy = answer_pointer_loss(
+                self, groups, labels, hidden, image_sample_index, original_sizes, out, pixel_values
             )
             if out.pointer_loss is not None:
                 losses.append(self.config.loss.pointer * out.pointer_loss)
-        if compute_masks or seg_masks is not None:
+        if compute_masks:
             prompts = seg_prompts(
                 groups, hidden, image_sample_index, original_sizes,
                 num_bins=len(self.token_ids.loc), canvas_size=self.canvas_size,
@@ -361,36 +386,3 @@ class GroundedLlavaForConditionalGeneration(nn.Module):
                 losses.append(out.mask_loss)
         out.loss = sum(losses) if losses else None
         return out
-
-    def _pointer_loss(
-        self,
-        groups: BatchBoxGroups,
-        labels: torch.Tensor,
-        hidden: torch.Tensor,
-        image_sample_index: torch.Tensor,
-        original_sizes: torch.Tensor,
-        out: GroundedLlavaOutput,
-        pixel_values: torch.Tensor | None,
-    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        """Cross-entropy of the answers' `<box>` queries over the head's proposals (+ "none"), and its accuracy
-        (None, None when the batch has no supervised `<box>` of an image)."""
-        queries = box_queries(groups, labels)
-        images = image_of_rows(hidden.shape[0], image_sample_index, hidden.device)[queries.rows]
-        keep = images >= 0
-        if not bool(keep.any()):
-            return None, None
-        images = images[keep]
-        proposals = self.proposals(out.detections)
-        target_boxes = bins_to_canvas(
-            queries.bins[keep],
-            images,
-            original_sizes,
-            num_bins=len(self.token_ids.loc),
-            canvas_size=self.canvas_size,
-        )
-        positives, excluded = pointer_targets(proposals, images, target_boxes, queries.phrase[keep])
-        regions = self.pointer.region_embeddings(self.pointer_features(out.pyramid, pixel_values), proposals)
-        logits = self.pointer(
-            hidden[queries.rows[keep], queries.cols[keep]], images, regions, proposals.valid, excluded
-        )
-        return pointer_loss(logits, positives)

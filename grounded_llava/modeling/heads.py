@@ -9,6 +9,7 @@ from .detection import DetectionHead
 from .masks import MaskHead
 from .neck import VisionNeck
 from .pointer import ProposalPointer
+from .region_tokens import RegionTokenEncoder
 from .spatial_prior import SpatialPrior
 
 
@@ -20,10 +21,12 @@ def build_heads(
     grid_size: int,
     canvas_size: int,
     patch_size: int,
+    region_tokens: bool = False,
 ) -> nn.ModuleDict:
     """The heads, sized from `heads` and the vision tower's geometry: "neck" (LLM-space image tokens ->
     pyramid at strides patch/2, patch, 2*patch), "spatial_prior" (pixels -> the same strides; when
-    `heads.spatial_prior`), "detection_head" (Detect), "mask_head" (SAM) and "pointer" (`<box>` -> proposal)."""
+    `heads.spatial_prior`), "detection_head" (Detect), "mask_head" (SAM), "pointer" (`<box>` -> proposal)
+    and "region_encoder" (proposals -> LLM input tokens; when `region_tokens`)."""
     channels = heads.neck_channels
     strides = (patch_size / 2, float(patch_size), patch_size * 2.0)
     mask_level = 0 if heads.mask_from_finest else 1
@@ -53,15 +56,23 @@ def build_heads(
                 mlp_dim=heads.mask_decoder_mlp_dim,
                 seg_mlp_hidden=heads.seg_mlp_hidden,
             ),
-            "pointer": ProposalPointer(
-                channels=channels + 3,  # + the canvas colour (`pointer_features`)
-                text_hidden_size=text_hidden_size,
-                canvas_size=canvas_size,
-                stride=strides[0],
-                dim=heads.pointer_dim,
-            ),
         }
     )
     if heads.spatial_prior:
         parts["spatial_prior"] = SpatialPrior(channels=channels)
+    # built last, so that its size (a query change) leaves the other heads' initialisation as it was
+    parts["pointer"] = ProposalPointer(
+        channels=channels + 3,  # + the canvas colour (`pointer_features`)
+        text_hidden_size=text_hidden_size,
+        canvas_size=canvas_size,
+        stride=strides[0],
+        dim=heads.pointer_dim,
+    )
+    if region_tokens:
+        parts["region_encoder"] = RegionTokenEncoder(
+            channels=channels + 3,  # the pointer's map (`pointer_features`)
+            text_hidden_size=text_hidden_size,
+            canvas_size=canvas_size,
+            stride=strides[0],
+        )
     return parts

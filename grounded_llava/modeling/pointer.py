@@ -1,9 +1,10 @@
 """`ProposalPointer`: a `<box>` chooses among the detection head's proposals (as Groma and ChatRex do).
 
 When the model writes `<box>`, the LLM hidden state at that position (the state that predicts the first
-`<loc_k>`) is scored against an embedding of every class-agnostic proposal of its image (neck features
-pooled in the box + box geometry + the head's score) and against a learned "none" option. The chosen
-proposal's box is then written as the group's four `<loc_k>` tokens; "none" leaves them to the LM.
+`<loc_k>`), beside the mean hidden state of the phrase it grounds, is scored against an embedding of
+every class-agnostic proposal of its image (neck features pooled in the box + box geometry + the head's
+score) and against a learned "none" option. The chosen proposal's box is then written as the group's
+four `<loc_k>` tokens; "none" leaves them to the LM.
 
 Frames: proposal boxes are xyxy canvas pixels (S, S); region features come from the stride-`stride` map.
 """
@@ -40,6 +41,31 @@ class Proposals:
         return cls(boxes=boxes, scores=scores, valid=valid)
 
 
+def region_inputs(
+    feature_map: torch.Tensor, proposals: Proposals, *, pool: int, stride: float, canvas_size: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """What a region is made of, for the pointer and the LLM's region tokens alike.
+
+    Args:
+        feature_map: (I, C, h, w) map at `stride` (canvas pixels per cell); proposals: K per image.
+    Returns:
+        pooled: (I, K, C * pool * pool) the map roi-aligned in each box; geometry: (I, K, 9) the box as
+        canvas fractions (x0, y0, x1, y1, cx, cy, w, h) and the head's score.
+    """
+    count, k = proposals.valid.shape
+    boxes = proposals.boxes.to(feature_map.dtype)
+    rois = torch.cat(
+        [torch.arange(count, device=boxes.device, dtype=boxes.dtype).repeat_interleave(k)[:, None],
+         boxes.reshape(-1, 4)], dim=1)  # fmt: skip
+    pooled = roi_align(feature_map, rois, output_size=pool, spatial_scale=1.0 / stride, aligned=True)
+    norm = boxes / canvas_size
+    size = (norm[..., 2:] - norm[..., :2]).clamp(min=1e-4)
+    geometry = torch.cat(
+        [norm, (norm[..., :2] + norm[..., 2:]) / 2, size, proposals.scores.to(norm.dtype)[..., None]], dim=-1
+    )
+    return pooled.flatten(1).view(count, k, -1), geometry
+
+
 class ProposalPointer(nn.Module):
     """Scores (M,) queries against their images' K proposals + "none": logits (M, K + 1), "none" last."""
 
@@ -62,28 +88,17 @@ class ProposalPointer(nn.Module):
         )
         self.geometry = nn.Sequential(nn.Linear(9, dim), nn.GELU(), nn.Linear(dim, dim))
         self.query = nn.Sequential(
-            nn.Linear(text_hidden_size, dim), nn.LayerNorm(dim), nn.GELU(), nn.Linear(dim, dim)
+            nn.Linear(2 * text_hidden_size, dim), nn.LayerNorm(dim), nn.GELU(), nn.Linear(dim, dim)
         )
         self.none = nn.Parameter(torch.zeros(dim))
         self.scale = dim**-0.5
 
     def region_embeddings(self, feature_map: torch.Tensor, proposals: Proposals) -> torch.Tensor:
         """(I, C, h, w) neck map at `stride` + proposals -> (I, K, dim) region embeddings."""
-        count, k = proposals.valid.shape
-        boxes = proposals.boxes.to(feature_map.dtype)
-        rois = torch.cat(
-            [torch.arange(count, device=boxes.device, dtype=boxes.dtype).repeat_interleave(k)[:, None],
-             boxes.reshape(-1, 4)], dim=1)  # fmt: skip
-        pooled = roi_align(
-            feature_map, rois, output_size=self.pool, spatial_scale=1.0 / self.stride, aligned=True
+        pooled, geometry = region_inputs(
+            feature_map, proposals, pool=self.pool, stride=self.stride, canvas_size=self.canvas_size
         )
-        norm = boxes / self.canvas_size
-        size = (norm[..., 2:] - norm[..., :2]).clamp(min=1e-4)
-        geometry = torch.cat(
-            [norm, (norm[..., :2] + norm[..., 2:]) / 2, size, proposals.scores.to(norm.dtype)[..., None]],
-            dim=-1,
-        )
-        return self.region(pooled.flatten(1)).view(count, k, -1) + self.geometry(geometry)
+        return self.region(pooled) + self.geometry(geometry)
 
     def forward(
         self,
@@ -96,7 +111,8 @@ class ProposalPointer(nn.Module):
         """Pointer logits (M, K + 1); padding and `excluded` (M, K) proposals get -inf, "none" never does.
 
         Args:
-            query_hidden: (M, D_text) LLM last hidden states at the `<box>` positions.
+            query_hidden: (M, 2 D_text) `prompts.pointer_query`: the LLM's last hidden state at each
+                `<box>` beside the mean state of its phrase.
             query_image: (M,) the image of each query; regions: (I, K, dim); valid: (I, K).
             excluded: (M, K) proposals already chosen by an earlier box of the same phrase.
         """

@@ -84,7 +84,9 @@ def build_model(
         llava, tokenizer = build_tiny_base(config.tiny, config.num_bins)
         if config.dtype != "float32":
             llava.to(DTYPES[config.dtype])
-        settings = image_settings_for(llava.config)
+        settings = image_settings_for(
+            llava.config, token_pool=config.image_token_pool, region_tokens=config.num_region_tokens
+        )
     else:
         llava, tokenizer, settings = load_pretrained_base(config.base, config)
     token_ids = GroundingTokenIds.from_tokenizer(tokenizer, config.num_bins)
@@ -174,7 +176,13 @@ def load_pretrained(
         llava = LlavaForConditionalGeneration.from_pretrained(
             directory / BASE_DIR, dtype=DTYPES[config.dtype]
         )
-        settings = image_settings_for(llava.config, processor.image_mean, processor.image_std)
+        settings = image_settings_for(
+            llava.config,
+            processor.image_mean,
+            processor.image_std,
+            token_pool=config.image_token_pool,
+            region_tokens=config.num_region_tokens,
+        )
     else:
         llava, _, settings = load_pretrained_base(config.base, config, tokenizer_source=directory)
     if llava.get_input_embeddings().weight.shape[0] != len(processor.tokenizer):

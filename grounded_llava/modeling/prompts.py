@@ -1,4 +1,5 @@
-"""Where the heads read the LLM: `<seg>` mask prompts and `<box>` pointer queries, from (B, T) token ids.
+"""Where the heads read the LLM: `<seg>` mask prompts and `<box>` pointer queries (and their loss), from
+(B, T) token ids.
 
 A box group is `<box> l0 l1 l2 l3 </box>` (four `<loc_k>` tokens, bins of the ORIGINAL image's
 fractions), read by the one grammar reader (`grammar.box_groups_in_ids`); `bins_to_canvas` places it
@@ -13,6 +14,7 @@ import torch
 
 from ..grammar import BatchBoxGroups
 from ..image_meta import ImageMeta
+from .pointer import pointer_loss, pointer_targets
 
 
 @dataclass
@@ -20,13 +22,34 @@ class BoxQueries:
     """The supervised `<box>` groups of a batch, in reading order (row-major).
 
     rows, cols: (M,) sample row and position of each `<box>` token; bins: (M, 4) its loc bins;
-    phrase: (M,) a key equal for the groups of one phrase (one row, same count of `</p>` before).
+    phrase: (M,) a key equal for the groups of one phrase (one row, same count of `</p>` before);
+    phrase_starts, phrase_ends: (M,) the phrase's content `[start, end)` in the row (empty: no phrase).
     """
 
     rows: torch.Tensor
     cols: torch.Tensor
     bins: torch.Tensor
     phrase: torch.Tensor
+    phrase_starts: torch.Tensor
+    phrase_ends: torch.Tensor
+
+    def pointer_queries(self, hidden: torch.Tensor) -> torch.Tensor:
+        """(B, T, D) last hidden states -> (M, 2D) pointer queries (`pointer_query`)."""
+        return pointer_query(hidden, self.rows, self.cols, self.phrase_starts, self.phrase_ends)
+
+
+def pointer_query(
+    hidden: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, starts: torch.Tensor, ends: torch.Tensor
+) -> torch.Tensor:
+    """The pointer's query for each `<box>`: its hidden state beside the mean hidden state of its phrase
+    (what the phrase names, as Groma and ChatRex read it), (M, 2D); zeros for a group without a phrase.
+
+    hidden: (B, T, D); rows, cols: (M,) the `<box>` positions; starts, ends: (M,) phrase content ranges.
+    """
+    prefix = torch.cat([hidden.new_zeros((hidden.shape[0], 1, hidden.shape[2])), hidden.cumsum(1)], dim=1)
+    length = (ends - starts).clamp(min=1).to(hidden.dtype)[:, None]
+    phrase = (prefix[rows, ends] - prefix[rows, starts]) / length
+    return torch.cat([hidden[rows, cols], phrase], dim=-1)
 
 
 def image_of_rows(batch: int, image_sample_index: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -58,7 +81,12 @@ def box_queries(groups: BatchBoxGroups, labels: torch.Tensor) -> BoxQueries:
     index = torch.arange(len(groups.rows), device=groups.rows.device)
     phrase = torch.where(groups.spans >= 0, groups.spans, -2 - index)
     return BoxQueries(
-        rows=groups.rows[keep], cols=groups.starts[keep], bins=groups.bins[keep], phrase=phrase[keep]
+        rows=groups.rows[keep],
+        cols=groups.starts[keep],
+        bins=groups.bins[keep],
+        phrase=phrase[keep],
+        phrase_starts=groups.phrase_starts[keep],
+        phrase_ends=groups.phrase_ends[keep],
     )
 
 
@@ -94,3 +122,36 @@ def seg_prompts(
         raise ValueError("original_sizes is needed to place the <seg> box prompts on the canvas")
     boxes = bins_to_canvas(bins, images, original_sizes, num_bins=num_bins, canvas_size=canvas_size)
     return images, boxes.to(device), hidden[rows, cols - 1]
+
+
+def answer_pointer_loss(
+    model,
+    groups: BatchBoxGroups,
+    labels: torch.Tensor,
+    hidden: torch.Tensor,
+    image_sample_index: torch.Tensor,
+    original_sizes: torch.Tensor,
+    out,
+    pixel_values: torch.Tensor | None,
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """The pointer's training loss for `model` (the grounded model; `out` its output so far, with
+    `detections` and `pyramid`): cross-entropy of the answers' `<box>` queries over the head's
+    proposals (+ "none"), and its accuracy (None, None when no supervised `<box>` has an image)."""
+    queries = box_queries(groups, labels)
+    images = image_of_rows(hidden.shape[0], image_sample_index, hidden.device)[queries.rows]
+    keep = images >= 0
+    if not bool(keep.any()):
+        return None, None
+    images = images[keep]
+    proposals = out.proposals if out.proposals is not None else model.proposals(out.detections)
+    target_boxes = bins_to_canvas(
+        queries.bins[keep],
+        images,
+        original_sizes,
+        num_bins=len(model.token_ids.loc),
+        canvas_size=model.canvas_size,
+    )
+    positives, excluded = pointer_targets(proposals, images, target_boxes, queries.phrase[keep])
+    regions = model.pointer.region_embeddings(model.pointer_features(out.pyramid, pixel_values), proposals)
+    logits = model.pointer(queries.pointer_queries(hidden)[keep], images, regions, proposals.valid, excluded)
+    return pointer_loss(logits, positives)

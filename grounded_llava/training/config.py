@@ -84,6 +84,9 @@ class StageConfig:
     """Tiny bases only, `heads` stages only: also train the vision tower + projector on boxes and masks (a
     random-init tower has no visual features; a real LLaVA keeps its CLIP frozen, DESIGN.md). No stage
     trains the tower on text alone: it collapses the features the heads need."""
+    train_detector: bool = True
+    """False: the neck, spatial prior and Detect stay as an earlier `heads` stage left them (no det loss, no
+    detector backward: cheaper LLM steps); SAM's decoder and the pointer still train. Not for `heads` stages."""
     batch_size: int | None = None
     """Samples per step (per rank) in this stage; None: `train.batch_size`."""
     vision_lr_scale: float = 0.3
@@ -100,6 +103,10 @@ class StageConfig:
             raise ConfigError(f"stage {self.name!r}: proportion must be > 0")
         if self.kind == "base" and (self.kl_weight or self.distill_weight):
             raise ConfigError(f"stage {self.name!r}: a base stage has no KL or distillation")
+        if not self.train_detector and self.kind == "heads":
+            raise ConfigError(
+                f"stage {self.name!r}: a heads stage trains the detector (train_detector: true)"
+            )
         if self.train_vision and self.kind != "heads":
             raise ConfigError(
                 f"stage {self.name!r}: train_vision is for heads stages only (text alone collapses the tower's features)"

@@ -13,12 +13,18 @@ from ..modeling import GroundedLlavaForConditionalGeneration
 from ..processor import IGNORE_INDEX, GroundedBatch
 
 # Parameter groups, by what their names contain (peft injects "lora_" and "trainable_tokens_delta").
-_HEADS = ("neck.", "detection_head.", "mask_head.", "pointer.", "spatial_prior.")
+_DETECTOR = ("neck.", "detection_head.", "spatial_prior.")
+_HEADS = ("mask_head.", "pointer.")
+_REGIONS = ("region_encoder.",)  # the LLM's region-token projector: trains with the LLM
 
 
 def _group_of(name: str) -> str:
+    if name.startswith(_DETECTOR):
+        return "detector"
     if name.startswith(_HEADS):
         return "heads"
+    if name.startswith(_REGIONS):
+        return "regions"
     if "lora_" in name:
         return "lora"
     if "trainable_tokens_delta" in name:
@@ -29,27 +35,35 @@ def _group_of(name: str) -> str:
 
 
 STAGE_GROUPS = {
-    "heads": {"heads"},
-    "base": {"base"},
-    "align": {"heads", "token_rows"},
-    "ground": {"heads", "token_rows", "lora"},
-    "increment": {"heads", "token_rows", "lora"},
+    "heads": {"detector", "heads"},
+    "base": {"base", "regions"},
+    "align": {"detector", "heads", "token_rows", "regions"},
+    "ground": {"detector", "heads", "token_rows", "lora", "regions"},
+    "increment": {"detector", "heads", "token_rows", "lora", "regions"},
 }
 
 
 def set_trainable(
-    model: GroundedLlavaForConditionalGeneration, kind: str, *, train_vision: bool = False
+    model: GroundedLlavaForConditionalGeneration,
+    kind: str,
+    *,
+    train_vision: bool = False,
+    train_detector: bool = True,
 ) -> dict[str, int]:
     """Freeze everything but the stage's parameter groups; returns trainable parameter counts per group.
 
     `base` (tiny bases only) trains the LLM; the others follow DESIGN.md. `train_vision` (tiny bases,
     heads stages) also trains the vision tower + projector: a random-init tower has no visual features.
+    `train_detector=False` keeps the neck, spatial prior and Detect as an earlier heads stage left them
+    (the "detector" group); SAM's decoder and the pointer ("heads") still train.
     """
     if (kind == "base" or train_vision) and not model.config.is_tiny:
         raise ValueError(
             "training the LLaVA base (`base` stage, train_vision) is meant for the tiny base only"
         )
     groups = STAGE_GROUPS[kind] | ({"vision"} if train_vision else set())
+    if not train_detector:
+        groups = groups - {"detector"}
     counts: dict[str, int] = {}
     for name, parameter in model.named_parameters():
         group = _group_of(name)

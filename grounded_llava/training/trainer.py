@@ -10,6 +10,7 @@ Output directory layout:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -45,10 +46,11 @@ logger = logging.getLogger(__name__)
 LOSS_KEYS = ("loss", "lm_loss", "det_loss", "mask_loss", "pointer_loss", "kl_loss", "distill_loss")
 
 
-def _to_device(batch: TrainingBatch, device: torch.device) -> dict:
+def _to_device(batch: TrainingBatch, device: torch.device, *, det_targets: bool = True) -> dict:
+    """The model's inputs on `device`; `det_targets=False` leaves out the Detect targets (no det loss)."""
     inputs = batch.model_inputs()
     moved = {k: v.to(device) if torch.is_tensor(v) else v for k, v in inputs.items()}
-    moved["det_targets"] = batch.det_targets.to(device)
+    moved["det_targets"] = batch.det_targets.to(device) if det_targets else None
     moved["original_sizes"] = batch.batch.original_sizes  # read on the host to place box prompts
     return moved
 
@@ -133,7 +135,9 @@ class Trainer:
         distiller = self._distiller(index, model, resume_from)
         if data.new_categories:
             model.add_categories(data.new_categories)
-        trainable = set_trainable(model, stage.kind, train_vision=stage.train_vision)
+        trainable = set_trainable(
+            model, stage.kind, train_vision=stage.train_vision, train_detector=stage.train_detector
+        )
         model.to(accelerator.device)
 
         datasets, sampler, loader = self._data_pipeline(index, model, data)
@@ -294,7 +298,10 @@ class Trainer:
                 pixel_values=pixel_values, det_targets=batch.det_targets.to(device), mask_prompts=prompts
             )
         else:
-            out = wrapped(**_to_device(batch, device))
+            # `base` trains the LLM itself: the (untrained, zero-output) LoRA path would only cost time
+            adapter_off = model.llava.disable_adapter() if stage.kind == "base" else contextlib.nullcontext()
+            with adapter_off:
+                out = wrapped(**_to_device(batch, device, det_targets=stage.train_detector))
             pixel_values = batch.batch.pixel_values
         losses = {"lm_loss": out.lm_loss, "det_loss": out.det_loss, "mask_loss": out.mask_loss,
                   "pointer_loss": out.pointer_loss, "pointer_accuracy": out.pointer_accuracy}  # fmt: skip
@@ -302,7 +309,7 @@ class Trainer:
         if stage.kl_weight > 0 and not isinstance(batch, HeadsBatch):
             losses["kl_loss"] = chat_kl_loss(model, batch.batch, out.logits, batch.is_chat)
             total = total + stage.kl_weight * losses["kl_loss"]
-        if distiller is not None:
+        if distiller is not None and out.detections is not None:  # None: a chat batch did not run the heads
             pixels = None if pixel_values is None else pixel_values.to(device)
             losses["distill_loss"] = distiller.loss(out.image_features, pixels, out.detections)
             total = total + stage.distill_weight * losses["distill_loss"]
