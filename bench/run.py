@@ -53,7 +53,7 @@ class Sizes:
     rss_new_tokens: int
 
 
-QUICK = Sizes(8, 3, 2, 3, 2.0, 8, 4, 2, 1, 8, 8)
+QUICK = Sizes(8, 3, 2, 3, 2.0, 16, 4, 2, 1, 8, 8)  # the heads stage keeps a few images for its eval
 FULL = Sizes(32, 15, 4, 15, 240.0, 400, 100, 6, 4, 16, 32)
 
 
