@@ -109,15 +109,14 @@ def decode_grounded(
     num_bins = len(ids.loc)
     batch = input_ids.shape[0]
     proposals: Proposals = model.proposals(model.detection_head(pyramid))
-    regions = model.pointer.region_embeddings(model.pointer_features(pyramid, pixel_values), proposals)
+    region_map = model.pointer_features(pyramid, pixel_values)
+    regions = model.pointer.region_embeddings(region_map, proposals)
     position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
     out = llava.model(
         input_ids=input_ids,
         attention_mask=attention_mask,
         position_ids=position_ids,
-        mm_encoder_outputs=model.mm_encoder_outputs(
-            features, model.region_tokens(pyramid, pixel_values, proposals)
-        ),
+        mm_encoder_outputs=model.mm_encoder_outputs(features, model.region_tokens(region_map, proposals)),
         use_cache=True,
     )
     cache, hidden = out.past_key_values, out.last_hidden_state[:, -1]

@@ -161,13 +161,12 @@ class GroundedLlavaForConditionalGeneration(nn.Module):
             tokens = torch.cat([tokens, region_tokens.to(tokens.dtype)], dim=1)
         return {"image": BaseModelOutputWithPooling(pooler_output=list(tokens))}
 
-    def region_tokens(
-        self, pyramid: list[torch.Tensor], pixel_values: torch.Tensor | None, proposals: Proposals
-    ) -> torch.Tensor | None:
-        """(I, K, D) the LLM's region tokens of `proposals` (None without `config.region_tokens`)."""
+    def region_tokens(self, region_map: torch.Tensor, proposals: Proposals) -> torch.Tensor | None:
+        """(I, K, D) the LLM's region tokens of `proposals` pooled from `region_map` (`pointer_features`),
+        None without `config.region_tokens`."""
         if self.region_encoder is None:
             return None
-        return self.region_encoder(self.pointer_features(pyramid, pixel_values), proposals)
+        return self.region_encoder(region_map, proposals)
 
     def _check_image_tokens(self, input_ids: torch.Tensor, image_sample_index: torch.Tensor) -> None:
         counts = (input_ids == self.image_token_id).sum(1)
@@ -312,7 +311,7 @@ class GroundedLlavaForConditionalGeneration(nn.Module):
                 out.pyramid = out.pyramid or self.image_pyramid(image_features, pixel_values)
                 out.detections = self.detection_head(out.pyramid)
                 out.proposals = self.proposals(out.detections)
-                regions = self.region_tokens(out.pyramid, pixel_values, out.proposals)
+                regions = self.region_tokens(self.pointer_features(out.pyramid, pixel_values), out.proposals)
             encoder_outputs = self.mm_encoder_outputs(image_features, regions)
         llava = self.base_llava
         llm_out = llava.model(
