@@ -31,6 +31,8 @@ class TinyBaseConfig:
     text_intermediate_size: int = 512
     max_position_embeddings: int = 1024
     tokenizer_vocab_size: int = 1024
+    tie_word_embeddings: bool = False
+    """Share the LM's input embeddings with its output layer (helps a small LM copy tokens)."""
     """Size of the byte-level BPE the project trains on its own corpus (before special tokens)."""
     seed: int = 0
     """Seed of the random initialisation (weights and tokenizer training are deterministic)."""
@@ -107,6 +109,8 @@ class HeadSettings:
 @dataclass
 class LossWeights:
     lm: float = 1.0
+    lm_phrase: float = 1.0
+    """Weight of the LM loss on a grounded phrase's tokens and its `</p>` relative to other answer tokens."""
     det: float = 1.0
     mask_bce: float = 2.0
     mask_dice: float = 0.5

@@ -324,3 +324,40 @@ def test_region_token_projector_trains_with_the_llm_not_in_the_heads_stage():
     model = GroundedLlavaForConditionalGeneration.from_config(config)
     assert "regions" in set_trainable(model, "ground") and "regions" in set_trainable(model, "base")
     assert "regions" not in set_trainable(model, "heads")
+
+
+def test_region_tokens_carry_the_heads_class_and_grow_with_new_categories():
+    """A region token adds the embedding of the head's class for its box, weighted by the score."""
+    from grounded_llava.modeling.pointer import Proposals
+
+    config = tiny_test_config()
+    config.region_tokens = True
+    encoder = GroundedLlavaForConditionalGeneration.from_config(config).region_encoder
+    feature_map = torch.randn(1, encoder.appearance[0].in_features // encoder.pool**2, 8, 8)
+    boxes = torch.tensor([[[4.0, 4.0, 30.0, 30.0], [10.0, 20.0, 50.0, 60.0]]])
+    valid, scores = torch.ones(1, 2, dtype=torch.bool), torch.tensor([[0.9, 0.0]])
+    as_class = [encoder(feature_map, Proposals(boxes, scores, valid, torch.tensor([[c, c]]))) for c in (0, 1)]
+    assert not torch.allclose(as_class[0][0, 0], as_class[1][0, 0])  # scored 0.9: the label shows
+    assert torch.allclose(as_class[0][0, 1], as_class[1][0, 1])  # scored 0: no label
+    old = encoder.labels.weight.detach().clone()
+    encoder.grow_classes(len(TEST_CATEGORIES) + 2)
+    assert encoder.labels.num_embeddings == len(TEST_CATEGORIES) + 2
+    assert torch.equal(encoder.labels.weight[: len(TEST_CATEGORIES)], old)
+
+
+def test_tied_word_embeddings_share_the_output_layer_and_survive_save_load(tmp_path):
+    config = tiny_test_config()
+    config.tiny.tie_word_embeddings = True
+    model = GroundedLlavaForConditionalGeneration.from_config(config)
+    base = model.base_llava
+    assert (
+        base.lm_head.token_adapter.base_layer.weight
+        is base.get_input_embeddings().token_adapter.base_layer.weight
+    )
+    batch = make_batch(model, make_samples(tmp_path, model.config.num_bins))
+    model.eval()
+    loaded = GroundedLlavaForConditionalGeneration.from_pretrained(model.save_pretrained(tmp_path / "ckpt"))
+    loaded.eval()
+    with torch.no_grad():
+        assert torch.equal(model(**batch.model_inputs()).logits, loaded(**batch.model_inputs()).logits)
+    assert loaded.base_llava.config.get_text_config().tie_word_embeddings

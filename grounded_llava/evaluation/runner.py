@@ -50,8 +50,8 @@ from grounded_llava.evaluation.tasks import (
     text_box_results,
 )
 from grounded_llava.evaluation.teacher_forcing import chat_kl, text_box_probabilities
+from grounded_llava.inference.detections import Detections
 from grounded_llava.inference.predictor import GroundedLlava
-from grounded_llava.inference.results import Detections
 from grounded_llava.tokenizer import IMAGE_TOKEN
 
 

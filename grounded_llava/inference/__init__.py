@@ -4,10 +4,11 @@ text/head reconciliation, RLE helpers).
 `GroundedLlava` is imported lazily: the results layer loads without the model stack (peft, transformers).
 """
 
+from grounded_llava.inference.detections import Detections
 from grounded_llava.inference.images import load_image
 from grounded_llava.inference.overlay import draw_overlay
 from grounded_llava.inference.reconcile import Reconciliation, pairwise_iou, phrase_category, reconcile
-from grounded_llava.inference.results import Detections, GroundedAnswer, GroundedSpanResult
+from grounded_llava.inference.results import GroundedAnswer, GroundedSpanResult
 from grounded_llava.inference.rle import mask_to_rle, rle_to_mask
 
 __all__ = [

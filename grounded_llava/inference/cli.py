@@ -15,9 +15,10 @@ from typing import TextIO
 
 from tqdm import tqdm
 
+from grounded_llava.inference.detections import Detections
 from grounded_llava.inference.images import check_image_file
 from grounded_llava.inference.predictor import GroundedLlava
-from grounded_llava.inference.results import Detections, GroundedAnswer
+from grounded_llava.inference.results import GroundedAnswer
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 EXIT_WORDS = ("exit", "quit")

@@ -33,6 +33,7 @@ from PIL import Image
 from grounded_llava.image_meta import ImageMeta
 from grounded_llava.inference.checkpoint_paths import resolve_checkpoint
 from grounded_llava.inference.decoding import DecodedAnswers, PointerChoice, decode_grounded
+from grounded_llava.inference.detections import Detections
 from grounded_llava.inference.grounding import (
     align_boxes,
     find_box_groups,
@@ -41,7 +42,7 @@ from grounded_llava.inference.grounding import (
 )
 from grounded_llava.inference.images import ImageInput, load_image
 from grounded_llava.inference.reconcile import reconcile
-from grounded_llava.inference.results import Detections, GroundedAnswer
+from grounded_llava.inference.results import GroundedAnswer
 from grounded_llava.modeling import GroundedLlavaForConditionalGeneration
 from grounded_llava.processor import EncodedConversation
 from grounded_llava.tokenizer import IMAGE_TOKEN

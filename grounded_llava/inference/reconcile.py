@@ -19,7 +19,8 @@ import torch
 from torchvision.ops import box_iou
 
 from grounded_llava.codec import GroundedSpan
-from grounded_llava.inference.results import Detections, GroundedSpanResult
+from grounded_llava.inference.detections import Detections
+from grounded_llava.inference.results import GroundedSpanResult
 
 # Plurals that adding "s"/"es" (or "y" -> "ies") does not make; enough for COCO-style names.
 _IRREGULAR_PLURALS = {

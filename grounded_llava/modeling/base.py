@@ -89,6 +89,7 @@ def build_tiny_base(
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=tiny.tie_word_embeddings,
     )
     config = LlavaConfig(
         vision_config=vision,

@@ -16,10 +16,10 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from ..config import GroundedLlavaConfig
 from ..grammar import box_groups_in_ids
-from ..processor import IGNORE_INDEX
 from ..tokenizer import GroundingTokenIds
 from .detection import DetectionTargets
 from .heads import build_heads
+from .lm_loss import language_loss, phrase_token_weights
 from .masks import mask_loss
 from .outputs import GroundedLlavaOutput
 from .pointer import Proposals
@@ -112,6 +112,8 @@ class GroundedLlavaForConditionalGeneration(nn.Module):
         new = [n for n in names if n not in self.config.heads.categories]
         self.config.heads.categories = [*self.config.heads.categories, *new]
         self.detection_head.grow_classes(len(self.config.heads.categories))
+        if self.region_encoder is not None:
+            self.region_encoder.grow_classes(len(self.config.heads.categories))
 
     # ------------------------------------------------------------------ parts
     @property
@@ -323,16 +325,15 @@ class GroundedLlavaForConditionalGeneration(nn.Module):
         out.last_hidden_state = hidden = llm_out.last_hidden_state
         out.logits = logits = llava.lm_head(hidden)
         losses = []
+        groups = box_groups_in_ids(input_ids, self.token_ids)  # the one reading of the grammar
         if labels is not None:
-            out.lm_loss = F.cross_entropy(
-                logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=IGNORE_INDEX
-            )
+            weights = phrase_token_weights(groups, labels.shape, self.config.loss.lm_phrase)
+            out.lm_loss = language_loss(logits, labels, weights)
             losses.append(self.config.loss.lm * out.lm_loss)
         if image_features is None:
             out.loss = sum(losses) if losses else None
             return out
 
-        groups = box_groups_in_ids(input_ids, self.token_ids)  # the heads' one reading of the grammar
         # Training computes the losses of the heads that train (a `base` stage trains the LLM alone).
         run_det = det_targets is not None and bool(det_targets.image_has_targets.any())
         run_det = run_det and (not self.training or _trains(self.detection_head))

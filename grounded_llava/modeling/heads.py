@@ -74,5 +74,6 @@ def build_heads(
             text_hidden_size=text_hidden_size,
             canvas_size=canvas_size,
             stride=strides[0],
+            num_classes=num_classes,
         )
     return parts

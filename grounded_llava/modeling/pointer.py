@@ -21,24 +21,29 @@ from torchvision.ops import box_iou, roi_align
 @dataclass
 class Proposals:
     """Class-agnostic proposals of I images, padded to K: `boxes` (I, K, 4) xyxy canvas pixels,
-    `scores` (I, K) head confidence, `valid` (I, K) bool (False = padding)."""
+    `scores` (I, K) head confidence, `valid` (I, K) bool (False = padding), `class_ids` (I, K) long the
+    head's best class (0 on padding; None when not known)."""
 
     boxes: torch.Tensor
     scores: torch.Tensor
     valid: torch.Tensor
+    class_ids: torch.Tensor | None = None
 
     @classmethod
     def from_detections(cls, detections: list[torch.Tensor], max_proposals: int) -> Proposals:
-        """From per-image (n, >=5) rows [x0, y0, x1, y1, score, ...] sorted best first (NMS output)."""
+        """From per-image (n, >=5) rows [x0, y0, x1, y1, score, class_id, ...] sorted best first (NMS output)."""
         count = len(detections)
         reference = detections[0] if count else torch.zeros(0, 5)
         boxes = reference.new_zeros((count, max_proposals, 4))
         scores = reference.new_zeros((count, max_proposals))
         valid = torch.zeros((count, max_proposals), dtype=torch.bool, device=reference.device)
+        class_ids = torch.zeros((count, max_proposals), dtype=torch.long, device=reference.device)
         for i, rows in enumerate(detections):
             n = min(len(rows), max_proposals)
             boxes[i, :n], scores[i, :n], valid[i, :n] = rows[:n, :4], rows[:n, 4], True
-        return cls(boxes=boxes, scores=scores, valid=valid)
+            if rows.shape[1] > 5:
+                class_ids[i, :n] = rows[:n, 5].long()
+        return cls(boxes=boxes, scores=scores, valid=valid, class_ids=class_ids)
 
 
 def region_inputs(

@@ -2,8 +2,9 @@
 
 After the pooled patch grid, the LLM reads one token per class-agnostic proposal of the detection head
 (the same top-K, best first, that a `<box>` points at): the neck features roi-aligned in the box, the
-box geometry and the head's score, projected to the LLM's hidden size. The LLM then sees objects, not
-only patches: what is there, how many, where. Padding slots (fewer proposals than K) get a learned
+box geometry and the head's score, projected to the LLM's hidden size, plus a learned embedding of the
+head's class for the box weighted by its score. The LLM then sees objects, not only patches: what is
+there (the detector's label, which a small LM cannot infer from appearance alone), how many, where. Padding slots (fewer proposals than K) get a learned
 "empty" token. Frames: proposal boxes are xyxy canvas pixels; the map is at `stride` canvas pixels.
 """
 
@@ -19,8 +20,8 @@ class RegionTokenEncoder(nn.Module):
     """(I, C, h, w) map + K proposals per image -> (I, K, D_text) region tokens for the LLM input."""
 
     def __init__(
-        self, *, channels: int, text_hidden_size: int, canvas_size: int, stride: float, pool: int = 4,
-        dim: int = 256,
+        self, *, channels: int, text_hidden_size: int, canvas_size: int, stride: float, num_classes: int,
+        pool: int = 4, dim: int = 256,
     ) -> None:  # fmt: skip
         super().__init__()
         self.canvas_size = canvas_size
@@ -33,11 +34,28 @@ class RegionTokenEncoder(nn.Module):
             nn.Linear(dim, text_hidden_size),
         )
         self.geometry = nn.Sequential(nn.Linear(9, dim), nn.GELU(), nn.Linear(dim, text_hidden_size))
+        self.labels = nn.Embedding(num_classes, text_hidden_size)
+        nn.init.normal_(self.labels.weight, std=0.02)
         self.empty = nn.Parameter(torch.zeros(text_hidden_size))
+
+    def grow_classes(self, num_classes: int) -> None:
+        """New label rows for added categories (small random init); the old rows are kept exactly."""
+        old = self.labels.num_embeddings
+        if num_classes <= old:
+            return
+        grown = nn.Embedding(num_classes, self.labels.embedding_dim).to(
+            self.labels.weight.device, self.labels.weight.dtype
+        )
+        with torch.no_grad():
+            grown.weight[:old] = self.labels.weight
+            grown.weight[old:].normal_(0.0, 0.02)
+        self.labels = grown
 
     def forward(self, feature_map: torch.Tensor, proposals: Proposals) -> torch.Tensor:
         pooled, geometry = region_inputs(
             feature_map, proposals, pool=self.pool, stride=self.stride, canvas_size=self.canvas_size
         )
         tokens = self.appearance(pooled) + self.geometry(geometry)
+        if proposals.class_ids is not None:
+            tokens = tokens + proposals.scores[..., None].to(tokens.dtype) * self.labels(proposals.class_ids)
         return torch.where(proposals.valid[..., None], tokens, self.empty.to(tokens.dtype))

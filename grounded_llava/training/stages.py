@@ -14,7 +14,8 @@ from ..processor import IGNORE_INDEX, GroundedBatch
 
 # Parameter groups, by what their names contain (peft injects "lora_" and "trainable_tokens_delta").
 _DETECTOR = ("neck.", "detection_head.", "spatial_prior.")
-_HEADS = ("mask_head.", "pointer.")
+_HEADS = ("mask_head.",)
+_POINTER = ("pointer.",)  # `<box>` -> proposal: trains wherever grounded answers train the LLM
 _REGIONS = ("region_encoder.",)  # the LLM's region-token projector: trains with the LLM
 
 
@@ -23,6 +24,8 @@ def _group_of(name: str) -> str:
         return "detector"
     if name.startswith(_HEADS):
         return "heads"
+    if name.startswith(_POINTER):
+        return "pointer"
     if name.startswith(_REGIONS):
         return "regions"
     if "lora_" in name:
@@ -35,11 +38,11 @@ def _group_of(name: str) -> str:
 
 
 STAGE_GROUPS = {
-    "heads": {"detector", "heads"},
-    "base": {"base", "regions"},
-    "align": {"detector", "heads", "token_rows", "regions"},
-    "ground": {"detector", "heads", "token_rows", "lora", "regions"},
-    "increment": {"detector", "heads", "token_rows", "lora", "regions"},
+    "heads": {"detector", "heads", "pointer"},
+    "base": {"base", "regions", "pointer"},
+    "align": {"detector", "heads", "pointer", "token_rows", "regions"},
+    "ground": {"detector", "heads", "pointer", "token_rows", "lora", "regions"},
+    "increment": {"detector", "heads", "pointer", "token_rows", "lora", "regions"},
 }
 
 
@@ -55,7 +58,8 @@ def set_trainable(
     `base` (tiny bases only) trains the LLM; the others follow DESIGN.md. `train_vision` (tiny bases,
     heads stages) also trains the vision tower + projector: a random-init tower has no visual features.
     `train_detector=False` keeps the neck, spatial prior and Detect as an earlier heads stage left them
-    (the "detector" group); SAM's decoder and the pointer ("heads") still train.
+    (the "detector" group); SAM's decoder ("heads") and the pointer still train. `base` trains the
+    pointer too: its loss shapes the LLM's hidden states at `<box>` while the whole LLM learns.
     """
     if (kind == "base" or train_vision) and not model.config.is_tiny:
         raise ValueError(
