@@ -316,7 +316,7 @@ def test_region_tokens_put_the_heads_proposals_into_the_llm_input(tmp_path):
     assert torch.equal(loaded.region_encoder.empty, model.region_encoder.empty)
 
 
-def test_region_token_projector_trains_with_the_llm_not_in_the_heads_stage():
+def test_region_token_projector_and_pointer_train_with_the_llm():
     from grounded_llava.training.stages import set_trainable
 
     config = tiny_test_config()
@@ -324,6 +324,7 @@ def test_region_token_projector_trains_with_the_llm_not_in_the_heads_stage():
     model = GroundedLlavaForConditionalGeneration.from_config(config)
     assert "regions" in set_trainable(model, "ground") and "regions" in set_trainable(model, "base")
     assert "regions" not in set_trainable(model, "heads")
+    assert "pointer" in set_trainable(model, "base") and "heads" not in set_trainable(model, "base")
 
 
 def test_region_tokens_carry_the_heads_class_and_grow_with_new_categories():
@@ -361,3 +362,16 @@ def test_tied_word_embeddings_share_the_output_layer_and_survive_save_load(tmp_p
     with torch.no_grad():
         assert torch.equal(model(**batch.model_inputs()).logits, loaded(**batch.model_inputs()).logits)
     assert loaded.base_llava.config.get_text_config().tie_word_embeddings
+
+
+@pytest.mark.parametrize("shapes_llm", [True, False])
+def test_pointer_loss_reaches_the_llm_only_when_asked(tiny_model, tmp_path, shapes_llm):
+    """`pointer_shapes_llm=False` (the `base` stage): the pointer learns, the LLM gets none of its gradient."""
+    batch = make_batch(tiny_model, make_samples(tmp_path, tiny_model.config.num_bins))
+    tiny_model.train()
+    tiny_model.zero_grad()
+    out = tiny_model(**batch.model_inputs(), pointer_shapes_llm=shapes_llm)
+    out.pointer_loss.backward()
+    llm = [p for n, p in tiny_model.named_parameters() if "language_model" in n and p.requires_grad]
+    assert llm and any(p.grad is not None for p in tiny_model.pointer.parameters())
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in llm) == shapes_llm

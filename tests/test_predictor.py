@@ -43,7 +43,8 @@ def test_chat_answer_overlay_and_json_schema(predictor):
     assert isinstance(answer, GroundedAnswer) and answer.image_size == (140, 90)
     assert answer.raw_text and len(answer.detections) > 0
     assert_inside(answer.detections.numpy().boxes, (140, 90))
-    assert answer.plot(image).shape == (90, 140, 3)
+    assert answer.plot(image, panel=False).shape == (90, 140, 3)
+    assert answer.plot(image).shape[1:] == (140, 3)
 
     record = answer.to_json()
     assert set(record) == {"text", "spans", "detections"} and isinstance(record["text"], str)

@@ -317,22 +317,49 @@ def test_plot_keeps_size_and_only_changes_pixels_near_boxes(dets, tmp_path):
         dets.plot(np.zeros((10, 10, 3), np.uint8))
 
 
-def test_answer_plot_panel_is_drawn_over_the_bottom(dets, tmp_path):
+def test_answer_plot_puts_the_panel_below_the_image(dets, tmp_path):
     answer = make_answer(dets)
     image = gray_image()
     with_panel = answer.plot(image, font_size=10)
     without = answer.plot(image, panel=False, font_size=10)
-    assert with_panel.shape == without.shape == (H, W, 3)
+    assert without.shape == (H, W, 3) and with_panel.shape[1:] == (W, 3) and with_panel.shape[0] > H
+    np.testing.assert_array_equal(with_panel[:H], without)  # the panel hides nothing of the image
+    panel = with_panel[H:]
+    assert (panel[-2:] < 60).all() and (panel > 200).any()  # dark margin, white text
     bottom = slice(H - 10, H)
     assert not (without[bottom] != image[bottom]).any()  # no box reaches the bottom rows
-    assert (with_panel[H - 2 :] < 60).all()  # the panel's dark margin below the text spans the full width
-    assert (with_panel[bottom] > 200).any()  # white text
-    np.testing.assert_array_equal(with_panel[:60], without[:60])  # the panel stays at the bottom
-    assert not (with_panel[35:60, 150:] != image[35:60, 150:]).any()  # between the boxes and the panel
     assert (without[12, 150:200] != image[12, 150:200]).any()  # the text-only span is drawn too
     path = answer.save(tmp_path / "answer.png", image)
     with Image.open(path) as reread:
-        assert reread.size == (W, H)
+        assert reread.size == (W, with_panel.shape[0])
+
+
+def test_labels_of_overlapping_boxes_do_not_cover_each_other():
+    """Two boxes with the same top-left corner: the second label moves (inside, below), not over the first."""
+    image = gray_image()
+    boxes = np.array([[40, 40, 120, 100], [40, 40, 110, 90]], np.float32)
+    colors = [(230, 25, 75), (0, 130, 200)]
+    both = draw_overlay(image, boxes=boxes, labels=["first", "second"], colors=colors, font_size=10)
+    first_only = draw_overlay(image, boxes=boxes, labels=["first", ""], colors=colors, font_size=10)
+    label_rows = slice(28, 40)  # the first label, above y = 40
+    np.testing.assert_array_equal(both[label_rows], first_only[label_rows])
+    blue = (both == np.array(colors[1])).all(axis=2)
+    assert blue[41:100, 41:100].sum() > 100  # the second label's fill sits inside/below its box
+
+
+def test_plot_draws_one_box_per_object(dets):
+    """A head detection overlapping a span's box (IoU > 0.6) is the same object: not drawn twice."""
+    answer = make_answer(dets)
+    duplicate = dets._replace(
+        boxes=torch.cat([dets.boxes, torch.tensor([[11.0, 11.0, 51.0, 41.0]], dtype=torch.float64)]),
+        scores=torch.cat([dets.scores, torch.tensor([0.3])]),
+        class_ids=torch.cat([dets.class_ids, torch.tensor([1])]),
+        masks=None,
+    )
+    answer.detections = duplicate
+    plotted = answer.plot(gray_image(), panel=False, font_size=10, masks=False)
+    answer.detections = duplicate[: len(dets)]
+    assert np.array_equal(plotted, answer.plot(gray_image(), panel=False, font_size=10, masks=False))
 
 
 def test_draw_overlay_checks_lengths_and_wraps_text():

@@ -193,7 +193,7 @@ class Detections:
         """Boxes (one colour per category), masks and "category 0.87" labels over `image`.
 
         Returns:
-            (H, W, 3) uint8 RGB array, the image's exact size.
+            (H, W, 3) uint8 RGB array, the image's exact size (no text panel).
         """
         data = self.numpy()
         names = data.categories

@@ -1,9 +1,10 @@
-"""Draw boxes, masks, labels and the answer text over an image (PIL + numpy).
+"""Draw boxes, masks, labels and the answer text for an image (PIL + numpy).
 
-Size contract: `draw_overlay` returns an (H, W, 3) uint8 RGB array of EXACTLY the input image's
-size. The answer text goes in a semi-transparent panel drawn over the bottom of the image (at most
-`max_panel_fraction` of its height; text that does not fit is cut with an ellipsis), so pixels far
-from every box, mask, label and the panel are unchanged. Pass `text=None` for no panel.
+Size contract: `draw_overlay` returns an (H + P, W, 3) uint8 RGB array: the image's own H x W pixels
+on top, then, when `text` is given, a P-pixel answer panel BELOW the image (P = 0 without text), so
+the panel never hides an object. Pixels far from every box, mask and label are unchanged. Labels
+are placed so that they do not cover each other where the image leaves room (above the box, inside
+its top, below it, inside its bottom: the first free place). Masks are translucent with an outline.
 
 Fonts: PIL's built-in font (`ImageFont.load_default(size=...)`), so nothing is downloaded.
 """
@@ -31,7 +32,7 @@ PALETTE: tuple[tuple[int, int, int], ...] = (
     (128, 0, 0),
     (70, 70, 70),
 )
-PANEL_ALPHA = 0.65
+PANEL_COLOR = (24, 24, 24)
 ELLIPSIS = "..."
 
 ImageLike = Image.Image | np.ndarray | str | Path
@@ -91,9 +92,33 @@ def wrap_text(
 def _blend_masks(
     canvas: np.ndarray, masks: np.ndarray, colors: Sequence[tuple[int, int, int]], alpha: float
 ) -> None:
+    """Blend each mask's colour in at `alpha` and paint its outline (pixels with an outside 4-neighbour)."""
     for mask, color in zip(masks, colors, strict=True):
         region = canvas[mask].astype(np.float32)
         canvas[mask] = np.round((1 - alpha) * region + alpha * np.asarray(color, np.float32)).astype(np.uint8)
+        padded = np.pad(mask, 1)
+        inner = padded[:-2, 1:-1] & padded[2:, 1:-1] & padded[1:-1, :-2] & padded[1:-1, 2:]
+        canvas[mask & ~inner] = color
+
+
+Rect = tuple[float, float, float, float]
+
+
+def _overlap(a: Rect, b: Rect) -> float:
+    return max(0.0, min(a[2], b[2]) - max(a[0], b[0])) * max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+
+
+def _label_place(
+    box: Sequence[float], size: tuple[float, float], image_size: tuple[int, int], placed: list[Rect]
+) -> Rect:
+    """Where a (w, h) label of `box` goes: the first candidate (above, inside top, below, inside bottom)
+    inside the image that covers no placed label, else the candidate covering the least."""
+    (width, height), (image_w, image_h) = size, image_size
+    x = min(max(box[0], 0), max(image_w - width, 0))
+    tops = (box[1] - height, box[1], box[3], box[3] - height)
+    ys = [y for y in tops if 0 <= y <= image_h - height] or [min(max(box[1], 0), max(image_h - height, 0))]
+    candidates = [(x, y, x + width, y + height) for y in ys]
+    return min(candidates, key=lambda c: sum(_overlap(c, p) for p in placed))
 
 
 def _draw_label(
@@ -104,44 +129,42 @@ def _draw_label(
     color: tuple[int, int, int],
     font: ImageFont.FreeTypeFont | ImageFont.ImageFont,
     image_size: tuple[int, int],
+    placed: list[Rect],
 ) -> None:
     left, top, right, bottom = draw.textbbox((0, 0), text, font=font)
     pad = 2
-    width, height = right - left + 2 * pad, bottom - top + 2 * pad
-    x = min(max(box[0], 0), max(image_size[0] - width, 0))
-    y = box[1] - height if box[1] - height >= 0 else box[1]  # above the box, or inside it at the top edge
-    draw.rectangle((x, y, x + width, y + height), fill=color)
-    draw.text((x + pad - left, y + pad - top), text, fill=(255, 255, 255), font=font)
+    rect = _label_place(box, (right - left + 2 * pad, bottom - top + 2 * pad), image_size, placed)
+    placed.append(rect)
+    draw.rectangle(rect, fill=color)
+    draw.text((rect[0] + pad - left, rect[1] + pad - top), text, fill=(255, 255, 255), font=font)
 
 
-def _draw_panel(
+def _add_panel(
     canvas: Image.Image,
     *,
     text: str,
     font: ImageFont.FreeTypeFont | ImageFont.ImageFont,
     font_size: int,
-    max_fraction: float,
+    max_lines: int,
 ) -> Image.Image:
+    """The image with a dark panel of the wrapped answer text appended below it."""
     width, height = canvas.size
     margin = max(round(font_size / 2), 3)
     lines = wrap_text(text, font=font, max_width=width - 2 * margin)
     line_height = font.getbbox("Ag")[3] + max(round(font_size / 5), 2)
-    max_lines = max(int((height * max_fraction - 2 * margin) // line_height), 1)
     if len(lines) > max_lines:
         lines = lines[:max_lines]
         last = lines[-1]
         while last and font.getlength(last + ELLIPSIS) > width - 2 * margin:
             last = last[:-1]
         lines[-1] = last + ELLIPSIS
-    panel_height = min(len(lines) * line_height + 2 * margin, height)
-    top = height - panel_height
-    shade = Image.new("RGBA", canvas.size, (0, 0, 0, 0))
-    ImageDraw.Draw(shade).rectangle((0, top, width, height), fill=(0, 0, 0, round(255 * PANEL_ALPHA)))
-    canvas = Image.alpha_composite(canvas.convert("RGBA"), shade).convert("RGB")
-    draw = ImageDraw.Draw(canvas)
+    panel_height = len(lines) * line_height + 2 * margin
+    framed = Image.new("RGB", (width, height + panel_height), PANEL_COLOR)
+    framed.paste(canvas, (0, 0))
+    draw = ImageDraw.Draw(framed)
     for i, line in enumerate(lines):
-        draw.text((margin, top + margin + i * line_height), line, fill=(255, 255, 255), font=font)
-    return canvas
+        draw.text((margin, height + margin + i * line_height), line, fill=(255, 255, 255), font=font)
+    return framed
 
 
 def draw_overlay(
@@ -155,7 +178,7 @@ def draw_overlay(
     mask_alpha: float = 0.45,
     line_width: int | None = None,
     font_size: int | None = None,
-    max_panel_fraction: float = 0.35,
+    max_panel_lines: int = 12,
 ) -> np.ndarray:
     """Draw instances and (optionally) the answer text.
 
@@ -164,13 +187,13 @@ def draw_overlay(
         boxes: (N, 4) xyxy, original pixels.
         labels: N strings drawn above the boxes (e.g. "red circle 0.87"); "" draws no label.
         colors: N RGB colours, one per instance.
-        masks: optional (N, H, W) bool, original size, blended with `mask_alpha`.
-        text: answer text for the bottom panel; None: no panel.
+        masks: optional (N, H, W) bool, original size, blended with `mask_alpha`, outlined.
+        text: answer text for the panel below the image; None: no panel.
         line_width: box outline width in px (default: font size / 6, at least 2).
         font_size: label/panel font size in px (default `default_font_size`).
-        max_panel_fraction: the panel covers at most this fraction of the image height.
+        max_panel_lines: longer text is cut there with an ellipsis.
     Returns:
-        (H, W, 3) uint8 RGB array, the image's exact size.
+        (H + P, W, 3) uint8 RGB array: the image, then the P-pixel panel (P = 0 without `text`).
     """
     canvas = to_rgb_array(image)
     height, width = canvas.shape[:2]
@@ -190,9 +213,12 @@ def draw_overlay(
     draw = ImageDraw.Draw(pil)
     for box, color in zip(boxes, colors, strict=True):
         draw.rectangle(tuple(float(v) for v in box), outline=color, width=thickness)
+    placed: list[Rect] = []
     for box, label, color in zip(boxes, labels, colors, strict=True):
         if label:
-            _draw_label(draw, text=label, box=box, color=color, font=font, image_size=(width, height))
+            _draw_label(
+                draw, text=label, box=box, color=color, font=font, image_size=(width, height), placed=placed
+            )
     if text is not None:
-        pil = _draw_panel(pil, text=text, font=font, font_size=size, max_fraction=max_panel_fraction)
+        pil = _add_panel(pil, text=text, font=font, font_size=size, max_lines=max_panel_lines)
     return np.asarray(pil).copy()

@@ -13,9 +13,17 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
+from grounded_llava.evaluation.grounding_metrics import box_iou_pairs
 from grounded_llava.inference.detections import Detections, check_image_size, load_image_of_size, save_png
 from grounded_llava.inference.overlay import ImageLike, color_for, draw_overlay
 from grounded_llava.inference.rle import mask_to_rle
+
+DRAW_DEDUP_IOU = 0.6  # a head detection overlapping an already drawn box this much is the same object
+
+
+def _overlaps(box: np.ndarray, drawn: np.ndarray, threshold: float) -> bool:
+    """Whether `box` (4,) has IoU > `threshold` with any row of `drawn` (N, 4), same frame."""
+    return bool((box_iou_pairs(np.broadcast_to(box, drawn.shape), drawn) > threshold).any())
 
 
 @dataclass(kw_only=True)
@@ -118,11 +126,12 @@ class GroundedAnswer:
         """The spans (one colour per phrase) with "phrase 0.87" labels, and the answer text in a panel.
 
         `detections`: also draw the head's detections that no span was matched to ("category 0.42",
-        one colour per category after the span colours), so everything the model found is visible.
+        one colour per category after the span colours), so everything the model found is visible;
+        one box per object: a detection overlapping a drawn box (IoU > `DRAW_DEDUP_IOU`) is left out.
 
         Returns:
-            (H, W, 3) uint8 RGB array of the image's exact size; the text panel is drawn
-            semi-transparent over the bottom of the image (`panel=False` omits it).
+            (H + P, W, 3) uint8 RGB array: the image, then the answer text in a P-pixel panel below it
+            (`panel=False` omits it: P = 0).
         """
         canvas = load_image_of_size(image, self.image_size, "GroundedAnswer")
         width, height = self.image_size
@@ -138,12 +147,13 @@ class GroundedAnswer:
         if detections:
             matched = {span.head_index for span in self.spans if span.head_index is not None}
             extra = self.detections.numpy()
-            for index in range(len(extra)):
-                if index in matched:
+            for index in np.argsort(-np.asarray(extra.scores), kind="stable"):
+                box = np.asarray(extra.boxes[index], np.float32)
+                if index in matched or (boxes and _overlaps(box, np.stack(boxes), DRAW_DEDUP_IOU)):
                     continue
                 class_id = int(extra.class_ids[index])
                 name = extra.category_names[class_id]
-                boxes.append(np.asarray(extra.boxes[index], np.float32))
+                boxes.append(box)
                 labels.append(f"{name} {float(extra.scores[index]):.2f}" if scores else name)
                 colors.append(color_for(len(phrases) + class_id))
                 mask_list.append(None if extra.masks is None else extra.masks[index])

@@ -276,6 +276,7 @@ class GroundedLlavaForConditionalGeneration(nn.Module):
         pyramid: list[torch.Tensor] | None = None,
         compute_masks: bool = True,
         mask_prompts: dict[str, torch.Tensor] | None = None,
+        pointer_shapes_llm: bool = True,
     ) -> GroundedLlavaOutput:
         """Teacher-forced pass over the whole sequence; without `input_ids`, the heads stage's step
         (`heads_losses(pixel_values=..., det_targets=..., **mask_prompts)`, routed here so DDP sees it).
@@ -288,6 +289,8 @@ class GroundedLlavaForConditionalGeneration(nn.Module):
             seg_masks: (M, r, r) {0, 1} canvas-frame targets, one per `<seg>` in reading order.
             image_features: (I, N, D) from `encode_images`, pyramid: from `image_pyramid` (inference reuse).
             compute_masks: run the mask decoder for the `<seg>` tokens of the sequence.
+            pointer_shapes_llm: False reads the hidden states detached for the pointer loss (the pointer
+                learns, the LLM is not pulled by it).
         With `labels` and images, the `<box>` groups of the answers also train the proposal pointer.
         """
         if input_ids is None:
@@ -352,8 +355,9 @@ class GroundedLlavaForConditionalGeneration(nn.Module):
             out.det_loss = self.detection_head.loss(out.detections, det_targets.to(hidden.device))
             losses.append(self.config.loss.det * out.det_loss)
         if run_pointer and labels is not None and original_sizes is not None:
+            query_states = hidden if pointer_shapes_llm else hidden.detach()
             out.pointer_loss, out.pointer_accuracy = answer_pointer_loss(
-                self, groups, labels, hidden, image_sample_index, original_sizes, out, pixel_values
+                self, groups, labels, query_states, image_sample_index, original_sizes, out, pixel_values
             )
             if out.pointer_loss is not None:
                 losses.append(self.config.loss.pointer * out.pointer_loss)

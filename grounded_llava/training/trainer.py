@@ -13,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import math
 import time
 from pathlib import Path
 
@@ -38,6 +37,7 @@ from .heads_data import HeadsBatch, HeadsDataset, collate_heads, jitter_boxes
 from .metrics_log import MetricsLogger
 from .plots import plot_loss_curves
 from .sampler import ResumableSampler
+from .schedule import warmup_cosine
 from .stage_data import StageData, absolute_source, load_stage_data
 from .stages import HeadDistiller, chat_kl_loss, parameter_groups, set_trainable
 
@@ -46,25 +46,17 @@ logger = logging.getLogger(__name__)
 LOSS_KEYS = ("loss", "lm_loss", "det_loss", "mask_loss", "pointer_loss", "kl_loss", "distill_loss")
 
 
-def _to_device(batch: TrainingBatch, device: torch.device, *, det_targets: bool = True) -> dict:
-    """The model's inputs on `device`; `det_targets=False` leaves out the Detect targets (no det loss)."""
+def _to_device(
+    batch: TrainingBatch, device: torch.device, *, det_targets: bool = True, pointer: bool = True
+) -> dict:
+    """The model's inputs on `device`; `det_targets=False` leaves out the Detect targets (no det loss),
+    `pointer=False` keeps the pointer loss from pulling on the LLM (`pointer_shapes_llm`)."""
     inputs = batch.model_inputs()
     moved = {k: v.to(device) if torch.is_tensor(v) else v for k, v in inputs.items()}
     moved["det_targets"] = batch.det_targets.to(device) if det_targets else None
     moved["original_sizes"] = batch.batch.original_sizes  # read on the host to place box prompts
+    moved["pointer_shapes_llm"] = pointer
     return moved
-
-
-def _lr_lambda(total_steps: int, warmup_ratio: float):
-    warmup = max(1, int(total_steps * warmup_ratio))
-
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        progress = (step - warmup) / max(1, total_steps - warmup)
-        return 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
-
-    return factor
 
 
 class Trainer:
@@ -146,7 +138,7 @@ class Trainer:
             parameter_groups(model, stage.lr, stage.vision_lr_scale), weight_decay=loop.weight_decay
         )
         steps = self.stage_steps[index]
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(steps, loop.warmup_ratio))
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(steps, loop.warmup_ratio))
         stage_step = 0
         if resume_from is not None:
             state = read_trainer_state(resume_from)
@@ -298,10 +290,10 @@ class Trainer:
                 pixel_values=pixel_values, det_targets=batch.det_targets.to(device), mask_prompts=prompts
             )
         else:
-            # `base` trains the LLM itself: the (untrained, zero-output) LoRA path would only cost time
-            adapter_off = model.llava.disable_adapter() if stage.kind == "base" else contextlib.nullcontext()
-            with adapter_off:
-                out = wrapped(**_to_device(batch, device, det_targets=stage.train_detector))
+            # `base` trains the LLM (LoRA off: zero output, only cost); its pointer does not pull on it (E11)
+            base = stage.kind == "base"
+            with model.llava.disable_adapter() if base else contextlib.nullcontext():
+                out = wrapped(**_to_device(batch, device, det_targets=stage.train_detector, pointer=not base))
             pixel_values = batch.batch.pixel_values
         losses = {"lm_loss": out.lm_loss, "det_loss": out.det_loss, "mask_loss": out.mask_loss,
                   "pointer_loss": out.pointer_loss, "pointer_accuracy": out.pointer_accuracy}  # fmt: skip
