@@ -56,7 +56,7 @@ def test_two_step_run_of_train_py(tmp_path):
     manifest = json.loads((tmp_path / "final" / "stages.json").read_text())
     assert [s["name"] for s in manifest] == ["align", "ground"] and all(s["steps"] == 1 for s in manifest)
     assert manifest[0]["new_categories"] == ["circle", "square", "star"]
-    assert set(manifest[1]["trainable_parameters"]) == {"detector", "heads", "token_rows", "lora"}
+    assert set(manifest[1]["trainable_parameters"]) == {"detector", "heads", "pointer", "token_rows", "lora"}
     assert (tmp_path / "loss_curves.png").stat().st_size > 0
     assert [r["step"] for r in read_metrics(tmp_path / "metrics.jsonl") if "loss" in r] == [1, 2]
     model = GroundedLlavaForConditionalGeneration.from_pretrained(tmp_path / "final")
@@ -92,8 +92,8 @@ def test_heads_then_base_stages_of_train_py(tmp_path):
 
     manifest = json.loads((run / "stages.json").read_text())
     assert [(s["name"], s["steps"]) for s in manifest] == [("heads", 2), ("base", 1), ("new_heads", 1)]
-    assert set(manifest[0]["trainable_parameters"]) == {"detector", "heads", "vision"}
-    assert set(manifest[1]["trainable_parameters"]) == {"base"}
+    assert set(manifest[0]["trainable_parameters"]) == {"detector", "heads", "pointer", "vision"}
+    assert set(manifest[1]["trainable_parameters"]) == {"base", "pointer"}
     assert manifest[0]["new_categories"] == ["circle", "square", "star"]
     assert manifest[2]["new_categories"] == ["hexagon"] and manifest[2]["categories"][-1] == "hexagon"
     assert [d["kind"] for d in manifest[2]["data"]] == ["synthetic", "replay"]
