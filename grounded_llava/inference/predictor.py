@@ -85,7 +85,6 @@ class GroundedLlava:
         """The detection label space (class id = index)."""
         return list(self.model.config.heads.categories) or ["object"]
 
-    # ------------------------------------------------------------------ public API
     def chat(
         self,
         image: ImageInput,
