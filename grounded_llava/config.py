@@ -31,9 +31,9 @@ class TinyBaseConfig:
     text_intermediate_size: int = 512
     max_position_embeddings: int = 1024
     tokenizer_vocab_size: int = 1024
+    """Size of the byte-level BPE the project trains on its own corpus (before special tokens)."""
     tie_word_embeddings: bool = False
     """Share the LM's input embeddings with its output layer (helps a small LM copy tokens)."""
-    """Size of the byte-level BPE the project trains on its own corpus (before special tokens)."""
     seed: int = 0
     """Seed of the random initialisation (weights and tokenizer training are deterministic)."""
 

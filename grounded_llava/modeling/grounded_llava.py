@@ -328,9 +328,15 @@ class GroundedLlavaForConditionalGeneration(nn.Module):
         out.last_hidden_state = hidden = llm_out.last_hidden_state
         out.logits = logits = llava.lm_head(hidden)
         losses = []
-        groups = box_groups_in_ids(input_ids, self.token_ids)  # the one reading of the grammar
+        groups = None  # the one reading of the grammar, parsed once and only where something needs it
+        if image_features is not None or (labels is not None and self.config.loss.lm_phrase != 1.0):
+            groups = box_groups_in_ids(input_ids, self.token_ids)
         if labels is not None:
-            weights = phrase_token_weights(groups, labels.shape, self.config.loss.lm_phrase)
+            weights = (
+                None
+                if groups is None
+                else phrase_token_weights(groups, labels.shape, self.config.loss.lm_phrase)
+            )
             out.lm_loss = language_loss(logits, labels, weights)
             losses.append(self.config.loss.lm * out.lm_loss)
         if image_features is None:

@@ -4,8 +4,9 @@ After the pooled patch grid, the LLM reads one token per class-agnostic proposal
 (the same top-K, best first, that a `<box>` points at): the neck features roi-aligned in the box, the
 box geometry and the head's score, projected to the LLM's hidden size, plus a learned embedding of the
 head's class for the box weighted by its score. The LLM then sees objects, not only patches: what is
-there (the detector's label, which a small LM cannot infer from appearance alone), how many, where. Padding slots (fewer proposals than K) get a learned
-"empty" token. Frames: proposal boxes are xyxy canvas pixels; the map is at `stride` canvas pixels.
+there (the detector's label, which a small LM cannot infer from appearance alone), how many, where.
+Padding slots (fewer proposals than K) get a learned "empty" token. Frames: proposal boxes are xyxy
+canvas pixels; the map is at `stride` canvas pixels.
 """
 
 from __future__ import annotations
