@@ -3,10 +3,9 @@
 The tiny model is rigged through its weights (nothing is monkeypatched): with every attention output and
 MLP output projection of the LLM zeroed, the last hidden state depends on the current token alone, so the
 LM head can be set to a bigram table that writes `<p> circle </p> <box>` and, after every `</box>`, another
-`<box>`. The pointer (its transformer zeroed to pass its input on) is set to prefer proposals by head
-score and never to say "none": within the phrase it must take proposal 0, then 1, then 2 (a chosen
-proposal is excluded for the rest of the phrase); the Detect head is set to propose small boxes, so that
-the proposals' loc tokens differ.
+`<box>`. The pointer is set to prefer proposals by head score and never to say "none": within the phrase
+it must take proposal 0, then 1, then 2 (a chosen proposal is excluded for the rest of the phrase); the
+Detect head is set to propose small boxes, so that the proposals' loc tokens differ.
 """
 
 import numpy as np
@@ -50,16 +49,12 @@ def _rig(model: GroundedLlavaForConditionalGeneration, prompt_end: int, phrase: 
         for current, following in bigrams:
             head[following] += 5.0 * states[current] / states[current].norm()
         pointer = model.pointer
-        for name, parameter in pointer.encoder.named_parameters():  # the transformer passes its input on
-            if "out_proj" in name or "linear2" in name:
-                parameter.zero_()
-        pointer.kinds.zero_(), pointer.taken.zero_()
+        pointer.query[-1].weight.zero_(), pointer.query[-1].bias.fill_(1.0)  # every query: the ones vector
         pointer.region[-1].weight.zero_(), pointer.region[-1].bias.zero_()  # regions: geometry only ...
         pointer.geometry[0].weight.zero_(), pointer.geometry[0].bias.zero_()
         pointer.geometry[0].weight[:, 8] = 1000.0  # ... of the head score alone (geometry's last input)
         pointer.geometry[-1].weight.copy_(torch.eye(pointer.geometry[-1].weight.shape[0]))
         pointer.geometry[-1].bias.zero_()
-        pointer.score.weight.fill_(1.0), pointer.score.bias.zero_()
         pointer.none.fill_(-100.0)
         for box_branch in model.detection_head.detect.cv2:  # small boxes around the anchors (DFL favours
             reg_max = box_branch[-1].bias.numel() // 4  # the low bins): proposals that differ from each other

@@ -227,19 +227,15 @@ def test_box_groups_in_ids_matches_the_models_seg_rule():
     assert empty.bins.shape == (0, 4) and empty.stray_seg.shape == (0, 2)
 
 
-def test_pointer_query_is_the_box_state_and_its_phrases_token_states():
-    """`<p> a b </p> <box> l l l l </box> <box> ...`: both groups read the phrase's two token states."""
+def test_pointer_query_is_the_box_state_beside_its_phrases_mean_state():
+    """`<p> a b </p> <box> l l l l </box> <box> ...`: both groups read the mean of the phrase's two states."""
     from grounded_llava.modeling.prompts import pointer_query
 
     hidden = torch.arange(2 * 12 * 2, dtype=torch.float32).reshape(2, 12, 2)
     rows, cols = torch.tensor([0, 0, 1]), torch.tensor([4, 10, 3])
     starts, ends = torch.tensor([1, 1, 3]), torch.tensor([3, 3, 3])  # the last group has no phrase
     query = pointer_query(hidden, rows, cols, starts, ends)
-    assert len(query) == 3 and query.phrase_states.shape == (3, 2, 2)
-    assert torch.equal(query.box_states, torch.stack([hidden[0, 4], hidden[0, 10], hidden[1, 3]]))
-    assert torch.equal(query.phrase_states[0], hidden[0, 1:3]) and torch.equal(
-        query.phrase_states[1], hidden[0, 1:3]
-    )
-    assert query.phrase_mask.tolist() == [[True, True], [True, True], [False, False]]
-    assert not query.phrase_states[2].any()
-    assert torch.equal(query[torch.tensor([False, True, True])].box_states, query.box_states[1:])
+    assert query.shape == (3, 4)
+    assert torch.equal(query[0], torch.cat([hidden[0, 4], hidden[0, 1:3].mean(0)]))
+    assert torch.equal(query[1, 2:], query[0, 2:]) and torch.equal(query[1, :2], hidden[0, 10])
+    assert torch.equal(query[2], torch.cat([hidden[1, 3], torch.zeros(2)]))

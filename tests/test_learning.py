@@ -14,7 +14,7 @@ from torchvision.ops import box_iou
 from grounded_llava import GroundedLlavaForConditionalGeneration
 from grounded_llava.data.coco import load_coco_instances
 from grounded_llava.data.synthetic import generate_world
-from grounded_llava.modeling.pointer import PointerQueries, Proposals, pointer_loss, pointer_targets
+from grounded_llava.modeling.pointer import Proposals, pointer_loss, pointer_targets
 from grounded_llava.training.heads_data import HeadsBatch, HeadsDataset, collate_heads, jitter_boxes
 from grounded_llava.training.stages import set_trainable
 
@@ -165,14 +165,9 @@ def test_pointer_overfits_category_queries_and_says_none_when_the_object_is_not_
     assert len(targets) == 10 and int(absent.sum()) == 6 and not excluded.any()
 
     hidden_size = model.base_llava.config.get_text_config().hidden_size
-    # a query per category, as `prompts.pointer_query` gives it: the `<box>` state and a 2-token phrase
-    category_states = torch.randn(len(TEST_CATEGORIES), 3, hidden_size, generator=generator)
-    states = category_states[torch.tensor(query_class)]
-    queries = PointerQueries(
-        box_states=states[:, 0],
-        phrase_states=states[:, 1:],
-        phrase_mask=torch.ones(len(states), 2, dtype=torch.bool),
-    )
+    # a query per category, as `prompts.pointer_query` gives it: (`<box>` state, phrase mean state)
+    category_states = torch.randn(len(TEST_CATEGORIES), 2 * hidden_size, generator=generator)
+    queries = category_states[torch.tensor(query_class)]
     with torch.no_grad():
         features = model.encode_images(batch.pixel_values)
         stride8 = model.pointer_features(

@@ -18,7 +18,7 @@ import torch
 from grounded_llava.codec import box_bins
 from grounded_llava.image_meta import ImageMeta
 from grounded_llava.modeling import GroundedLlavaForConditionalGeneration
-from grounded_llava.modeling.pointer import PointerQueries, Proposals
+from grounded_llava.modeling.pointer import Proposals
 
 
 @dataclass
@@ -48,13 +48,14 @@ def _choose(logits: torch.Tensor, temperature: float) -> torch.Tensor:
 
 
 class _PhraseStates:
-    """The hidden states of each row's current phrase, as `prompts.pointer_query` reads them in training:
-    the states of the tokens between `<p>` and `</p>`, kept for the box groups right after `</p>` (none
+    """The mean hidden state of each row's current phrase, as `prompts.pointer_query` reads it in training:
+    the states of the tokens between `<p>` and `</p>`, kept for the box groups right after `</p>` (zeros
     for a `<box>` in no phrase). `read` takes the state of the token `wrote` last appended."""
 
-    def __init__(self, batch: int, ids) -> None:
+    def __init__(self, batch: int, hidden: torch.Tensor, ids) -> None:
         self.ids = ids
-        self.states: list[list[torch.Tensor]] = [[] for _ in range(batch)]
+        self.total = hidden.new_zeros((batch, hidden.shape[-1]))
+        self.count = [0] * batch
         self.inside = [False] * batch  # between <p> and </p>
         self.grounding = [False] * batch  # after </p>, within its box groups
         self.pending = [False] * batch  # the last written token is phrase content
@@ -62,14 +63,15 @@ class _PhraseStates:
     def read(self, hidden: torch.Tensor) -> None:
         for r, pending in enumerate(self.pending):
             if pending:
-                self.states[r].append(hidden[r])
+                self.total[r] += hidden[r]
+                self.count[r] += 1
                 self.pending[r] = False
 
     def wrote(self, row: int, token: int) -> None:
         ids = self.ids
         if token == ids.p_open:
-            self.states[row] = []
-            self.inside[row], self.grounding[row] = True, False
+            self.total[row].zero_()
+            self.count[row], self.inside[row], self.grounding[row] = 0, True, False
         elif token == ids.p_close:
             self.inside[row], self.grounding[row] = False, True
         elif self.inside[row]:
@@ -77,17 +79,13 @@ class _PhraseStates:
         elif token not in (ids.box_open, ids.box_close, ids.seg) and token not in ids.loc:
             self.grounding[row] = False
 
-    def queries(self, hidden: torch.Tensor, rows: torch.Tensor) -> PointerQueries:
-        """The pointer queries of `rows` (their `<box>` states are `hidden[rows]`)."""
-        phrases = [self.states[r] if self.grounding[r] else [] for r in rows.tolist()]
-        longest = max(len(states) for states in phrases)
-        padded = hidden.new_zeros((len(phrases), longest, hidden.shape[-1]))
-        mask = torch.zeros((len(phrases), longest), dtype=torch.bool, device=hidden.device)
-        for i, states in enumerate(phrases):
-            if states:
-                padded[i, : len(states)] = torch.stack(states)
-                mask[i, : len(states)] = True
-        return PointerQueries(box_states=hidden[rows], phrase_states=padded, phrase_mask=mask)
+    def queries(self, hidden: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """(R, 2D) pointer queries of `rows` (their `<box>` states are `hidden[rows]`)."""
+        means = torch.stack([
+            self.total[r] / max(self.count[r], 1) if self.grounding[r] else torch.zeros_like(self.total[r])
+            for r in rows.tolist()
+        ])  # fmt: skip
+        return torch.cat([hidden[rows], means], dim=-1)
 
 
 @torch.inference_mode()
@@ -128,7 +126,7 @@ def decode_grounded(
     forced: list[list[int]] = [[] for _ in range(batch)]
     taken = torch.zeros_like(proposals.valid)  # (B, K): chosen within the current phrase
     finished = torch.zeros(batch, dtype=torch.bool, device=input_ids.device)
-    phrase = _PhraseStates(batch, ids)
+    phrase = _PhraseStates(batch, hidden, ids)
     for _ in range(max_new_tokens):
         phrase.read(hidden)
         tokens = _choose(llava.lm_head(hidden), temperature)

@@ -1,9 +1,9 @@
 """`ProposalPointer`: a `<box>` chooses among the detection head's proposals (as Groma and ChatRex do).
 
 When the model writes `<box>`, the LLM hidden state at that position (the state that predicts the first
-`<loc_k>`) and the hidden states of the phrase it grounds are read, with an embedding of every
-class-agnostic proposal of its image (neck features and canvas colour pooled in the box + box geometry +
-the head's score) and a learned "none" option, by a small transformer that scores each option. The chosen proposal's box is then written as the group's
+`<loc_k>`), beside the mean hidden state of the phrase it grounds, is scored against an embedding of
+every class-agnostic proposal of its image (neck features pooled in the box + box geometry + the head's
+score) and against a learned "none" option. The chosen proposal's box is then written as the group's
 four `<loc_k>` tokens; "none" leaves them to the LM.
 
 Frames: proposal boxes are xyxy canvas pixels (S, S); region features come from the stride-`stride` map.
@@ -71,33 +71,8 @@ def region_inputs(
     return pooled.flatten(1).view(count, k, -1), geometry
 
 
-@dataclass
-class PointerQueries:
-    """M `<box>` queries, each read with its phrase (`prompts.pointer_query` in training, the decoder's
-    phrase states in generation). `box_states` (M, D): the LLM's last hidden state at each `<box>`;
-    `phrase_states` (M, L, D): the last hidden states of its phrase's tokens, padded; `phrase_mask` (M, L):
-    True on real tokens (a row of False: a group in no phrase)."""
-
-    box_states: torch.Tensor
-    phrase_states: torch.Tensor
-    phrase_mask: torch.Tensor
-
-    def __len__(self) -> int:
-        return self.box_states.shape[0]
-
-    def __getitem__(self, index: torch.Tensor) -> PointerQueries:
-        return PointerQueries(self.box_states[index], self.phrase_states[index], self.phrase_mask[index])
-
-
 class ProposalPointer(nn.Module):
-    """Scores (M,) queries against their images' K proposals + "none": logits (M, K + 1), "none" last.
-
-    Each query is a small transformer over its `<box>` state, its phrase's token states, the K region
-    embeddings of its image and a "none" token: regions see each other and the phrase, so relations and
-    superlatives ("the leftmost circle", "the star left of the red square") are decidable, not only the
-    attributes of one region. A linear score of each region's (and "none"'s) output is its logit.
-    Proposals taken by an earlier box of the phrase stay visible, flagged, and cannot be chosen again.
-    """
+    """Scores (M,) queries against their images' K proposals + "none": logits (M, K + 1), "none" last."""
 
     def __init__(
         self,
@@ -108,29 +83,20 @@ class ProposalPointer(nn.Module):
         stride: float,
         dim: int = 128,
         pool: int = 4,
-        layers: int = 2,
-        heads: int = 4,
-        max_phrase_tokens: int = 32,
     ) -> None:
         super().__init__()
         self.canvas_size = canvas_size
         self.stride = stride
         self.pool = pool
-        self.max_phrase_tokens = max_phrase_tokens
         self.region = nn.Sequential(
             nn.Linear(channels * pool * pool, dim), nn.LayerNorm(dim), nn.GELU(), nn.Linear(dim, dim)
         )
         self.geometry = nn.Sequential(nn.Linear(9, dim), nn.GELU(), nn.Linear(dim, dim))
-        self.text = nn.Sequential(nn.Linear(text_hidden_size, dim), nn.LayerNorm(dim))
-        self.positions = nn.Parameter(torch.randn(max_phrase_tokens + 1, dim) * 0.02)  # 0: the `<box>`
-        self.kinds = nn.Parameter(torch.randn(3, dim) * 0.02)  # text, region, "none"
-        self.none = nn.Parameter(torch.randn(dim) * 0.02)
-        self.taken = nn.Parameter(torch.randn(dim) * 0.02)
-        layer = nn.TransformerEncoderLayer(
-            dim, heads, 2 * dim, dropout=0.1, activation="gelu", batch_first=True, norm_first=True
+        self.query = nn.Sequential(
+            nn.Linear(2 * text_hidden_size, dim), nn.LayerNorm(dim), nn.GELU(), nn.Linear(dim, dim)
         )
-        self.encoder = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
-        self.score = nn.Linear(dim, 1)
+        self.none = nn.Parameter(torch.zeros(dim))
+        self.scale = dim**-0.5
 
     def region_embeddings(self, feature_map: torch.Tensor, proposals: Proposals) -> torch.Tensor:
         """(I, C, h, w) neck map at `stride` + proposals -> (I, K, dim) region embeddings."""
@@ -141,7 +107,7 @@ class ProposalPointer(nn.Module):
 
     def forward(
         self,
-        queries: PointerQueries,
+        query_hidden: torch.Tensor,
         query_image: torch.Tensor,
         regions: torch.Tensor,
         valid: torch.Tensor,
@@ -150,25 +116,18 @@ class ProposalPointer(nn.Module):
         """Pointer logits (M, K + 1); padding and `excluded` (M, K) proposals get -inf, "none" never does.
 
         Args:
-            queries: M `<box>` queries; query_image: (M,) the image of each; regions: (I, K, dim) the
-                `region_embeddings` of the images; valid: (I, K).
+            query_hidden: (M, 2 D_text) `prompts.pointer_query`: the LLM's last hidden state at each
+                `<box>` beside the mean state of its phrase.
+            query_image: (M,) the image of each query; regions: (I, K, dim); valid: (I, K).
             excluded: (M, K) proposals already chosen by an earlier box of the same phrase.
         """
-        count, k = len(query_image), regions.shape[1]
-        taken = excluded if excluded is not None else valid.new_zeros((count, k))
-        blocked = torch.cat([~valid[query_image] | taken, taken.new_zeros((count, 1))], dim=1)
-        if count == 0:
-            return regions.new_zeros((0, k + 1)).float()
-        length = self.max_phrase_tokens
-        phrase_mask = queries.phrase_mask[:, :length]
-        text = torch.cat([queries.box_states[:, None], queries.phrase_states[:, :length]], dim=1)
-        text = self.text(text.to(regions.dtype)) + self.positions[: text.shape[1]] + self.kinds[0]
-        options = regions[query_image] + self.kinds[1] + taken[..., None].to(regions.dtype) * self.taken
-        none = (self.none + self.kinds[2]).expand(count, 1, -1)
-        always = phrase_mask.new_zeros((count, 1))
-        padding = torch.cat([always, ~phrase_mask, ~valid[query_image], always], dim=1)
-        states = self.encoder(torch.cat([text, options, none], dim=1), src_key_padding_mask=padding)
-        logits = self.score(states[:, -(k + 1) :])[..., 0]
+        query = self.query(query_hidden.to(regions.dtype))  # (M, dim)
+        options = torch.cat([regions[query_image], self.none.expand(len(query), 1, -1)], dim=1)
+        logits = torch.einsum("md,mkd->mk", query, options) * self.scale
+        blocked = ~valid[query_image]
+        if excluded is not None:
+            blocked = blocked | excluded
+        blocked = torch.cat([blocked, blocked.new_zeros((len(query), 1))], dim=1)
         return logits.float().masked_fill(blocked, float("-inf"))
 
 

@@ -14,7 +14,7 @@ import torch
 
 from ..grammar import BatchBoxGroups
 from ..image_meta import ImageMeta
-from .pointer import PointerQueries, pointer_loss, pointer_targets
+from .pointer import pointer_loss, pointer_targets
 
 
 @dataclass
@@ -33,27 +33,23 @@ class BoxQueries:
     phrase_starts: torch.Tensor
     phrase_ends: torch.Tensor
 
-    def pointer_queries(self, hidden: torch.Tensor) -> PointerQueries:
-        """(B, T, D) last hidden states -> the M pointer queries (`pointer_query`)."""
+    def pointer_queries(self, hidden: torch.Tensor) -> torch.Tensor:
+        """(B, T, D) last hidden states -> (M, 2D) pointer queries (`pointer_query`)."""
         return pointer_query(hidden, self.rows, self.cols, self.phrase_starts, self.phrase_ends)
 
 
 def pointer_query(
     hidden: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, starts: torch.Tensor, ends: torch.Tensor
-) -> PointerQueries:
-    """The pointer's query for each `<box>`: its hidden state and the hidden states of its phrase's tokens
-    (what the phrase names, as Groma and ChatRex read it), padded to the longest phrase; a group without
-    a phrase has none.
+) -> torch.Tensor:
+    """The pointer's query for each `<box>`: its hidden state beside the mean hidden state of its phrase
+    (what the phrase names, as Groma and ChatRex read it), (M, 2D); zeros for a group without a phrase.
 
     hidden: (B, T, D); rows, cols: (M,) the `<box>` positions; starts, ends: (M,) phrase content ranges.
     """
-    lengths = (ends - starts).clamp(min=0)
-    longest = int(lengths.max()) if lengths.numel() else 0
-    offsets = torch.arange(longest, device=hidden.device)
-    mask = offsets[None] < lengths[:, None]
-    positions = (starts[:, None] + offsets).clamp(max=hidden.shape[1] - 1)
-    states = hidden[rows[:, None], positions] * mask[..., None].to(hidden.dtype)
-    return PointerQueries(box_states=hidden[rows, cols], phrase_states=states, phrase_mask=mask)
+    prefix = torch.cat([hidden.new_zeros((hidden.shape[0], 1, hidden.shape[2])), hidden.cumsum(1)], dim=1)
+    length = (ends - starts).clamp(min=1).to(hidden.dtype)[:, None]
+    phrase = (prefix[rows, ends] - prefix[rows, starts]) / length
+    return torch.cat([hidden[rows, cols], phrase], dim=-1)
 
 
 def image_of_rows(batch: int, image_sample_index: torch.Tensor, device: torch.device) -> torch.Tensor:

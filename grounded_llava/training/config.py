@@ -11,7 +11,7 @@ from ..config import GroundedLlavaConfig
 from ..config_io import ConfigError, apply_overrides, from_dict, load_yaml, to_dict
 
 StageKind = Literal["heads", "base", "align", "ground", "increment"]
-SourceKind = Literal["coco", "synthetic", "llava_chat", "coco_captions", "synthetic_chat", "text_copy"]
+SourceKind = Literal["coco", "synthetic", "llava_chat", "coco_captions", "synthetic_chat"]
 
 
 @dataclass
@@ -20,9 +20,7 @@ class SourceConfig:
 
     kinds: `coco` (instances JSON + image folder -> grounded tasks), `llava_chat` (LLaVA conversation
     JSON), `coco_captions` (captions JSON), `synthetic` / `synthetic_chat` (the shapes world, generated
-    into `dir` on first use from `num_images`, `seed`, `image_size`, `categories`; tasks resp. chat),
-    `text_copy` (`num_samples` text-only "say this back" requests, deterministic by `seed`: the tiny LM's
-    stand-in for language pre-training, `data/text_copy.py`).
+    into `dir` on first use from `num_images`, `seed`, `image_size`, `categories`; tasks resp. chat).
     Relative paths are resolved against the config file's folder; a relative synthetic `dir`
     against the run's output directory.
     """
@@ -38,7 +36,6 @@ class SourceConfig:
     categories: list[str] | None = None
     tasks: dict[str, float] | None = None
     samples_per_image: int = 1
-    num_samples: int = 2000
     limit: int | None = None
     on_bad_data: Literal["strict", "skip"] = "strict"
 

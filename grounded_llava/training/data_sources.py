@@ -17,7 +17,6 @@ from ..data import (
 )
 from ..data.coco import ImageRecord
 from ..data.sample import GroundedSample
-from ..data.text_copy import text_copy_samples
 from .config import SourceConfig, TrainConfig
 
 logger = logging.getLogger(__name__)
@@ -68,10 +67,6 @@ def load_source(
     source: SourceConfig, *, config: TrainConfig, output_dir: Path, num_bins: int
 ) -> LoadedSource:
     """Read one source; grounding sources become task samples deterministic by `source.seed`."""
-    if source.kind == "text_copy":
-        samples = text_copy_samples(source.num_samples, seed=source.seed)[: source.limit]
-        description = {"kind": source.kind, "samples": len(samples), "weight": source.weight}
-        return LoadedSource(samples=samples, categories=[], description=description)
     if source.kind in ("synthetic", "synthetic_chat"):
         directory = synthetic_dir(source, config, output_dir)
         ensure_synthetic_world(source, directory)

@@ -82,9 +82,7 @@ def _inherited_sources(config: TrainConfig, manifest: list[dict], output_dir: Pa
             continue
         for source in (from_dict(SourceConfig, s) for s in entry.get("sources", [])):
             location = source.dir or source.annotations
-            if location is None:  # generated from its parameters alone (text_copy)
-                sources.append(source)
-            elif source.dir is not None and not Path(source.dir).exists():
+            if source.dir is not None and not Path(source.dir).exists():
                 # A synthetic world is a pure function of its parameters: regenerate it here.
                 source.dir = str(output_dir / "replay" / entry["name"] / Path(source.dir).name)
                 sources.append(source)
