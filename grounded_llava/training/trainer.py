@@ -43,7 +43,6 @@ from .stages import HeadDistiller, chat_kl_loss, parameter_groups, set_trainable
 
 MANIFEST = "stages.json"
 logger = logging.getLogger(__name__)
-LOSS_KEYS = ("loss", "lm_loss", "det_loss", "mask_loss", "pointer_loss", "kl_loss", "distill_loss")
 
 
 def _to_device(
