@@ -8,6 +8,8 @@ it must take proposal 0, then 1, then 2 (a chosen proposal is excluded for the r
 Detect head is set to propose small boxes, so that the proposals' loc tokens differ.
 """
 
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -155,3 +157,42 @@ def test_predictor_answers_carry_the_pointers_boxes_and_scores(rigged):
             box = box.clamp(min=0).minimum(torch.tensor([width, height, width, height], dtype=box.dtype))
             np.testing.assert_allclose(span.box, box.numpy(), atol=1e-3)
             assert span.score == pytest.approx(float(proposals.scores[row, k]), rel=1e-3)
+
+
+def test_none_after_a_phrases_first_box_ends_its_list(rigged):
+    """The pointer prefers "none" to every proposal but the best one: the phrase's first `<box>` takes
+    proposal 0, the second `<box>` is taken back (no LM-written box follows) and the answer goes on (the
+    rigged LM then repeats its phrase: each new list again ends after one box).
+    (One request: the "none" logit sits between the image's best two proposal scores.)"""
+    model, images, _, encoded, expected_lm = rigged
+    model = copy.deepcopy(model)
+    ids, processor = model.token_ids, model.processor
+    batch = processor.collate(encoded[1:], padding_side="left")
+    max_new_tokens = len(expected_lm) - 1 + 6 * BOXES_PER_PHRASE
+    with torch.no_grad(), model.llava.disable_adapter():
+        features = model.encode_images(batch.pixel_values)
+        pyramid = model.image_pyramid(features, batch.pixel_values)
+        scores = model.proposals(model.detection_head(pyramid)).scores  # (B, K), best first
+        assert float(scores[0, 1]) < float(scores[0, 0])
+        model.pointer.none.fill_(500.0 * float(scores[0, 1] + scores[0, 0]))
+        decoded = decode_grounded(
+            model,
+            input_ids=batch.input_ids,
+            attention_mask=batch.attention_mask,
+            features=features,
+            pyramid=pyramid,
+            pixel_values=batch.pixel_values,
+            metas=batch.image_metas,
+            max_new_tokens=max_new_tokens,
+            temperature=0.0,
+            eos_token_id=processor.tokenizer.eos_token_id,
+            pad_token_id=processor.tokenizer.pad_token_id,
+        )
+    for answer, choices in zip(decoded.ids, decoded.choices, strict=True):
+        first_box_end = len(expected_lm) - 1 + 5
+        assert answer[: first_box_end + 1] == [*expected_lm, *answer[len(expected_lm) : first_box_end + 1]]
+        assert answer[first_box_end] == ids.box_close
+        assert answer[first_box_end + 1] != ids.box_open  # the second `<box>` was taken back
+        assert choices[0].proposal == 0 and all(c.proposal is not None for c in choices)  # no LM box
+        boxes = [p for p, token in enumerate(answer) if token == ids.box_open]
+        assert all(answer[p - 1] == ids.p_close for p in boxes)  # every list ends after one box

@@ -2,8 +2,10 @@
 writes picks one of the detection head's proposals through the pointer, and the chosen proposal's box
 is then forced as the group's four `<loc_k>` tokens and `</box>`.
 
-"none" (the pointer's last option) leaves the four loc tokens to the LM (an object the head cannot
-propose). Within one phrase (the `<box>` groups after the same `</p>`), a proposal already chosen is
+"none" (the pointer's last option) at a phrase's first `<box>` leaves the four loc tokens to the LM (an
+object the head cannot propose); at a later `<box>` of the phrase it ends the phrase's list: that
+`<box>` is taken back (masked in the KV cache, its position reused) and the best other token follows,
+so a list names what the head proposes instead of boxes the LM invents. Within one phrase (the `<box>` groups after the same `</p>`), a proposal already chosen is
 excluded, as in training (`modeling.pointer.pointer_targets`): "every circle" lists each circle once.
 
 Frames: proposals are xyxy canvas pixels; `PointerChoice.box` is xyxy ORIGINAL image pixels.
@@ -126,10 +128,15 @@ def decode_grounded(
     forced: list[list[int]] = [[] for _ in range(batch)]
     taken = torch.zeros_like(proposals.valid)  # (B, K): chosen within the current phrase
     finished = torch.zeros(batch, dtype=torch.bool, device=input_ids.device)
+    box_open = torch.tensor([ids.box_open], device=input_ids.device)
     phrase = _PhraseStates(batch, hidden, ids)
+    listed = [0] * batch  # box groups written since the last `</p>`
+    previous = None  # the logits the last tokens were chosen from
     for _ in range(max_new_tokens):
         phrase.read(hidden)
-        tokens = _choose(llava.lm_head(hidden), temperature)
+        logits_now = llava.lm_head(hidden)
+        tokens = _choose(logits_now, temperature)
+        retracted: list[int] = []
         at_box = [
             r for r in range(batch)
             if answers[r] and answers[r][-1] == ids.box_open and not forced[r] and not finished[r]
@@ -141,7 +148,11 @@ def decode_grounded(
             best = probabilities.argmax(-1)
             for r, k, p in zip(at_box, best.tolist(), probabilities.max(-1).values.tolist(), strict=True):
                 position = len(answers[r]) - 1
-                if k == proposals.valid.shape[1]:  # "none": the LM writes the box
+                if k == proposals.valid.shape[1] and listed[r]:  # "none" after a box: the list ends
+                    retracted.append(r)
+                    continue
+                listed[r] += 1
+                if k == proposals.valid.shape[1]:  # "none" for a phrase's first box: the LM writes it
                     choices[r].append(PointerChoice(position=position, proposal=None, probability=p))
                     continue
                 box = metas[r].boxes_from_canvas(proposals.boxes[r, k : k + 1].float().cpu())[0]
@@ -156,13 +167,18 @@ def decode_grounded(
         for r in range(batch):
             if forced[r]:
                 tokens[r] = forced[r].pop(0)
+        for r in retracted:  # take the `<box>` back: masked in the cache, its position reused
+            answers[r].pop()
+            attention_mask[r, -1] = 0
+            next_position[r] -= 1
+            tokens[r] = _choose(previous[r : r + 1].index_fill(-1, box_open, float("-inf")), temperature)[0]
         tokens = torch.where(finished, torch.full_like(tokens, pad_token_id), tokens)
         for r, token in enumerate(tokens.tolist()):
             if not finished[r] and token != eos_token_id:
                 answers[r].append(token)
                 phrase.wrote(r, token)
                 if token == ids.p_close:
-                    taken[r] = False
+                    taken[r], listed[r] = False, 0
         finished |= tokens == eos_token_id
         if bool(finished.all()):
             break
@@ -178,4 +194,5 @@ def decode_grounded(
         )
         cache, hidden = out.past_key_values, out.last_hidden_state[:, -1]
         next_position = next_position + 1
+        previous = logits_now
     return DecodedAnswers(ids=answers, choices=choices)
