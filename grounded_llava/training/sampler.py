@@ -23,7 +23,7 @@ creates its iterators at other steps than the uninterrupted one, so dropout mask
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -188,3 +188,15 @@ class ResumableSampler(Sampler[int]):
             )
         self.epoch = int(state["epoch"])
         self.position = int(state["position"])
+
+
+def endless_batches(loader: Iterable, sampler: ResumableSampler) -> Iterator:
+    """Endless batches of `loader` (driven by `sampler`); a new epoch starts when the current one runs out."""
+    while True:
+        yielded = False
+        for batch in loader:
+            yielded = True
+            yield batch
+        if not yielded and sampler.position == 0:
+            raise ValueError("the stage's data is smaller than one batch: lower train.batch_size")
+        sampler.set_epoch(sampler.epoch + 1)

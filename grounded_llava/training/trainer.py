@@ -36,7 +36,7 @@ from .config import StageConfig, TrainConfig
 from .heads_data import HeadsBatch, HeadsDataset, collate_heads, jitter_boxes
 from .metrics_log import MetricsLogger
 from .plots import plot_loss_curves
-from .sampler import ResumableSampler
+from .sampler import ResumableSampler, endless_batches
 from .schedule import warmup_cosine
 from .stage_data import StageData, absolute_source, load_stage_data
 from .stages import HeadDistiller, chat_kl_loss, parameter_groups, set_trainable
@@ -163,7 +163,7 @@ class Trainer:
             desc=f"stage {stage.name}",
             disable=not accelerator.is_main_process,
         )
-        batches = self._batches(loader, sampler)
+        batches = endless_batches(loader, sampler)
         running: dict[str, list[float]] = {}
         started, samples_seen = time.perf_counter(), 0
         wrapped.train()
@@ -308,18 +308,6 @@ class Trainer:
 
     def _global_step(self, index: int, stage_step: int) -> int:
         return sum(self.stage_steps[:index]) + stage_step
-
-    @staticmethod
-    def _batches(loader: DataLoader, sampler: ResumableSampler):
-        """Endless batches; a new epoch starts when the sampler's current one runs out."""
-        while True:
-            yielded = False
-            for batch in loader:
-                yielded = True
-                yield batch
-            if not yielded and sampler.position == 0:
-                raise ValueError("the stage's data is smaller than one batch: lower train.batch_size")
-            sampler.set_epoch(sampler.epoch + 1)
 
     @torch.no_grad()
     def evaluate(self, model: GroundedLlavaForConditionalGeneration, datasets: list[GroundedDataset]) -> dict:
