@@ -26,6 +26,7 @@ from grounded_llava.training.checkpointing import (
     trainable_state_dict,
 )
 from grounded_llava.training.metrics_log import read_metrics
+from grounded_llava.training.nonfinite import NonFiniteError
 
 # A complete training program: an MLP with dropout, AdamW, warmup + cosine LambdaLR, data mixed from
 # two sources by ResumableSampler through a DataLoader, python/numpy randomness in the step, one
@@ -301,6 +302,27 @@ def test_crash_while_writing_keeps_previous_checkpoint(tmp_path: Path) -> None:
         ).step
         == 1
     )
+
+
+@pytest.mark.parametrize(("what", "tensor"), [("model", "2.weight"), ("optimizer state", "2.exp_avg")])
+def test_nonfinite_state_is_refused_before_writing_or_pruning(tmp_path: Path, what: str, tensor: str) -> None:
+    for step in (1, 2):
+        _save(tmp_path, step, keep_last=2)
+    model, optimizer, scheduler = _tiny_setup()
+    model(torch.randn(3, 4)).sum().backward()
+    optimizer.step()
+    state = trainable_state_dict(model)
+    if what == "model":
+        state["2.weight"][0, 0] = float("inf")
+    else:
+        optimizer.state[model[2].weight]["exp_avg"][0, 0] = float("nan")
+    with pytest.raises(
+        NonFiniteError, match=rf"step-000003: refusing to save: {what} tensor '{tensor}' holds 1"
+    ):
+        save_training_state(
+            tmp_path, step=3, model_state=state, optimizer=optimizer, scheduler=scheduler, keep_last=2
+        )
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step-000001", "step-000002"]
 
 
 def test_find_latest_on_missing_or_empty_dir(tmp_path: Path) -> None:

@@ -132,6 +132,20 @@ def test_metrics_log_resume_drops_later_steps_and_torn_line(tmp_path: Path) -> N
     assert set(records[0]) == {"step", "stage", "time", "loss", "lr"}
 
 
+def test_metrics_log_writes_nan_and_inf_as_null_in_strict_json(tmp_path: Path) -> None:
+    path = tmp_path / "metrics.jsonl"
+    with MetricsLogger(path, is_main_process=True) as logger:
+        logger.log(
+            step=1, stage="align", metrics={"loss": float("nan"), "det_loss": torch.tensor(float("inf"))}
+        )
+
+    def refuse(constant: str):
+        raise ValueError(f"{constant} is not JSON")
+
+    record = json.loads(path.read_text(), parse_constant=refuse)
+    assert record["loss"] is None and record["det_loss"] is None
+
+
 def test_metrics_log_only_main_process_writes_and_bad_values_raise(tmp_path: Path) -> None:
     path = tmp_path / "metrics.jsonl"
     with MetricsLogger(path, is_main_process=False) as logger:

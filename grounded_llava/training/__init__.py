@@ -11,6 +11,7 @@ from grounded_llava.training.checkpointing import (
     trainable_state_dict,
 )
 from grounded_llava.training.metrics_log import MetricsLogger, read_metrics
+from grounded_llava.training.nonfinite import NonFiniteError
 from grounded_llava.training.plots import plot_loss_curves
 from grounded_llava.training.sampler import ResumableSampler
 
@@ -18,6 +19,7 @@ __all__ = [
     "FORMAT_VERSION",
     "CheckpointFormatError",
     "MetricsLogger",
+    "NonFiniteError",
     "ResumableSampler",
     "TrainingState",
     "find_latest_checkpoint",

@@ -13,7 +13,8 @@ Crash safety: everything is written into `checkpoints_dir/.tmp-step-000123`, eve
 directory are fsync'ed, and only then is the directory renamed to `step-000123` (atomic on POSIX).
 Older checkpoints are pruned after that, each renamed to a `.tmp-*` name before it is deleted, so
 a `step-*` directory is always complete and the newest good one is never removed. `.tmp-*`
-leftovers of a killed run are ignored and removed by `find_latest_checkpoint`.
+leftovers of a killed run are ignored and removed by `find_latest_checkpoint`. A model or optimizer
+state holding NaN/inf is refused (`NonFiniteError`) before anything is written or pruned.
 
 Distributed use: every rank calls `save_training_state(..., accelerator=accelerator)` (it
 synchronises with `wait_for_everyone`); rank 0 writes the shared files and each rank its RNG state.
@@ -42,6 +43,8 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
+
+from .nonfinite import check_finite, optimizer_tensors
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
@@ -254,7 +257,8 @@ def save_training_state(
         keep_last: number of checkpoints kept after this one is published; None keeps all.
         write_files: called on rank 0 with the temporary directory to add files (e.g. `save_pretrained`).
         accelerator: in a multi-process run; every rank must call this function.
-    Returns the published directory.
+    Returns the published directory. Raises `NonFiniteError` (nothing written, nothing pruned) when
+    `model_state` or the optimizer's state holds NaN/inf.
     """
     if keep_last is not None and keep_last < 1:
         raise ValueError(f"keep_last must be >= 1 or None, got {keep_last}")
@@ -276,6 +280,9 @@ def save_training_state(
         trainer_state_text = json.dumps(trainer_state, indent=2, allow_nan=False)
     except (TypeError, ValueError) as error:
         raise TypeError(f"sampler_state / extra of step {step} must be JSON-serialisable: {error}") from error
+    optimizer_state = optimizer.state_dict()
+    check_finite(model_state, where=str(final), what="model")
+    check_finite(optimizer_tensors(optimizer_state), where=str(final), what="optimizer state")
 
     if is_main:
         if tmp.exists():
@@ -286,7 +293,7 @@ def save_training_state(
     torch.save(capture_rng_state(), tmp / _rng_file(rank))
     if is_main:
         save_file(dict(model_state), tmp / TRAINABLE_FILE, metadata={"format": "pt", "step": str(step)})
-        torch.save(optimizer.state_dict(), tmp / OPTIMIZER_FILE)
+        torch.save(optimizer_state, tmp / OPTIMIZER_FILE)
         if scheduler is not None:
             torch.save(scheduler.state_dict(), tmp / SCHEDULER_FILE)
         if write_files is not None:

@@ -136,10 +136,15 @@ class LoopConfig:
     """Run the evaluation hook every N steps (0: only at the end of each stage)."""
     eval_samples: int = 16
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+    max_nonfinite_steps: int = 10
+    """A step whose loss is NaN/inf is skipped (no update, counted as `skipped_nonfinite` in the metrics);
+    this many skipped in a row stop the run with an error."""
 
     def __post_init__(self) -> None:
         if self.max_steps < 1 or self.batch_size < 1 or self.grad_accum < 1:
             raise ConfigError("max_steps, batch_size and grad_accum must be >= 1")
+        if self.max_nonfinite_steps < 1:
+            raise ConfigError(f"max_nonfinite_steps must be >= 1, got {self.max_nonfinite_steps}")
 
 
 @dataclass

@@ -3,6 +3,7 @@
 Every line is flushed and fsync'ed when written, so a killed run loses at most the line being
 written. On resume, `MetricsLogger(path, resume_step=k)` drops the lines with `step > k` (they
 belong to steps that will be trained again) and a torn last line, so the log never has a step twice.
+Every line is strict JSON: a NaN or infinite value is written as null.
 Only the main process writes; the others hold a logger that does nothing.
 """
 
@@ -16,6 +17,8 @@ from pathlib import Path
 from typing import IO, Any
 
 import torch
+
+from .nonfinite import finite_or_none
 
 
 def _parse_record(path: Path, number: int, line: str) -> dict[str, Any]:
@@ -34,14 +37,14 @@ def read_metrics(path: str | Path) -> list[dict[str, Any]]:
         return [_parse_record(Path(path), n, line) for n, line in enumerate(f, start=1) if line.strip()]
 
 
-def _to_number(name: str, value: Any) -> float | int:
+def _to_number(name: str, value: Any) -> float | int | None:
     if isinstance(value, torch.Tensor):
         if value.numel() != 1:
             raise ValueError(f"metric {name!r} must be a scalar, got a tensor of shape {tuple(value.shape)}")
         value = value.item()
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise TypeError(f"metric {name!r} must be a number, got {type(value).__name__}")
-    return value
+    return finite_or_none(value) if isinstance(value, float) else value
 
 
 class MetricsLogger:
@@ -84,7 +87,7 @@ class MetricsLogger:
         os.replace(tmp, self.path)
 
     def log(self, *, step: int, stage: str, metrics: Mapping[str, Any]) -> None:
-        """Append one record; scalar tensors are converted, NaN/inf kept (written as NaN/Infinity)."""
+        """Append one record; scalar tensors are converted, NaN/inf written as null."""
         if self._file is None:
             if self.is_main_process:
                 raise RuntimeError(f"{self.path}: logger is closed")
@@ -94,7 +97,7 @@ class MetricsLogger:
             if name in record:
                 raise ValueError(f"metric name {name!r} is reserved (step, stage, time)")
             record[name] = _to_number(name, value)
-        self._file.write(json.dumps(record) + "\n")
+        self._file.write(json.dumps(record, allow_nan=False) + "\n")
         self._file.flush()
         os.fsync(self._file.fileno())
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import time
 from pathlib import Path
 
@@ -35,6 +36,7 @@ from .checkpointing import (
 from .config import StageConfig, TrainConfig
 from .heads_data import HeadsBatch, HeadsDataset, collate_heads, jitter_boxes
 from .metrics_log import MetricsLogger
+from .nonfinite import NonFiniteGuard, check_finite, finite_or_none
 from .plots import plot_loss_curves
 from .sampler import ResumableSampler, endless_batches
 from .schedule import warmup_cosine
@@ -165,35 +167,45 @@ class Trainer:
         )
         batches = endless_batches(loader, sampler)
         running: dict[str, list[float]] = {}
+        guard = NonFiniteGuard(loop.max_nonfinite_steps, accelerator)
         started, samples_seen = time.perf_counter(), 0
         wrapped.train()
         while stage_step < steps:
+            step_losses, finite = [], True
             for _ in range(loop.grad_accum):
                 batch = next(batches)
                 with accelerator.accumulate(wrapped):
                     total, losses = self._losses(wrapped, model, batch, stage, distiller)
-                    accelerator.backward(total)
+                    accelerator.backward(total)  # every rank, even on NaN: DDP's collectives stay in step
+                    step_losses.append({"loss": total, **losses})
                     if accelerator.sync_gradients:
                         accelerator.clip_grad_norm_(parameters, loop.max_grad_norm)
-                    optimizer.step()
-                    if accelerator.sync_gradients:
+                        finite = guard.step_is_finite(v["loss"] for v in step_losses)
+                        if not finite:  # AdamW leaves a parameter without a gradient untouched
+                            optimizer.zero_grad(set_to_none=True)
+                        optimizer.step()  # kept when skipping: an fp16 GradScaler must still update
                         scheduler.step()
                     optimizer.zero_grad()
                 sampler.advance(stage.batch_size or loop.batch_size)
                 samples_seen += (stage.batch_size or loop.batch_size) * accelerator.num_processes
-                for key, value in {"loss": total, **losses}.items():
-                    if value is not None:
-                        running.setdefault(key, []).append(float(value.detach()))
+            for key, value in (item for values in step_losses for item in values.items()):
+                if finite and value is not None:  # a skipped step's losses are not averaged in
+                    running.setdefault(key, []).append(float(value.detach()))
             stage_step += 1
             progress.update(1)
             global_step = self._global_step(index, stage_step)
-            if stage_step % loop.log_every == 0 or stage_step == steps:
-                metrics = {k: sum(v) / len(v) for k, v in running.items()}
+            if stage_step % loop.log_every == 0 or stage_step == steps or guard.exhausted:
+                # a window of skipped steps only has no loss: null in the log
+                metrics = {"loss": math.nan} | {k: sum(v) / len(v) for k, v in running.items()}
+                metrics["skipped_nonfinite"] = guard.take_window_count()
                 metrics["lr"] = scheduler.get_last_lr()[0]
                 metrics["samples_per_s"] = samples_seen / (time.perf_counter() - started)
                 logger.log(step=global_step, stage=stage.name, metrics=metrics)
                 progress.set_postfix(loss=f"{metrics['loss']:.3f}", sps=f"{metrics['samples_per_s']:.1f}")
                 running = {}
+            if guard.exhausted:
+                progress.close()  # before the error, which is then the last line on the terminal
+            guard.stop_if_exhausted(stage=stage.name, step=global_step)
             if loop.eval_every and stage_step % loop.eval_every == 0 and stage_step < steps:
                 logger.log(step=global_step, stage=stage.name, metrics=self.evaluate(model, datasets))
             if stage_step % loop.save_every == 0 and stage_step < steps:
@@ -357,6 +369,8 @@ class Trainer:
 
     def _finish_stage(self, index: int, model, data: StageData, trainable: dict, metrics: dict) -> None:
         stage: StageConfig = self.config.stages[index]
+        stage_dir = self.output_dir / "stages" / stage.name
+        check_finite(trainable_state_dict(model), where=str(stage_dir), what="model")
         entry = {
             "name": stage.name,
             "kind": stage.kind,
@@ -366,12 +380,11 @@ class Trainer:
             "sources": [absolute_source(s, self.config, self.output_dir) for s in stage.data],
             "new_categories": data.new_categories,
             "categories": list(model.config.heads.categories),
-            "metrics": metrics,
+            "metrics": {k: finite_or_none(v) for k, v in metrics.items()},  # strict JSON: NaN as null
             "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
         }
         self.manifest = [e for e in self.manifest if e["name"] != stage.name] + [entry]
         if self.accelerator.is_main_process:
-            stage_dir = self.output_dir / "stages" / stage.name
             model.save_pretrained(stage_dir)
             (stage_dir / MANIFEST).write_text(json.dumps(self.manifest, indent=2))
             (self.output_dir / MANIFEST).write_text(json.dumps(self.manifest, indent=2))
