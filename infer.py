@@ -5,6 +5,8 @@
     python infer.py --image photo.jpg --chat          # multi-turn, prompts from stdin
 
 The options are the keyword names of `GroundedLlava.predict` / `.chat` (see grounded_llava/inference).
+Outputs never overwrite an input: `--image DIR --out DIR` with DIR/x.png (whose overlay is x.png), an
+`--out` that is a file or a `--coco-results` that is a folder exit with status 2 before the model loads.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from pathlib import Path
 
 from grounded_llava.inference.cli import (
     chat_session,
+    check_outputs,
     coco_image_ids,
     coco_results,
     load_category_ids,
@@ -78,6 +81,7 @@ def run(args: argparse.Namespace) -> int:
     images = resolve_images(args.image)
     if args.chat and len(images) != 1:
         raise ValueError(f"--chat takes one image, {args.image!r} matches {len(images)}")
+    check_outputs(images, args.out, coco_results=args.coco_results, category_ids=args.category_ids)
     predictor = GroundedLlava.from_pretrained(args.model, device=args.device)
     category_ids = load_category_ids(args.category_ids, predictor.categories) if args.coco_results else None
     options = {

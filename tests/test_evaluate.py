@@ -354,3 +354,26 @@ def test_cli_stages_needs_a_run_manifest(world, checkpoint, tmp_path, capsys):
     assert (
         "run/stages.json does not exist: --stages needs a training run directory" in capsys.readouterr().err
     )
+
+
+@pytest.mark.parametrize("case", ["out_is_a_file", "out_holds_the_data"])
+def test_cli_out_that_is_a_file_or_would_overwrite_the_data_exits_2_before_the_model_loads(
+    world, tmp_path, capsys, case
+):
+    out = tmp_path / "out"
+    if case == "out_is_a_file":
+        out.write_text("not a folder")
+        data, message = world / "annotations.json", f"--out {out} is a file, not a directory"
+    else:
+        out.mkdir()
+        data = out / "metrics.json"
+        data.write_text((world / "annotations.json").read_text())
+        message = f"output {data} would overwrite the input --data {data}"
+    kept = out if case == "out_is_a_file" else data
+    before = kept.read_text()
+    args = base_args(world, tmp_path, out)  # --model: a folder without a model (checked before it loads)
+    args[args.index("--data") + 1] = str(data)
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("evaluate: error:") and message in err, err
+    assert kept.read_text() == before

@@ -202,3 +202,48 @@ def test_input_errors_exit_2_with_one_stderr_line(case, message, checkpoint, ima
     stderr = capsys.readouterr().err.splitlines()
     assert code == 2
     assert len(stderr) == 1 and stderr[0].startswith("infer.py: error: ") and message in stderr[0]
+
+
+@pytest.mark.parametrize(
+    ("case", "message"),
+    [
+        (
+            "out_is_the_image_dir",
+            "output {images}/../images/1.png would overwrite the input image {images}/1.png",
+        ),
+        ("chat_out_is_the_image_dir", "output {images}/2.png would overwrite the input image {images}/2.png"),
+        ("coco_results_is_an_image", "--coco-results {images}/1.png would overwrite the input image"),
+        ("coco_results_is_an_output", "--coco-results {out}/1.json would overwrite output {out}/1.json"),
+        ("out_is_a_file", "--out {tmp}/file.txt is a file, not a directory"),
+        ("coco_results_is_a_dir", "--coco-results {tmp} is a directory, not a file"),
+    ],
+)
+def test_outputs_that_would_overwrite_inputs_exit_2_before_the_model_loads(
+    case, message, image_dir, tmp_path, capsys
+):
+    images, out = tmp_path / "images", tmp_path / "out"
+    images.mkdir()
+    for path in image_dir.iterdir():
+        (images / path.name).write_bytes(path.read_bytes())
+    (tmp_path / "file.txt").write_text("not a folder")
+    # The model does not exist: the outputs are checked before it loads.
+    args = {
+        "--image": str(images),
+        "--prompt": "Where?",
+        "--model": str(tmp_path / "no-model"),
+        "--out": str(out),
+    }
+    args |= {
+        "out_is_the_image_dir": {"--out": f"{images}/../images"},  # the same folder, spelled differently
+        "chat_out_is_the_image_dir": {"--image": str(images / "2.png"), "--chat": None, "--out": str(images)},
+        "coco_results_is_an_image": {"--coco-results": str(images / "1.png")},
+        "coco_results_is_an_output": {"--coco-results": str(out / "1.json")},
+        "out_is_a_file": {"--out": str(tmp_path / "file.txt")},
+        "coco_results_is_a_dir": {"--coco-results": str(tmp_path)},
+    }[case]
+    code = load_infer().main([item for pair in args.items() for item in pair if item is not None])
+    stderr = capsys.readouterr().err.splitlines()
+    assert code == 2 and len(stderr) == 1 and stderr[0].startswith("infer.py: error: "), stderr
+    assert message.format(images=images, out=out, tmp=tmp_path) in stderr[0]
+    assert all((images / p.name).read_bytes() == p.read_bytes() for p in image_dir.iterdir())
+    assert not out.exists()

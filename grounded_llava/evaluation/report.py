@@ -73,6 +73,10 @@ def metrics_markdown(metrics: Mapping[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+REPORT_FILES = ("metrics.json", "metrics.md")
+"""What `write_metrics` writes into its folder."""
+
+
 def write_metrics(metrics: Mapping[str, Any], out_dir: str | Path) -> tuple[Path, Path]:
     """Write `metrics.json` (sorted keys, null for tasks not run) and `metrics.md` into `out_dir`.
 
@@ -87,7 +91,7 @@ def write_metrics(metrics: Mapping[str, Any], out_dir: str | Path) -> tuple[Path
     report = _checked(metrics)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    json_path, md_path = out_dir / "metrics.json", out_dir / "metrics.md"
+    json_path, md_path = (out_dir / name for name in REPORT_FILES)
     json_path.write_text(json.dumps(report, sort_keys=True, indent=2, allow_nan=False) + "\n")
     md_path.write_text(metrics_markdown(report))
     return json_path, md_path

@@ -32,7 +32,7 @@ from grounded_llava.codec import parse_grounded
 from grounded_llava.data.chat import load_llava_chat
 from grounded_llava.evaluation.chat_accuracy import chat_accuracy_entries
 from grounded_llava.evaluation.chat_metrics import chat_exact_match
-from grounded_llava.evaluation.report import empty_metrics, metrics_markdown, write_metrics
+from grounded_llava.evaluation.report import REPORT_FILES, empty_metrics, metrics_markdown, write_metrics
 from grounded_llava.evaluation.stage_forgetting import StagePlan, plan_stages, read_run, stage_forgetting
 from grounded_llava.evaluation.tasks import (
     DETECT_PROMPT,
@@ -52,7 +52,10 @@ from grounded_llava.evaluation.tasks import (
 from grounded_llava.evaluation.teacher_forcing import chat_kl, text_box_probabilities
 from grounded_llava.inference.detections import Detections
 from grounded_llava.inference.predictor import GroundedLlava
+from grounded_llava.output_paths import check_directory_option, refuse_overwrites
 from grounded_llava.tokenizer import IMAGE_TOKEN
+
+STAGE_MATRIX_FILE = "stage_ap_matrix.json"
 
 
 @dataclass(kw_only=True)
@@ -105,6 +108,18 @@ class EvaluationConfig:
             path = getattr(self, name)
             if path is not None and not Path(path).is_dir():
                 raise FileNotFoundError(f"--{name.replace('_', '-')} {path} is not a directory")
+        self._check_outputs()
+
+    def _check_outputs(self) -> None:
+        """`out` must not be a file, nor any file written into it one of the input files (ValueError)."""
+        check_directory_option(Path(self.out), "--out")
+        inputs = [
+            (Path(p), f"the input --{n.replace('_', '-')}")
+            for n in ("data", "chat_data")
+            if (p := getattr(self, n))
+        ]
+        outputs = [(Path(self.out) / name, "output") for name in (*REPORT_FILES, STAGE_MATRIX_FILE)]
+        refuse_overwrites(outputs, inputs)
 
 
 @dataclass
@@ -308,7 +323,7 @@ def evaluate(config: EvaluationConfig) -> Evaluation:
         entries, matrix = _run_stages(plan, data, config)
         evaluation.metrics |= entries
         out.mkdir(parents=True, exist_ok=True)
-        (out / "stage_ap_matrix.json").write_text(json.dumps(matrix, indent=2) + "\n")
+        (out / STAGE_MATRIX_FILE).write_text(json.dumps(matrix, indent=2) + "\n")
     write_metrics(evaluation.metrics, out)
     return evaluation
 

@@ -19,6 +19,7 @@ from grounded_llava.inference.detections import Detections
 from grounded_llava.inference.images import check_image_file
 from grounded_llava.inference.predictor import GroundedLlava
 from grounded_llava.inference.results import GroundedAnswer
+from grounded_llava.output_paths import check_directory_option, check_file_option, refuse_overwrites
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 EXIT_WORDS = ("exit", "quit")
@@ -95,11 +96,39 @@ def coco_results(
     ]
 
 
+def output_files(image: Path, out_dir: Path) -> tuple[Path, Path]:
+    """The `<stem>.png` overlay and `<stem>.json` that `write_answer` writes for `image`."""
+    return out_dir / f"{image.stem}.png", out_dir / f"{image.stem}.json"
+
+
+def check_outputs(
+    images: Sequence[Path],
+    out_dir: Path,
+    *,
+    coco_results: Path | None = None,
+    category_ids: Path | None = None,
+) -> None:
+    """Refuse (ValueError naming the path) an `out_dir` that is a file, a `coco_results` that is a
+    directory, and any output that would overwrite an input image, the category ids or another output.
+
+    Run it before the model loads: `--image DIR --out DIR` would otherwise replace `DIR/x.png` by its overlay.
+    """
+    check_directory_option(out_dir, "--out")
+    inputs = [(image, "the input image") for image in images]
+    outputs = [(path, "output") for image in images for path in output_files(image, out_dir)]
+    if category_ids is not None:
+        inputs.append((category_ids, "the input --category-ids"))
+    if coco_results is not None:
+        check_file_option(coco_results, "--coco-results")
+        outputs.append((coco_results, "--coco-results"))
+    refuse_overwrites(outputs, inputs)
+
+
 def write_answer(answer: GroundedAnswer, image: Path, out_dir: Path) -> tuple[Path, Path]:
-    """`<stem>.png` overlay and `<stem>.json` for one image; returns both paths."""
+    """`<stem>.png` overlay and `<stem>.json` for one image (`output_files`); returns both paths."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    overlay = answer.save(out_dir / f"{image.stem}.png", image)
-    record = out_dir / f"{image.stem}.json"
+    overlay_path, record = output_files(image, out_dir)
+    overlay = answer.save(overlay_path, image)
     record.write_text(json.dumps(answer.to_json(), indent=2))
     return overlay, record
 
