@@ -319,3 +319,15 @@ def test_missing_top_level_key_always_raises(tmp_path):
     del data["categories"]
     with pytest.raises(DataError, match="'categories'"):
         load_coco_instances(_save(tmp_path, data), tmp_path / "images", on_bad_data="skip")
+
+
+@pytest.mark.parametrize("on_bad_data", ["strict", "skip"])
+def test_duplicate_category_name_raises_naming_both_ids(tmp_path, on_bad_data):
+    data = _write_dataset(tmp_path)
+    data["categories"].append({"id": 7, "name": "dog"})
+    with pytest.raises(DataError) as error:
+        load_coco_instances(_save(tmp_path, data), tmp_path / "images", on_bad_data=on_bad_data)
+    assert (
+        "instances.json: category #2 (id 7): field 'name': 'dog' is the name of category ids 1 and 7"
+        in str(error.value)
+    )

@@ -348,6 +348,20 @@ def test_cli_ground_truth_without_shared_categories_exits_2(world, checkpoint, t
     )
 
 
+def test_cli_ground_truth_with_a_duplicate_category_name_exits_2(world, tmp_path, capsys):
+    gt = json.loads((world / "annotations.json").read_text())
+    gt["categories"].append({"id": 99, "name": gt["categories"][0]["name"]})
+    (tmp_path / "gt.json").write_text(json.dumps(gt))
+    args = base_args(world, tmp_path, tmp_path / "out")  # --model: no model, the data is read first
+    args[args.index("--data") + 1] = str(tmp_path / "gt.json")
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    first = gt["categories"][0]
+    assert (
+        err.count("\n") == 1 and f"'{first['name']}' is the name of category ids {first['id']} and 99" in err
+    )
+
+
 def test_cli_stages_needs_a_run_manifest(world, checkpoint, tmp_path, capsys):
     (tmp_path / "run").mkdir()
     assert cli(world, checkpoint, tmp_path / "out", "--stages", str(tmp_path / "run")) == 2

@@ -16,7 +16,9 @@ from safetensors.torch import load_file
 
 from grounded_llava import GroundedLlavaForConditionalGeneration
 from grounded_llava.config_io import from_dict, load_yaml
+from grounded_llava.data.synthetic import generate_world
 from grounded_llava.modeling.base import build_tiny_base
+from grounded_llava.training.cli import train_from_cli
 from grounded_llava.training.config import TrainConfig
 from grounded_llava.training.metrics_log import read_metrics
 from grounded_llava.training.trainer import Trainer
@@ -132,6 +134,23 @@ def test_bad_override_exits_2_with_one_line(tmp_path):
     )
     assert result.returncode == 2
     assert result.stderr.strip().splitlines()[-1].startswith("error: ") and "train.bogus" in result.stderr
+
+
+def test_coco_source_with_a_duplicate_category_name_exits_2(tmp_path, capsys):
+    world = tmp_path / "world"
+    generate_world(world, num_images=2, seed=0, image_size=64, categories=["circle", "square"], max_objects=2)
+    annotations = json.loads((world / "annotations.json").read_text())
+    annotations["categories"].append({"id": 9, "name": "circle"})
+    (world / "annotations.json").write_text(json.dumps(annotations))
+    data = load_yaml(CONFIG)
+    source = {"kind": "coco", "annotations": str(world / "annotations.json"), "images": str(world / "images"),
+              "on_bad_data": "skip"}  # fmt: skip
+    data["stages"] = [{"name": "align", "kind": "align", "data": [source]}]
+    config = tmp_path / "coco.yaml"
+    config.write_text(yaml.safe_dump(data))
+    assert train_from_cli(str(config), str(tmp_path / "run"), ["max_steps=1"]) == 2
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert error.startswith("error: ") and "'circle' is the name of category ids 1 and 9" in error
 
 
 def test_two_process_cpu_ddp_ends_with_identical_weights(tmp_path):

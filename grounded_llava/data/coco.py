@@ -10,7 +10,9 @@ image's instance list would otherwise be incomplete and the detection head would
 object as background. Problems checked: missing required keys, duplicate ids, `file_name` escaping
 the image root, missing or unreadable image file, image size differing from the JSON, unknown
 image or category id, bbox with w or h <= 0 or outside the image by more than 1 px, malformed
-polygon (odd count or < 6 numbers), RLE whose size or counts do not fit the image.
+polygon (odd count or < 6 numbers), RLE whose size or counts do not fit the image. Two categories
+with the same name raise `DataError` in both modes: the names are the model's labels, so the file's
+label space itself is wrong and there is no item to skip.
 """
 
 from __future__ import annotations
@@ -211,6 +213,7 @@ def _check_bbox(bbox: object, width: int, height: int) -> Box:
 
 def _read_categories(data: dict, report: BadDataReport) -> list[Category]:
     categories: dict[int, Category] = {}
+    id_by_name: dict[str, int] = {}
     for index, cat in enumerate(data["categories"]):
         where = f"category #{index} (id {cat.get('id') if isinstance(cat, dict) else None})"
         try:
@@ -220,9 +223,17 @@ def _read_categories(data: dict, report: BadDataReport) -> list[Category]:
             cat_id = _as_int(cat["id"], "id")
             if cat_id in categories:
                 raise InvalidItem("duplicate_id", "id", f"category id {cat_id} appears twice")
-            categories[cat_id] = Category(cat_id, str(cat["name"]), str(cat.get("supercategory", "")))
+            category = Category(cat_id, str(cat["name"]), str(cat.get("supercategory", "")))
         except InvalidItem as error:
             report.flag_invalid(error, where=where)
+            continue
+        if category.name in id_by_name:  # the name is the label: no item to skip, the label space is wrong
+            raise DataError(
+                f"{report.source}: {where}: field 'name': {category.name!r} is the name of category ids "
+                f"{id_by_name[category.name]} and {cat_id}; category names must be unique"
+            )
+        id_by_name[category.name] = cat_id
+        categories[cat_id] = category
     return sorted(categories.values(), key=lambda c: c.id)
 
 
