@@ -34,6 +34,7 @@ from .checkpointing import (
     write_replica_digest,
 )
 from .config import StageConfig, TrainConfig
+from .data_sources import LoadedSource
 from .heads_data import HeadsBatch, HeadsDataset, collate_heads, jitter_boxes
 from .metrics_log import MetricsLogger
 from .nonfinite import NonFiniteGuard, check_finite, finite_or_none
@@ -242,7 +243,7 @@ class Trainer:
     ) -> tuple[list[GroundedDataset], ResumableSampler, DataLoader]:
         """Datasets per source, the resumable rank-sharded mixing sampler and the loader over them."""
         stage, loop = self.config.stages[index], self.config.train
-        datasets = [self._dataset(stage, model, s.samples, seed=loop.seed + index) for s in data.sources]
+        datasets = [self._dataset(stage, model, s, seed=loop.seed + index) for s in data.sources]
         sampler = ResumableSampler(
             source_sizes=[len(d) for d in datasets],
             weights=data.weights,
@@ -261,21 +262,26 @@ class Trainer:
         return datasets, sampler, loader
 
     @staticmethod
-    def _dataset(stage: StageConfig, model, samples: list, *, seed: int) -> GroundedDataset | HeadsDataset:
+    def _dataset(
+        stage: StageConfig, model, source: LoadedSource, *, seed: int
+    ) -> GroundedDataset | HeadsDataset:
         common = {
             "categories": model.config.heads.categories,
             "mask_resolution": model.mask_head.mask_resolution,
+            "on_bad_data": source.on_bad_data,
         }
         if stage.kind == "heads":
             return HeadsDataset(
-                samples,
+                source.samples,
                 model.processor,
                 hflip_prob=stage.hflip_prob,
                 zoom_prob=stage.zoom_prob,
                 seed=seed,
                 **common,
             )
-        return GroundedDataset(samples, model.processor, hflip_prob=stage.hflip_prob, seed=seed, **common)
+        return GroundedDataset(
+            source.samples, model.processor, hflip_prob=stage.hflip_prob, seed=seed, **common
+        )
 
     def _losses(
         self,
