@@ -26,7 +26,6 @@ from tqdm.auto import tqdm
 from ..data.dataset import GroundedCollator, GroundedDataset, TrainingBatch
 from ..modeling import GroundedLlavaForConditionalGeneration
 from .checkpointing import (
-    find_latest_checkpoint,
     load_training_state,
     read_trainer_state,
     save_training_state,
@@ -39,6 +38,7 @@ from .heads_data import HeadsBatch, HeadsDataset, collate_heads, jitter_boxes
 from .metrics_log import MetricsLogger
 from .nonfinite import NonFiniteGuard, check_finite, finite_or_none
 from .plots import plot_loss_curves
+from .resume import resume_checkpoint
 from .sampler import ResumableSampler, endless_batches
 from .schedule import warmup_cosine
 from .stage_data import StageData, absolute_source, load_stage_data
@@ -82,11 +82,10 @@ class Trainer:
     # ------------------------------------------------------------------ setup
     def _initial_model(self) -> tuple[GroundedLlavaForConditionalGeneration, int, Path | None]:
         """The model to continue from, the stage index to start at, and the checkpoint to resume."""
-        latest = find_latest_checkpoint(self.checkpoints_dir, cleanup=self.accelerator.is_main_process)
+        resumed = resume_checkpoint(self.checkpoints_dir, cleanup=self.accelerator.is_main_process)
         self.accelerator.wait_for_everyone()
-        if latest is not None:
-            state = read_trainer_state(latest)
-            model = GroundedLlavaForConditionalGeneration.from_pretrained(latest / "model", is_trainable=True)
+        if resumed is not None:
+            latest, model, state = resumed
             manifest_file = self.output_dir / MANIFEST
             self.manifest = json.loads(manifest_file.read_text()) if manifest_file.is_file() else []
             return model, int(state["extra"]["stage_index"]), latest
