@@ -17,6 +17,7 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
+from grounded_llava.modeling import CheckpointError
 from grounded_llava.training.checkpointing import (
     CheckpointFormatError,
     find_latest_checkpoint,
@@ -289,9 +290,11 @@ def test_crash_while_writing_keeps_previous_checkpoint(tmp_path: Path) -> None:
         (tmp_dir / "adapter.safetensors").write_bytes(b"half written")
         raise OSError("disk full")
 
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(
+        CheckpointError, match=r"step-000002: the checkpoint could not be written \(disk full\)"
+    ):
         _save(tmp_path, 2, keep_last=1, write_files=crash)
-    assert (tmp_path / ".tmp-step-000002").is_dir()
+    assert not (tmp_path / ".tmp-step-000002").exists()  # the half-written copy is removed at once
     assert [step for step, _ in list_checkpoints(tmp_path)] == [1]
     assert find_latest_checkpoint(tmp_path) == tmp_path / "step-000001"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["step-000001"]  # leftover cleaned
@@ -347,7 +350,7 @@ def test_other_format_version_raises_naming_file_and_versions(tmp_path: Path) ->
 def test_checkpoint_of_another_model_raises_naming_file(tmp_path: Path) -> None:
     path = _save(tmp_path, 1)
     other = nn.Sequential(nn.Linear(4, 6), nn.Linear(6, 2))
-    with pytest.raises(KeyError, match=r"trainable\.safetensors: lacks trainable tensors"):
+    with pytest.raises(CheckpointError, match=r"trainable\.safetensors: lacks trainable tensors"):
         load_training_state(path, model=other)
 
 

@@ -21,6 +21,8 @@ from typing import Literal
 
 from PIL import Image, UnidentifiedImageError
 
+from grounded_llava.image_io import displayed_size
+
 BadDataPolicy = Literal["strict", "skip"]
 ImageCheck = Literal["decode", "header", "none"]
 
@@ -31,6 +33,10 @@ _LOG = logging.getLogger(__name__)
 
 class DataError(ValueError):
     """Bad input data; the message names the file, the item id and the field."""
+
+
+class UnreadableImageError(DataError):
+    """An image that cannot be read when a sample is built: training skips it under `on_bad_data: skip`."""
 
 
 class InvalidItem(Exception):
@@ -131,7 +137,8 @@ def resolve_image_path(image_root: Path, file_name: object, *, field_name: str =
 def inspect_image(
     path: Path, *, image_check: ImageCheck, field_name: str = "file_name"
 ) -> tuple[int, int] | None:
-    """Check that the image file exists and PIL can read it; return its (W, H) (None when not checked).
+    """Check that the image file exists and PIL can read it; return its displayed (W, H), i.e. with the
+    EXIF orientation applied as every loader does (None when not checked).
 
     `header`: open + `verify()` (catches missing, non-image and PNG-CRC errors, not truncated JPEGs);
     `decode`: also decodes every pixel (catches truncated files); `none`: no check at all.
@@ -143,10 +150,10 @@ def inspect_image(
         raise InvalidItem("missing_image_file", field_name, f"image file {path} does not exist")
     try:
         with Image.open(path) as image:
-            size = image.size
-            image.verify()
-        if image_check == "decode":
-            with Image.open(path) as image:
+            image.verify()  # must come first: reading the EXIF of a PNG moves past what verify checks
+        with Image.open(path) as image:
+            size = displayed_size(image)
+            if image_check == "decode":
                 image.load()
     # ImportError: ultralytics patches `Image.open` to import pi-heif when PIL cannot identify a file,
     # so with ultralytics imported an unidentifiable file surfaces as ModuleNotFoundError.

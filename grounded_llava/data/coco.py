@@ -9,8 +9,9 @@ Bad data (see `bad_data.py`): a bad *annotation* drops its whole *image* in skip
 image's instance list would otherwise be incomplete and the detection head would learn a missed
 object as background. Problems checked: missing required keys, duplicate ids, `file_name` escaping
 the image root, missing or unreadable image file, image size differing from the JSON, unknown
-image or category id, bbox with w or h <= 0 or outside the image by more than 1 px, malformed
-polygon (odd count or < 6 numbers), RLE whose size or counts do not fit the image. Two categories
+image or category id, bbox with w or h <= 0 or outside the image by more than 1 px, and the geometry
+checks of `coco_geometry.py` (polygon coordinates finite and near the image, RLE size and counts
+fitting the image, `area` a finite number >= 0), so pycocotools never sees what crashes it. Two categories
 with the same name raise `DataError` in both modes: the names are the model's labels, so the file's
 label space itself is wrong and there is no item to skip.
 """
@@ -36,6 +37,7 @@ from grounded_llava.data.bad_data import (
     inspect_image,
     resolve_image_path,
 )
+from grounded_llava.data.coco_geometry import check_area, check_segmentation
 
 Box = tuple[float, float, float, float]
 REQUIRED_IMAGE_KEYS = ("id", "file_name", "width", "height")
@@ -139,64 +141,6 @@ def _as_int(value: object, field_name: str) -> int:
     return int(value)
 
 
-def _rle_string_counts(counts: str) -> list[int]:
-    """Decode COCO's compressed RLE string (pycocotools' rleFrString) to run lengths."""
-    runs: list[int] = []
-    position = 0
-    while position < len(counts):
-        value, shift, more = 0, 0, True
-        while more:
-            if position >= len(counts):
-                raise ValueError("string ends inside a run length")
-            char = ord(counts[position]) - 48
-            value |= (char & 0x1F) << (5 * shift)
-            more = bool(char & 0x20)
-            position += 1
-            shift += 1
-            if not more and char & 0x10:
-                value |= -1 << (5 * shift)
-        if len(runs) > 2:
-            value += runs[-2]
-        runs.append(value)
-    return runs
-
-
-def _check_segmentation(segm: object, width: int, height: int) -> list | dict | None:
-    if segm is None or segm == []:
-        return None
-    if isinstance(segm, list):
-        for part in segm:
-            if not isinstance(part, list) or not all(isinstance(v, (int, float)) for v in part):
-                raise InvalidItem(
-                    "malformed_polygon", "segmentation", "each polygon must be a flat list of numbers"
-                )
-            if len(part) % 2 or len(part) < 6:
-                raise InvalidItem(
-                    "malformed_polygon",
-                    "segmentation",
-                    f"polygon has {len(part)} numbers; need an even count >= 6",
-                )
-        return segm
-    if not isinstance(segm, dict) or "counts" not in segm or "size" not in segm:
-        raise InvalidItem(
-            "malformed_rle", "segmentation", "must be polygons or an RLE dict with 'size' and 'counts'"
-        )
-    if list(segm["size"]) != [height, width]:
-        raise InvalidItem(
-            "malformed_rle", "segmentation", f"RLE size {segm['size']} != image [H, W] [{height}, {width}]"
-        )
-    counts = segm["counts"]
-    try:
-        runs = _rle_string_counts(counts) if isinstance(counts, str) else list(counts)
-    except (TypeError, ValueError) as error:
-        raise InvalidItem("malformed_rle", "segmentation", f"RLE counts cannot be read: {error}") from error
-    if any(not isinstance(r, int) or r < 0 for r in runs) or sum(runs) != height * width:
-        raise InvalidItem(
-            "malformed_rle", "segmentation", f"RLE run lengths do not cover the {height}x{width} image"
-        )
-    return segm
-
-
 def _check_bbox(bbox: object, width: int, height: int) -> Box:
     if not isinstance(bbox, list) or len(bbox) != 4 or not all(isinstance(v, (int, float)) for v in bbox):
         raise InvalidItem("bad_bbox", "bbox", f"must be 4 numbers [x, y, w, h], got {bbox!r}")
@@ -263,7 +207,7 @@ def _read_annotation(ann: dict, record: ImageRecord, categories: dict[int, Categ
             "unknown_category_id", "category_id", f"category id {category_id} is not in 'categories'"
         )
     box = _check_bbox(ann["bbox"], record.width, record.height)
-    segmentation = _check_segmentation(ann.get("segmentation"), record.width, record.height)
+    segmentation = check_segmentation(ann.get("segmentation"), record.width, record.height)
     attributes = ann.get("attributes", {})
     if not isinstance(attributes, dict):
         raise InvalidItem("bad_value", "attributes", f"must be an object, got {attributes!r}")
@@ -277,7 +221,7 @@ def _read_annotation(ann: dict, record: ImageRecord, categories: dict[int, Categ
         box_xyxy=box,
         iscrowd=bool(ann.get("iscrowd", 0)),
         segmentation=segmentation,
-        area=float(ann.get("area", 0.0)),
+        area=check_area(ann.get("area", 0.0)),
         attributes=dict(attributes),
         referring_expressions=list(expressions),
     )

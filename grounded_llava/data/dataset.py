@@ -18,10 +18,13 @@ from torch.utils.data import Dataset
 
 from ..codec import BOX_CLOSE, BOX_OPEN, SEG, loc_token
 from ..grammar import lex_text, parse
+from ..image_io import to_rgb
 from ..modeling.detection import DetectionTargets
 from ..processor import EncodedConversation, GroundedBatch, GroundedProcessor
+from .bad_data import BadDataPolicy, UnreadableImageError
 from .phrasing import flip_text_left_right
 from .sample import GroundedSample
+from .unreadable import SkipUnreadable
 
 
 def flip_text(text: str, num_bins: int) -> str:
@@ -57,15 +60,20 @@ def flip_sample(
 
 
 def load_image(path: Path, *, source: str = "") -> Image.Image:
-    """Open an RGB image, raising a clear error naming the file (and the sample's source) when it can't."""
+    """Open an image as 8-bit RGB in displayed orientation (`image_io.to_rgb`).
+
+    Raises `UnreadableImageError` naming the file (and the sample's source) when it is missing or cannot
+    be decoded (a truncated JPEG passes the readers' header check and fails only here).
+    """
     where = f" (from {source})" if source else ""
     if not path.is_file():
-        raise FileNotFoundError(f"image file {path} does not exist{where}")
+        raise UnreadableImageError(f"image file {path} does not exist{where}")
     try:
         with Image.open(path) as handle:
-            image = handle.convert("RGB")
-    except (UnidentifiedImageError, OSError) as err:
-        raise ValueError(f"image file {path} is unreadable or corrupt{where}: {err}") from None
+            image = to_rgb(handle)
+    # ImportError: ultralytics' `Image.open` wrapper, for a file PIL cannot identify (see bad_data.py)
+    except (OSError, UnidentifiedImageError, SyntaxError, ValueError, ImportError) as err:
+        raise UnreadableImageError(f"image file {path} is unreadable or corrupt{where}: {err}") from None
     if image.size[0] == 0 or image.size[1] == 0:
         raise ValueError(f"image file {path} is empty{where}")
     return image
@@ -92,6 +100,7 @@ class GroundedDataset(Dataset):
         categories: the detection head's label space (class id = index).
         mask_resolution: side of SAM's low-res mask output (4 x patch grid).
         hflip_prob: probability of a horizontal flip, deterministic per (seed, epoch, index).
+        on_bad_data: the source's policy for an image that cannot be decoded (`unreadable.py`).
     """
 
     def __init__(
@@ -103,8 +112,10 @@ class GroundedDataset(Dataset):
         mask_resolution: int,
         hflip_prob: float = 0.0,
         seed: int = 0,
+        on_bad_data: BadDataPolicy = "strict",
     ) -> None:
         self.samples = list(samples)
+        self.unreadable = SkipUnreadable(on_bad_data)
         self.processor = processor
         self.class_of = {name: index for index, name in enumerate(categories)}
         self.mask_resolution = mask_resolution
@@ -119,6 +130,9 @@ class GroundedDataset(Dataset):
         return len(self.samples)
 
     def __getitem__(self, index: int) -> EncodedSample:
+        return self.unreadable.get(index, len(self), self._item)
+
+    def _item(self, index: int) -> EncodedSample:
         sample = self.samples[index]
         image = load_image(Path(sample.image_path), source=sample.source) if sample.image_path else None
         if (

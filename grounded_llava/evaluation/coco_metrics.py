@@ -30,6 +30,9 @@ from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
+from grounded_llava.data.bad_data import InvalidItem
+from grounded_llava.data.coco_geometry import check_area, check_segmentation
+
 IouType = Literal["bbox", "segm"]
 
 # Order of `COCOeval.stats` for bbox/segm (pycocotools `summarize()._summarizeDets`).
@@ -99,22 +102,32 @@ def _check_bbox(bbox: Any, where: str) -> None:
 
 
 def _segmentation_rle(segmentation: Any, height: int, width: int, where: str) -> dict[str, Any]:
-    """Any COCO segmentation (polygons, uncompressed or compressed RLE) as compressed RLE."""
+    """Any COCO segmentation (polygons, uncompressed or compressed RLE) as compressed RLE.
+
+    The geometry is checked first (`coco_geometry.check_segmentation`): pycocotools crashes on NaN or
+    huge polygon coordinates and on a malformed RLE.
+    """
+    if isinstance(segmentation, list) and not segmentation:
+        raise ValueError(f"{where}: field 'segmentation' is an empty polygon list")
+    if segmentation is None:
+        raise ValueError(f"{where}: field 'segmentation' is null")
+    try:
+        check_segmentation(segmentation, width, height)
+    except InvalidItem as error:
+        raise ValueError(f"{where}: field {error.field_name!r}: {error.problem}") from error
     if isinstance(segmentation, list):
-        if not segmentation:
-            raise ValueError(f"{where}: field 'segmentation' is an empty polygon list")
         return mask_utils.merge(mask_utils.frPyObjects(segmentation, height, width))
-    if not isinstance(segmentation, dict) or "counts" not in segmentation or "size" not in segmentation:
-        raise ValueError(
-            f"{where}: field 'segmentation' must be polygons or an RLE dict with 'size' and 'counts'"
-        )
-    if list(segmentation["size"]) != [height, width]:
-        raise ValueError(
-            f"{where}: segmentation size {list(segmentation['size'])} != image [height, width] [{height}, {width}]"
-        )
     if isinstance(segmentation["counts"], list):
         return mask_utils.frPyObjects(segmentation, height, width)
     return segmentation
+
+
+def _check_area(ann: dict[str, Any], where: str) -> None:
+    if "area" in ann:
+        try:
+            check_area(ann["area"])
+        except InvalidItem as error:
+            raise ValueError(f"{where}: field {error.field_name!r}: {error.problem}") from error
 
 
 def _prepared_gt(gt: dict[str, Any], iou_type: IouType, source: str) -> dict[str, Any]:
@@ -142,6 +155,7 @@ def _prepared_gt(gt: dict[str, Any], iou_type: IouType, source: str) -> dict[str
                 f"{where}: field 'category_id' {ann.get('category_id')!r} is not in 'categories'"
             )
         _check_bbox(ann.get("bbox"), where)
+        _check_area(ann, where)
         ann.setdefault("iscrowd", 0)
         if iou_type == "segm":
             if "segmentation" not in ann:

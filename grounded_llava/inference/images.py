@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from grounded_llava.image_io import to_rgb
 from grounded_llava.inference.overlay import to_rgb_array
 
 ImageInput = Image.Image | np.ndarray | str | Path
@@ -48,13 +49,14 @@ def load_image(image: ImageInput) -> Image.Image:
     """A PIL RGB image from a PIL image, a path or an (H, W[, 3|4]) uint8 array.
 
     Raises FileNotFoundError for a missing path and ValueError (naming the file) for one that cannot
-    be decoded. EXIF orientation is not applied (as in COCO, and as the overlay reads files).
+    be decoded. Paths and PIL images are in displayed orientation, 16-bit scaled to 8 (`image_io.to_rgb`),
+    as in training and as the overlay reads them.
     """
     if isinstance(image, str | Path):
         with _opened(Path(image)) as opened:
-            return opened.convert("RGB")
+            return to_rgb(opened)
     if isinstance(image, Image.Image):
-        return image.convert("RGB")
+        return to_rgb(image)
     if isinstance(image, np.ndarray):
         return Image.fromarray(to_rgb_array(image))
     raise ValueError(f"image must be a PIL image, a path or a uint8 array, got {type(image).__name__}")

@@ -17,6 +17,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from grounded_llava.image_io import to_rgb
+
 # Distinct, saturated colours (RGB) that stay readable under white label text.
 PALETTE: tuple[tuple[int, int, int], ...] = (
     (230, 25, 75),
@@ -44,12 +46,13 @@ def color_for(index: int) -> tuple[int, int, int]:
 
 
 def to_rgb_array(image: ImageLike) -> np.ndarray:
-    """Load an image (PIL image, path, or (H, W) / (H, W, 3|4) uint8 array) as an (H, W, 3) uint8 RGB array."""
+    """Load an image (PIL image, path, or (H, W) / (H, W, 3|4) uint8 array) as an (H, W, 3) uint8 RGB array;
+    paths and PIL images in displayed orientation (`image_io.to_rgb`), as the model sees them."""
     if isinstance(image, str | Path):
         with Image.open(image) as opened:
-            return np.asarray(opened.convert("RGB")).copy()
+            return np.asarray(to_rgb(opened)).copy()
     if isinstance(image, Image.Image):
-        return np.asarray(image.convert("RGB")).copy()
+        return np.asarray(to_rgb(image)).copy()
     array = np.asarray(image)
     if array.dtype != np.uint8:
         raise ValueError(f"image array must be uint8, got {array.dtype}")

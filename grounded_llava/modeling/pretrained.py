@@ -7,7 +7,8 @@ Checkpoint layout (DESIGN.md):
     heads.safetensors           neck, Detect head, SAM decoder, <seg> MLP
     base/                       LLaVA base weights, only when the base is not a hub/local model (tiny)
 Saving writes into a temporary sibling directory and renames it into place, so a crash never
-leaves a half-written checkpoint.
+leaves a half-written checkpoint; a failed write (disk full) is a one-line `CheckpointError`. Loading
+checks every weight file first (`state_files.py`): a damaged one is a one-line error naming it.
 """
 
 from __future__ import annotations
@@ -19,7 +20,8 @@ from pathlib import Path
 
 import torch
 from peft import PeftModel
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError
+from safetensors.torch import save_file
 from transformers import LlavaForConditionalGeneration
 
 from ..config import GroundedLlavaConfig
@@ -35,16 +37,13 @@ from .base import (
     wrap_with_lora,
 )
 from .grounded_llava import GroundedLlavaForConditionalGeneration
+from .state_files import CheckpointError, check_shapes, read_safetensors, verify_safetensors
 
 FORMAT_VERSION = 1
 CONFIG_FILE = "grounded_config.json"
 HEADS_FILE = "heads.safetensors"
 ADAPTER_DIR = "adapter"
 BASE_DIR = "base"
-
-
-class CheckpointError(ValueError):
-    """A checkpoint directory is incomplete, corrupt or from another format version."""
 
 
 def _assemble(
@@ -125,7 +124,15 @@ def save_pretrained(
     staging = directory.parent / f".{directory.name}.tmp-{os.getpid()}"
     shutil.rmtree(staging, ignore_errors=True)
     try:
-        _write_checkpoint(model, processor, staging)
+        try:
+            _write_checkpoint(model, processor, staging)
+        except (
+            OSError,
+            RuntimeError,
+            SafetensorError,
+        ) as error:  # disk full, ...: one line, nothing replaced
+            reason = " ".join(str(error).split())
+            raise CheckpointError(f"{directory}: the checkpoint could not be written ({reason})") from None
         if directory.exists():
             retired = directory.parent / f".{directory.name}.old-{os.getpid()}"
             os.replace(directory, retired)
@@ -171,6 +178,7 @@ def load_pretrained(
     for required in (ADAPTER_DIR, HEADS_FILE):
         if not (directory / required).exists():
             raise CheckpointError(f"{directory / required} is missing: incomplete checkpoint")
+    verify_safetensors(directory)
     processor = GroundedProcessor.from_pretrained(directory)
     if (directory / BASE_DIR).is_dir():
         llava = LlavaForConditionalGeneration.from_pretrained(
@@ -192,7 +200,8 @@ def load_pretrained(
         )
     peft_model = PeftModel.from_pretrained(llava, directory / ADAPTER_DIR, is_trainable=is_trainable)
     model, _ = _assemble(config, peft_model, processor.tokenizer, settings)
-    heads = load_file(directory / HEADS_FILE)
+    heads = read_safetensors(directory / HEADS_FILE)
+    check_shapes(model, heads, directory / HEADS_FILE)
     missing, unexpected = model.load_state_dict(heads, strict=False)
     missing = [k for k in missing if not k.startswith("llava.")]
     if missing or unexpected:

@@ -11,6 +11,9 @@ Layout of `checkpoints_dir/step-000123/`:
 
 Crash safety: everything is written into `checkpoints_dir/.tmp-step-000123`, every file and the
 directory are fsync'ed, and only then is the directory renamed to `step-000123` (atomic on POSIX).
+A failed write (disk full, ...) deletes the temporary directory and raises a one-line
+`CheckpointError`; the published checkpoints are untouched. Damaged files raise one-line
+`CheckpointError`s naming them when loaded; `resume.py` then falls back to the previous checkpoint.
 Older checkpoints are pruned after that, each renamed to a `.tmp-*` name before it is deleted, so
 a `step-*` directory is always complete and the newest good one is never removed. `.tmp-*`
 leftovers of a killed run are ignored and removed by `find_latest_checkpoint`. A model or optimizer
@@ -29,22 +32,24 @@ import hashlib
 import json
 import os
 import pickle
-import random
 import re
 import shutil
 import time
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError
+from safetensors.torch import save_file
 from torch import nn
 
+from ..modeling.state_files import CheckpointError, check_shapes, read_safetensors
 from .nonfinite import check_finite, optimizer_tensors
+from .rng_state import capture_rng_state, restore_rng_state
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
@@ -58,8 +63,8 @@ TMP_PREFIX = ".tmp-"
 _STEP_DIR_RE = re.compile(r"^step-(\d+)$")
 
 
-class CheckpointFormatError(ValueError):
-    """A checkpoint written by an incompatible version of this code."""
+class CheckpointFormatError(CheckpointError):
+    """A checkpoint written by an incompatible version of this code, or a file that cannot be read."""
 
 
 @dataclass
@@ -107,47 +112,20 @@ def trainable_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 def load_trainable_state_dict(model: nn.Module, state: Mapping[str, torch.Tensor], *, source: str) -> None:
     """Copy `state` into `model`; every tensor must exist in the model and every trainable one be given.
 
-    `source` names where `state` comes from, for the error messages.
+    `source` names where `state` comes from, for the error messages (`CheckpointError`).
     """
     expected = set(trainable_state_dict_keys(model))
     missing = sorted(expected - set(state))
     if missing:
-        raise KeyError(
+        raise CheckpointError(
             f"{source}: lacks trainable tensors of the model: {missing[:10]} ({len(missing)} in all)"
         )
+    check_shapes(model, state, Path(source))
     result = model.load_state_dict(dict(state), strict=False)
     if result.unexpected_keys:
-        raise KeyError(
+        raise CheckpointError(
             f"{source}: holds tensors the model does not have: {sorted(result.unexpected_keys)[:10]}"
         )
-
-
-# ------------------------------------------------------------------------------------------------ RNG
-
-
-def capture_rng_state() -> dict[str, Any]:
-    """RNG states as plain python objects and tensors (loadable with `torch.load(weights_only=True)`)."""
-    bit_generator, key, pos, has_gauss, cached_gaussian = np.random.get_state(legacy=True)
-    state: dict[str, Any] = {
-        "python": random.getstate(),
-        "numpy": (bit_generator, torch.from_numpy(key.astype(np.int64)), pos, has_gauss, cached_gaussian),
-        "torch": torch.get_rng_state(),
-    }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def restore_rng_state(state: Mapping[str, Any]) -> None:
-    """Inverse of `capture_rng_state`."""
-    version, internal, gauss_next = state["python"]
-    random.setstate((version, tuple(internal), gauss_next))
-    bit_generator, key, pos, has_gauss, cached_gaussian = state["numpy"]
-    np.random.set_state((bit_generator, key.numpy().astype(np.uint32), pos, has_gauss, cached_gaussian))
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        for device, cuda_state in enumerate(state["cuda"][: torch.cuda.device_count()]):
-            torch.cuda.set_rng_state(cuda_state, device)
 
 
 # --------------------------------------------------------------------------------------------- files
@@ -173,6 +151,23 @@ def _fsync_tree(root: Path) -> None:
         _fsync_dir(Path(dirpath))
 
 
+@contextmanager
+def _removed_on_failure(tmp: Path, final: Path) -> Iterator[None]:
+    """Delete the half-written `tmp` when writing fails; a write error (disk full, ...) becomes one line.
+    torch.save reports a failed write as RuntimeError, safetensors as SafetensorError."""
+    try:
+        yield
+    except CheckpointError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    except (OSError, RuntimeError, SafetensorError) as error:
+        shutil.rmtree(tmp, ignore_errors=True)
+        reason = " ".join(str(error).split())
+        raise CheckpointError(
+            f"{final}: the checkpoint could not be written ({reason}); the previous checkpoints are kept"
+        ) from None
+
+
 def _retire_dir(path: Path) -> Path:
     """Rename `path` to a `.tmp-delete-*` name (atomic), so no partly deleted `step-*` is ever visible."""
     retired = path.with_name(f"{TMP_PREFIX}delete-{path.name}")
@@ -182,11 +177,18 @@ def _retire_dir(path: Path) -> Path:
     return retired
 
 
-def _torch_load(path: Path) -> Any:
+def load_torch_file(path: Path) -> Any:
+    """`torch.load(weights_only=True)`; a refused pickle or a damaged file is a one-line error naming it."""
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as error:
-        raise CheckpointFormatError(f"{path}: not loadable with weights_only=True: {error}") from error
+    except pickle.UnpicklingError:
+        raise CheckpointFormatError(
+            f"{path}: refused: it holds Python objects beyond tensors and plain data, which are never "
+            "unpickled (not written by grounded_llava, or altered)"
+        ) from None
+    except (RuntimeError, EOFError, OSError, ValueError) as error:
+        reason = " ".join(str(error).split())
+        raise CheckpointFormatError(f"{path}: cannot be read (truncated or corrupt?): {reason}") from None
 
 
 def list_checkpoints(checkpoints_dir: str | Path) -> list[tuple[int, Path]]:
@@ -207,8 +209,11 @@ def read_trainer_state(checkpoint: str | Path) -> dict[str, Any]:
     path = Path(checkpoint) / TRAINER_STATE_FILE
     if not path.is_file():
         raise FileNotFoundError(f"{path}: missing, {checkpoint} is not a training checkpoint")
-    state = json.loads(path.read_text(encoding="utf-8"))
-    found = state.get("format_version")
+    try:
+        state = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise CheckpointFormatError(f"{path}: not valid JSON (truncated or corrupt?): {error}") from None
+    found = state.get("format_version") if isinstance(state, dict) else None
     if found != FORMAT_VERSION:
         raise CheckpointFormatError(
             f"{path}: format_version {found!r} does not match the version this code reads ({FORMAT_VERSION}); "
@@ -290,19 +295,21 @@ def save_training_state(
         tmp.mkdir(parents=True)
     if accelerator is not None:
         accelerator.wait_for_everyone()
-    torch.save(capture_rng_state(), tmp / _rng_file(rank))
-    if is_main:
-        save_file(dict(model_state), tmp / TRAINABLE_FILE, metadata={"format": "pt", "step": str(step)})
-        torch.save(optimizer_state, tmp / OPTIMIZER_FILE)
-        if scheduler is not None:
-            torch.save(scheduler.state_dict(), tmp / SCHEDULER_FILE)
-        if write_files is not None:
-            write_files(tmp)
-        (tmp / TRAINER_STATE_FILE).write_text(trainer_state_text, encoding="utf-8")
+    with _removed_on_failure(tmp, final):
+        torch.save(capture_rng_state(), tmp / _rng_file(rank))
+        if is_main:
+            save_file(dict(model_state), tmp / TRAINABLE_FILE, metadata={"format": "pt", "step": str(step)})
+            torch.save(optimizer_state, tmp / OPTIMIZER_FILE)
+            if scheduler is not None:
+                torch.save(scheduler.state_dict(), tmp / SCHEDULER_FILE)
+            if write_files is not None:
+                write_files(tmp)
+            (tmp / TRAINER_STATE_FILE).write_text(trainer_state_text, encoding="utf-8")
     if accelerator is not None:
         accelerator.wait_for_everyone()
     if is_main:
-        _fsync_tree(tmp)
+        with _removed_on_failure(tmp, final):
+            _fsync_tree(tmp)
         # Re-saving a step (e.g. after a resume): the old copy is renamed away first, deleted last.
         replaced = _retire_dir(final) if final.exists() else None
         os.replace(tmp, final)
@@ -334,18 +341,19 @@ def load_training_state(
     path = Path(checkpoint)
     state = read_trainer_state(path)
     if model is not None:
-        load_trainable_state_dict(model, load_file(path / TRAINABLE_FILE), source=str(path / TRAINABLE_FILE))
+        trainable = read_safetensors(path / TRAINABLE_FILE)
+        load_trainable_state_dict(model, trainable, source=str(path / TRAINABLE_FILE))
     if optimizer is not None:
-        optimizer.load_state_dict(_torch_load(path / OPTIMIZER_FILE))
+        optimizer.load_state_dict(load_torch_file(path / OPTIMIZER_FILE))
     if scheduler is not None:
         if not (path / SCHEDULER_FILE).is_file():
             raise FileNotFoundError(
                 f"{path / SCHEDULER_FILE}: missing, the checkpoint was saved without a scheduler"
             )
-        scheduler.load_state_dict(_torch_load(path / SCHEDULER_FILE))
+        scheduler.load_state_dict(load_torch_file(path / SCHEDULER_FILE))
     rng_path = path / _rng_file(process_index)
     if restore_rng and rng_path.is_file():
-        restore_rng_state(_torch_load(rng_path))
+        restore_rng_state(load_torch_file(rng_path))
     elif restore_rng:
         warnings.warn(
             f"{rng_path}: missing (saved by {state['num_processes']} processes), RNG state not restored",

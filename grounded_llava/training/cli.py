@@ -11,22 +11,30 @@ from transformers.utils import logging as transformers_logging
 from ..config_io import ConfigError
 from ..data.bad_data import DataError
 from ..modeling.base import BaseModelUnavailableError
+from ..modeling.state_files import CheckpointError
 from .config import TrainConfig
 from .nonfinite import NonFiniteError
 from .trainer import Trainer
 
 
 def train_from_cli(config_path: str, output_dir: str, overrides: list[str]) -> int:
-    """Returns the process exit code: 0, or 2 with one line on stderr for bad configs, data or models, and
-    for a run stopped by non-finite losses or weights."""
+    """Returns the process exit code: 0, or 2 with one line on stderr for bad configs, data, models or
+    checkpoints (damaged, or not writable: disk full), and for a run stopped by non-finite losses or weights."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     transformers_logging.disable_progress_bar()  # one bar per saved shard would bury the training bar
     try:
         config = TrainConfig.from_yaml(config_path, overrides)
         trainer = Trainer(config, output_dir)
         final = trainer.run()
-    except (ConfigError, DataError, BaseModelUnavailableError, FileNotFoundError, NonFiniteError) as err:
-        print(f"error: {err}", file=sys.stderr)
+    except (
+        ConfigError,
+        DataError,
+        BaseModelUnavailableError,
+        CheckpointError,
+        FileNotFoundError,
+        NonFiniteError,
+    ) as err:
+        print(f"error: {' '.join(str(err).split())}", file=sys.stderr)
         return 2
     if trainer.accelerator.is_main_process:
         print(f"final model: {final}\nstage manifest: {Path(final) / 'stages.json'}")

@@ -15,6 +15,7 @@ from ..data import (
     load_coco_instances,
     load_llava_chat,
 )
+from ..data.bad_data import BadDataPolicy
 from ..data.coco import ImageRecord
 from ..data.sample import GroundedSample
 from .config import SourceConfig, TrainConfig
@@ -26,11 +27,18 @@ _WORLD_PARAMS = "world_params.json"
 @dataclass
 class LoadedSource:
     """The samples of one source, its category names (grounding sources) and a description for the manifest.
-    `samples` are `GroundedSample`s, or `ImageRecord`s for a heads stage (`heads_data.py`)."""
+    `samples` are `GroundedSample`s, or `ImageRecord`s for a heads stage (`heads_data.py`);
+    `on_bad_data` is the source's policy, also for images found unreadable during training."""
 
     samples: list[GroundedSample] | list[ImageRecord]
     categories: list[str]
     description: dict
+    on_bad_data: BadDataPolicy = "strict"
+
+
+def replay_policy(sources: list[SourceConfig]) -> BadDataPolicy:
+    """The replay buffer's `on_bad_data`: `skip` when any source it draws from skips bad data."""
+    return "skip" if any(source.on_bad_data == "skip" for source in sources) else "strict"
 
 
 def synthetic_dir(source: SourceConfig, config: TrainConfig, output_dir: Path) -> Path:
@@ -100,4 +108,6 @@ def load_source(
         "samples": len(samples),
         "weight": source.weight,
     }
-    return LoadedSource(samples=samples, categories=categories, description=description)
+    return LoadedSource(
+        samples=samples, categories=categories, description=description, on_bad_data=source.on_bad_data
+    )

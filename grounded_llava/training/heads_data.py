@@ -18,12 +18,14 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
+from ..data.bad_data import BadDataPolicy
 from ..data.coco import ImageRecord, load_coco_instances
 from ..data.dataset import load_image
+from ..data.unreadable import SkipUnreadable
 from ..modeling.detection import DetectionTargets
 from ..processor import GroundedProcessor
 from .config import SourceConfig, TrainConfig
-from .data_sources import ensure_synthetic_world, synthetic_dir
+from .data_sources import LoadedSource, ensure_synthetic_world, replay_policy, synthetic_dir
 
 
 @dataclass
@@ -102,7 +104,8 @@ class HeadsDataset(Dataset):
     Args:
         records: COCO image records; categories: the head's label space (class id = index).
         mask_resolution: side of SAM's mask output. hflip_prob / zoom_prob: augmentation rates;
-        zoom_range: (min, max) scale of the zoom-out.
+        zoom_range: (min, max) scale of the zoom-out. on_bad_data: the source's policy for an image
+        that cannot be decoded (`data/unreadable.py`).
     """
 
     def __init__(
@@ -116,8 +119,10 @@ class HeadsDataset(Dataset):
         zoom_prob: float = 0.3,
         zoom_range: tuple[float, float] = (0.5, 0.9),
         seed: int = 0,
+        on_bad_data: BadDataPolicy = "strict",
     ) -> None:
         self.records = list(records)
+        self.unreadable = SkipUnreadable(on_bad_data)
         self.processor = processor
         self.class_of = {name: index for index, name in enumerate(categories)}
         self.mask_resolution = mask_resolution
@@ -132,6 +137,9 @@ class HeadsDataset(Dataset):
         return len(self.records)
 
     def __getitem__(self, index: int) -> HeadsItem:
+        return self.unreadable.get(index, len(self), self._item)
+
+    def _item(self, index: int) -> HeadsItem:
         record = self.records[index]
         rng = random.Random(f"heads-{self.seed}-{self.epoch}-{index}")
         image = load_image(record.path, source=record.file_name)
@@ -203,29 +211,27 @@ def jitter_boxes(boxes: torch.Tensor, *, scale: float, canvas_size: int) -> torc
 
 def load_heads_sources(
     config: TrainConfig, index: int, *, output_dir: Path, earlier: Sequence[SourceConfig]
-) -> tuple[list[tuple[list[ImageRecord], list[str], dict]], list[float]]:
-    """A heads stage's sources as (records, categories, manifest description) and their mixing weights;
+) -> tuple[list[LoadedSource], list[float]]:
+    """A heads stage's sources (`ImageRecord`s as samples) and their mixing weights;
     with `replay_weight`, a last source of `replay_size` images drawn from the `earlier` grounding sources
     (with all their annotations: rehearsal of the old categories)."""
     stage = config.stages[index]
     loaded, weights = [], []
     for source in stage.data:
         records, categories = load_heads_records(source, config, output_dir)
-        loaded.append(
-            (records, categories, {"kind": source.kind, "images": len(records), "weight": source.weight})
-        )
+        description = {"kind": source.kind, "images": len(records), "weight": source.weight}
+        loaded.append(LoadedSource(records, categories, description, on_bad_data=source.on_bad_data))
         weights.append(source.weight)
     if stage.replay_weight > 0:
         pool: list[ImageRecord] = []
-        for source in earlier:
-            if source.is_grounding:
-                pool += load_heads_records(source, config, output_dir)[0]
+        grounding = [source for source in earlier if source.is_grounding]
+        for source in grounding:
+            pool += load_heads_records(source, config, output_dir)[0]
         rng = random.Random(f"heads-replay-{config.train.seed}-{stage.name}")
         chosen = rng.sample(pool, min(stage.replay_size, len(pool)))
         if chosen:
             categories = sorted({i.category_name for r in chosen for i in r.non_crowd()})
-            loaded.append(
-                (chosen, categories, {"kind": "replay", "images": len(chosen), "weight": stage.replay_weight})
-            )
+            description = {"kind": "replay", "images": len(chosen), "weight": stage.replay_weight}
+            loaded.append(LoadedSource(chosen, categories, description, on_bad_data=replay_policy(grounding)))
             weights.append(stage.replay_weight)
     return loaded, weights

@@ -12,7 +12,7 @@ from accelerate import Accelerator
 from ..config_io import from_dict, to_dict
 from ..data.sample import GroundedSample
 from .config import SourceConfig, TrainConfig
-from .data_sources import LoadedSource, load_source, synthetic_dir
+from .data_sources import LoadedSource, load_source, replay_policy, synthetic_dir
 from .heads_data import load_heads_sources
 
 logger = logging.getLogger(__name__)
@@ -44,10 +44,7 @@ def load_stage_data(
         with accelerator.main_process_first():
             earlier = [s for st in config.stages[:index] for s in st.data]
             earlier += _inherited_sources(config, manifest, output_dir)
-            loaded, weights = load_heads_sources(config, index, output_dir=output_dir, earlier=earlier)
-        sources = [
-            LoadedSource(records, categories, description) for records, categories, description in loaded
-        ]
+            sources, weights = load_heads_sources(config, index, output_dir=output_dir, earlier=earlier)
         return StageData(
             sources=sources, weights=weights, new_categories=_new_categories(sources, known_categories)
         )
@@ -104,12 +101,13 @@ def replay_buffer(
     earlier = [source for s in config.stages[:index] for source in s.data]
     earlier += _inherited_sources(config, manifest, output_dir)
     pool: list[GroundedSample] = []
-    for source in earlier:
-        if source.is_grounding:
-            pool += load_source(source, config=config, output_dir=output_dir, num_bins=num_bins).samples
+    grounding = [source for source in earlier if source.is_grounding]
+    for source in grounding:
+        pool += load_source(source, config=config, output_dir=output_dir, num_bins=num_bins).samples
     rng = random.Random(f"replay-{config.train.seed}-{stage.name}")
     chosen = rng.sample(pool, min(stage.replay_size, len(pool))) if pool else []
-    return LoadedSource(chosen, [], {"kind": "replay", "samples": len(chosen), "weight": stage.replay_weight})
+    description = {"kind": "replay", "samples": len(chosen), "weight": stage.replay_weight}
+    return LoadedSource(chosen, [], description, on_bad_data=replay_policy(grounding))
 
 
 def absolute_source(source: SourceConfig, config: TrainConfig, output_dir: Path) -> dict:

@@ -26,7 +26,6 @@ from tqdm.auto import tqdm
 from ..data.dataset import GroundedCollator, GroundedDataset, TrainingBatch
 from ..modeling import GroundedLlavaForConditionalGeneration
 from .checkpointing import (
-    find_latest_checkpoint,
     load_training_state,
     read_trainer_state,
     save_training_state,
@@ -34,10 +33,12 @@ from .checkpointing import (
     write_replica_digest,
 )
 from .config import StageConfig, TrainConfig
+from .data_sources import LoadedSource
 from .heads_data import HeadsBatch, HeadsDataset, collate_heads, jitter_boxes
 from .metrics_log import MetricsLogger
 from .nonfinite import NonFiniteGuard, check_finite, finite_or_none
 from .plots import plot_loss_curves
+from .resume import resume_checkpoint
 from .sampler import ResumableSampler, endless_batches
 from .schedule import warmup_cosine
 from .stage_data import StageData, absolute_source, load_stage_data
@@ -81,11 +82,10 @@ class Trainer:
     # ------------------------------------------------------------------ setup
     def _initial_model(self) -> tuple[GroundedLlavaForConditionalGeneration, int, Path | None]:
         """The model to continue from, the stage index to start at, and the checkpoint to resume."""
-        latest = find_latest_checkpoint(self.checkpoints_dir, cleanup=self.accelerator.is_main_process)
+        resumed = resume_checkpoint(self.checkpoints_dir, cleanup=self.accelerator.is_main_process)
         self.accelerator.wait_for_everyone()
-        if latest is not None:
-            state = read_trainer_state(latest)
-            model = GroundedLlavaForConditionalGeneration.from_pretrained(latest / "model", is_trainable=True)
+        if resumed is not None:
+            latest, model, state = resumed
             manifest_file = self.output_dir / MANIFEST
             self.manifest = json.loads(manifest_file.read_text()) if manifest_file.is_file() else []
             return model, int(state["extra"]["stage_index"]), latest
@@ -242,7 +242,7 @@ class Trainer:
     ) -> tuple[list[GroundedDataset], ResumableSampler, DataLoader]:
         """Datasets per source, the resumable rank-sharded mixing sampler and the loader over them."""
         stage, loop = self.config.stages[index], self.config.train
-        datasets = [self._dataset(stage, model, s.samples, seed=loop.seed + index) for s in data.sources]
+        datasets = [self._dataset(stage, model, s, seed=loop.seed + index) for s in data.sources]
         sampler = ResumableSampler(
             source_sizes=[len(d) for d in datasets],
             weights=data.weights,
@@ -261,21 +261,26 @@ class Trainer:
         return datasets, sampler, loader
 
     @staticmethod
-    def _dataset(stage: StageConfig, model, samples: list, *, seed: int) -> GroundedDataset | HeadsDataset:
+    def _dataset(
+        stage: StageConfig, model, source: LoadedSource, *, seed: int
+    ) -> GroundedDataset | HeadsDataset:
         common = {
             "categories": model.config.heads.categories,
             "mask_resolution": model.mask_head.mask_resolution,
+            "on_bad_data": source.on_bad_data,
         }
         if stage.kind == "heads":
             return HeadsDataset(
-                samples,
+                source.samples,
                 model.processor,
                 hflip_prob=stage.hflip_prob,
                 zoom_prob=stage.zoom_prob,
                 seed=seed,
                 **common,
             )
-        return GroundedDataset(samples, model.processor, hflip_prob=stage.hflip_prob, seed=seed, **common)
+        return GroundedDataset(
+            source.samples, model.processor, hflip_prob=stage.hflip_prob, seed=seed, **common
+        )
 
     def _losses(
         self,
