@@ -28,6 +28,7 @@ from ..modeling import GroundedLlavaForConditionalGeneration
 from .checkpointing import save_training_state, trainable_state_dict, write_replica_digest
 from .config import StageConfig, TrainConfig
 from .data_sources import LoadedSource
+from .distribution import check_distribution
 from .heads_data import HeadsBatch, HeadsDataset, collate_heads, jitter_boxes
 from .metrics_log import MetricsLogger
 from .nonfinite import NonFiniteGuard, check_finite, finite_or_none
@@ -71,6 +72,7 @@ class Trainer:
             gradient_accumulation_steps=config.train.grad_accum,
             kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
         )
+        check_distribution(self.accelerator.distributed_type)  # FSDP, DeepSpeed: refused
         self.stage_steps = config.stage_steps()
         self.checkpoints_dir = self.output_dir / "checkpoints"
         self.manifest: list[dict] = []
