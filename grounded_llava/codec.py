@@ -55,6 +55,8 @@ def grounding_tokens(num_bins: int) -> list[str]:
 
 def _check_box(box: Sequence[float], image_size: tuple[int, int]) -> Box:
     width, height = image_size
+    if not (width > 0 and height > 0):
+        raise ValueError(f"image size (W={width}, H={height}) must be positive")
     if len(box) != 4:
         raise ValueError(f"box {list(box)} must have 4 numbers x0, y0, x1, y1 (original pixels)")
     x0, y0, x1, y1 = (float(v) for v in box)

@@ -37,7 +37,7 @@ from grounded_llava.data.bad_data import (
     inspect_image,
     resolve_image_path,
 )
-from grounded_llava.data.coco_geometry import check_area, check_segmentation
+from grounded_llava.data.coco_geometry import check_area, check_segmentation, is_finite
 
 Box = tuple[float, float, float, float]
 REQUIRED_IMAGE_KEYS = ("id", "file_name", "width", "height")
@@ -136,15 +136,25 @@ def _require(item: dict, keys: tuple[str, ...]) -> None:
 
 
 def _as_int(value: object, field_name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or int(value) != value:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not is_finite(value):
+        raise InvalidItem("bad_value", field_name, f"must be an integer, got {value!r}")
+    if int(value) != value:
         raise InvalidItem("bad_value", field_name, f"must be an integer, got {value!r}")
     return int(value)
+
+
+def _id_or_none(value: object) -> int | None:
+    """The id `_as_int` reads from `value` (1.0 is image 1), None when it reads none."""
+    try:
+        return _as_int(value, "id")
+    except InvalidItem:
+        return None
 
 
 def _check_bbox(bbox: object, width: int, height: int) -> Box:
     if not isinstance(bbox, list) or len(bbox) != 4 or not all(isinstance(v, (int, float)) for v in bbox):
         raise InvalidItem("bad_bbox", "bbox", f"must be 4 numbers [x, y, w, h], got {bbox!r}")
-    x, y, w, h = (float(v) for v in bbox)
+    x, y, w, h = (float(v) if is_finite(v) else math.nan for v in bbox)
     if not all(math.isfinite(v) for v in (x, y, w, h)) or w <= 0 or h <= 0:
         raise InvalidItem("bad_bbox", "bbox", f"{bbox} has w or h <= 0 (or is not finite)")
     tol = BOX_TOLERANCE_PX
@@ -248,9 +258,9 @@ def load_coco_instances(
     check_policy(on_bad_data, image_check)
     annotation_file, image_root = Path(annotation_file), Path(image_root)
     report = BadDataReport(source=str(annotation_file), policy=on_bad_data)
-    try:
-        data = json.loads(annotation_file.read_text())
-    except (OSError, json.JSONDecodeError) as error:
+    try:  # ValueError: not JSON, not UTF-8, an integer over Python's digit limit
+        data = json.loads(annotation_file.read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError) as error:
         raise DataError(f"{annotation_file}: cannot read the JSON: {error}") from error
     for key in ("images", "annotations", "categories"):
         if not isinstance(data, dict) or not isinstance(data.get(key), list):
@@ -270,9 +280,9 @@ def load_coco_instances(
         except InvalidItem as error:
             report.flag_invalid(error, where=f"image #{index} (id {raw_id})")
             report.images_skipped += 1
-            if isinstance(raw_id, int):
-                records.pop(raw_id, None)
-                bad_images.add(raw_id)
+            if (bad_id := _id_or_none(raw_id)) is not None:
+                records.pop(bad_id, None)
+                bad_images.add(bad_id)
 
     seen_ann_ids: set[int] = set()
     for index, ann in enumerate(data["annotations"]):
@@ -295,10 +305,8 @@ def load_coco_instances(
         except InvalidItem as error:
             report.flag_invalid(error, where=where)
             report.annotations_skipped += 1
-            image_id = ann.get("image_id") if isinstance(ann, dict) else None
-            if (
-                isinstance(image_id, int) and image_id in records
-            ):  # the image would lose an instance: drop it whole
+            image_id = _id_or_none(ann.get("image_id")) if isinstance(ann, dict) else None
+            if image_id in records:  # the image would lose an instance: drop it whole
                 report.images_skipped += 1
                 report.annotations_skipped += len(records.pop(image_id).instances)
                 bad_images.add(image_id)

@@ -16,6 +16,18 @@ import math
 from grounded_llava.data.bad_data import InvalidItem
 
 POLYGON_TOLERANCE = 0.5  # a polygon vertex may lie this fraction of the image side outside the image
+# A compressed RLE run length has at most this many characters (5 bits each: 65 bits, pycocotools'
+# long holds 64); more would only grow one Python int, in quadratic time.
+MAX_RUN_CHARS = 13
+
+
+def is_finite(value: float) -> bool:
+    """`math.isfinite`, but False for an integer too large for a float (JSON allows 1 followed by 400
+    zeros, on which `math.isfinite` raises `OverflowError`)."""
+    try:
+        return math.isfinite(value)
+    except OverflowError:
+        return False
 
 
 def _rle_string_counts(counts: str) -> list[int]:
@@ -27,6 +39,8 @@ def _rle_string_counts(counts: str) -> list[int]:
         while more:
             if position >= len(counts):
                 raise ValueError("string ends inside a run length")
+            if shift >= MAX_RUN_CHARS:
+                raise ValueError(f"a run length is longer than {MAX_RUN_CHARS} characters")
             char = ord(counts[position]) - 48
             value |= (char & 0x1F) << (5 * shift)
             more = bool(char & 0x20)
@@ -48,7 +62,7 @@ def _check_polygon(part: object, index: int, width: int, height: int) -> None:
             "malformed_polygon", "segmentation", f"polygon has {len(part)} numbers; need an even count >= 6"
         )
     for position, value in enumerate(part):
-        if not math.isfinite(value):
+        if not is_finite(value):
             raise InvalidItem(
                 "malformed_polygon",
                 "segmentation",
@@ -109,11 +123,6 @@ def check_segmentation(segm: object, width: int, height: int) -> list | dict | N
 
 def check_area(value: object) -> float:
     """An annotation's `area` as a float; it must be a finite number >= 0 (not a string or null)."""
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, (int, float))
-        or not math.isfinite(value)
-        or value < 0
-    ):
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not is_finite(value) or value < 0:
         raise InvalidItem("bad_value", "area", f"must be a finite number >= 0, got {value!r}")
     return float(value)

@@ -21,7 +21,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import io
-import math
+import numbers
 from collections.abc import Sequence
 from typing import Any, Literal
 
@@ -31,7 +31,7 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
 from grounded_llava.data.bad_data import InvalidItem
-from grounded_llava.data.coco_geometry import check_area, check_segmentation
+from grounded_llava.data.coco_geometry import check_area, check_segmentation, is_finite
 
 IouType = Literal["bbox", "segm"]
 
@@ -97,7 +97,7 @@ def detections_to_coco_results(
 def _check_bbox(bbox: Any, where: str) -> None:
     if not isinstance(bbox, (list, tuple)) or len(bbox) != 4:
         raise ValueError(f"{where}: field 'bbox' must be 4 numbers [x, y, w, h], got {bbox!r}")
-    if not all(isinstance(v, (int, float)) and math.isfinite(v) for v in bbox) or bbox[2] < 0 or bbox[3] < 0:
+    if not all(isinstance(v, (int, float)) and is_finite(v) for v in bbox) or bbox[2] < 0 or bbox[3] < 0:
         raise ValueError(f"{where}: field 'bbox' must be finite [x, y, w, h] with w, h >= 0, got {bbox!r}")
 
 
@@ -191,7 +191,8 @@ def _prepared_results(
             raise ValueError(
                 f"{where}: field 'category_id' {result['category_id']!r} is not a ground truth category"
             )
-        if not math.isfinite(float(result["score"])):
+        score = result["score"]
+        if isinstance(score, bool) or not isinstance(score, numbers.Real) or not is_finite(score):
             raise ValueError(f"{where}: field 'score' must be finite, got {result['score']!r}")
         result = copy.deepcopy(dict(result))
         if iou_type == "bbox":

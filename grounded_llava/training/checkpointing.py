@@ -22,8 +22,9 @@ state holding NaN/inf is refused (`NonFiniteError`) before anything is written o
 Distributed use: every rank calls `save_training_state(..., accelerator=accelerator)` (it
 synchronises with `wait_for_everyone`); rank 0 writes the shared files and each rank its RNG state.
 Pass the unwrapped model (`accelerator.unwrap_model`). Multi-node runs need a shared filesystem.
-Sharded optimizers (FSDP, DeepSpeed ZeRO) keep their state per rank and need accelerate's own
-`save_state`; this module covers single-process and DDP training.
+Sharded optimizers (FSDP, DeepSpeed ZeRO) keep their state per rank and would need accelerate's own
+`save_state`; this module covers single-process and DDP training, and the trainer refuses the
+sharded set-ups up front (`distribution.py`).
 """
 
 from __future__ import annotations

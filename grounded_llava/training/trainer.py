@@ -25,23 +25,20 @@ from tqdm.auto import tqdm
 
 from ..data.dataset import GroundedCollator, GroundedDataset, TrainingBatch
 from ..modeling import GroundedLlavaForConditionalGeneration
-from .checkpointing import (
-    load_training_state,
-    read_trainer_state,
-    save_training_state,
-    trainable_state_dict,
-    write_replica_digest,
-)
+from .checkpointing import save_training_state, trainable_state_dict, write_replica_digest
 from .config import StageConfig, TrainConfig
 from .data_sources import LoadedSource
+from .distribution import check_distribution
 from .heads_data import HeadsBatch, HeadsDataset, collate_heads, jitter_boxes
 from .metrics_log import MetricsLogger
 from .nonfinite import NonFiniteGuard, check_finite, finite_or_none
 from .plots import plot_loss_curves
 from .resume import resume_checkpoint
+from .rng_state import preserved_rng
 from .sampler import ResumableSampler, endless_batches
 from .schedule import warmup_cosine
 from .stage_data import StageData, absolute_source, load_stage_data
+from .stage_resume import restore_after_setup, restore_before_setup
 from .stages import HeadDistiller, chat_kl_loss, parameter_groups, set_trainable
 
 MANIFEST = "stages.json"
@@ -75,6 +72,7 @@ class Trainer:
             gradient_accumulation_steps=config.train.grad_accum,
             kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
         )
+        check_distribution(self.accelerator.distributed_type)  # FSDP, DeepSpeed: refused
         self.stage_steps = config.stage_steps()
         self.checkpoints_dir = self.output_dir / "checkpoints"
         self.manifest: list[dict] = []
@@ -121,6 +119,8 @@ class Trainer:
         self, index: int, model: GroundedLlavaForConditionalGeneration, resume_from: Path | None
     ) -> GroundedLlavaForConditionalGeneration:
         stage, accelerator, loop = self.config.stages[index], self.accelerator, self.config.train
+        # an end-of-stage checkpoint's RNG state is restored before the setup draws (new class rows)
+        mid_stage = resume_from is not None and restore_before_setup(resume_from, accelerator.process_index)
         data = load_stage_data(
             self.config, index, model.config.heads.categories, model.config.num_bins,
             output_dir=self.output_dir, manifest=self.manifest, accelerator=self.accelerator,
@@ -141,17 +141,11 @@ class Trainer:
         steps = self.stage_steps[index]
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(steps, loop.warmup_ratio))
         stage_step = 0
-        if resume_from is not None:
-            state = read_trainer_state(resume_from)
-            if state["extra"]["stage_step"] > 0:
-                restored = load_training_state(
-                    resume_from, model=model, optimizer=optimizer, scheduler=scheduler,
-                    process_index=accelerator.process_index,
-                )  # fmt: skip
-                sampler.load_state_dict(restored.sampler_state)
-                stage_step = int(restored.extra["stage_step"])
-            else:
-                load_training_state(resume_from, process_index=accelerator.process_index)  # RNG only
+        if mid_stage:
+            stage_step = restore_after_setup(
+                resume_from, model=model, optimizer=optimizer, scheduler=scheduler, sampler=sampler,
+                process_index=accelerator.process_index,
+            )  # fmt: skip
         # The scheduler stays unprepared: accelerate would step it once per process per call.
         wrapped, optimizer = accelerator.prepare(model, optimizer)
         logger = MetricsLogger(
@@ -230,11 +224,11 @@ class Trainer:
         snapshot_dir = self._stage_start_dir(index)
         if snapshot_dir is None:
             raise ValueError(f"stage {stage.name!r}: an increment stage needs an earlier stage or init_from")
-        snapshot = (
-            model
-            if resume_from is None
-            else GroundedLlavaForConditionalGeneration.from_pretrained(snapshot_dir)
-        )
+        if resume_from is None:
+            snapshot = model
+        else:  # loading draws initial weights: the uninterrupted run did not
+            with preserved_rng():
+                snapshot = GroundedLlavaForConditionalGeneration.from_pretrained(snapshot_dir)
         return HeadDistiller(snapshot).to(self.accelerator.device)
 
     def _data_pipeline(
