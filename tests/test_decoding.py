@@ -134,7 +134,8 @@ def test_decode_grounded_forces_the_chosen_proposals_box_after_box(rigged):
 
 
 def test_predictor_answers_carry_the_pointers_boxes_and_scores(rigged):
-    """`GroundedLlava` on the rigged model: the k-th text box is proposal k's exact box (original pixels),
+    """`GroundedLlava` on the rigged model: the phrase "circle" names a class, so the k-th text box is the
+    k-th proposal the head labels circle (every proposal when it labels none), exact box (original pixels),
     scored pointer probability (~1 here) x head score; the head reports nothing at conf 0.99: unmatched."""
     model, images, prompts, _, expected_lm = rigged
     model.config.heads.conf_threshold = 0.99
@@ -147,11 +148,16 @@ def test_predictor_answers_carry_the_pointers_boxes_and_scores(rigged):
             predictor._request(image, prompt, []) for image, prompt in zip(images, prompts, strict=True)
         ]
         proposals = model.proposals(model.detection_head(predictor._encode(requests)[1]))
+    circle = predictor.categories.index("circle")
     for row, (answer, request) in enumerate(zip(answers, requests, strict=True)):
-        assert answer.text.strip() == "circle" and len(answer.detections) == 0
-        assert [s.phrase for s in answer.spans] == ["circle"] * BOXES_PER_PHRASE
+        assert answer.text.strip().startswith("circle") and len(answer.detections) == 0
+        circles = [k for k in range(proposals.valid.shape[1]) if int(proposals.class_ids[row, k]) == circle]
+        options = ([k for k in circles if proposals.valid[row, k]] or list(range(BOXES_PER_PHRASE)))[
+            :BOXES_PER_PHRASE
+        ]
+        assert all(s.phrase == "circle" for s in answer.spans) and len(answer.spans) >= len(options)
         width, height = request.meta.original_size
-        for k, span in enumerate(answer.spans):
+        for k, span in zip(options, answer.spans, strict=False):  # the first list (it may end early)
             assert span.source == "text"
             box = request.meta.boxes_from_canvas(proposals.boxes[row, k : k + 1].float())[0]
             box = box.clamp(min=0).minimum(torch.tensor([width, height, width, height], dtype=box.dtype))
@@ -196,3 +202,47 @@ def test_none_after_a_phrases_first_box_ends_its_list(rigged):
         assert choices[0].proposal == 0 and all(c.proposal is not None for c in choices)  # no LM box
         boxes = [p for p, token in enumerate(answer) if token == ids.box_open]
         assert all(answer[p - 1] == ids.p_close for p in boxes)  # every list ends after one box
+
+
+def test_a_phrase_naming_a_class_points_only_at_proposals_of_that_class(rigged):
+    """`phrase_class` (given the phrase's token ids) names the class of row 0's second proposal: every box
+    of that row is a proposal of that class, in score order; row 1, whose head proposes nothing of it, is
+    unchanged (every proposal stays an option)."""
+    model, images, _, encoded, expected_lm = rigged
+    ids, processor = model.token_ids, model.processor
+    phrase = expected_lm[1 : expected_lm.index(ids.p_close)]
+    batch = processor.collate(encoded, padding_side="left")
+    with torch.no_grad(), model.llava.disable_adapter():
+        features = model.encode_images(batch.pixel_values)
+        pyramid = model.image_pyramid(features, batch.pixel_values)
+        proposals = model.proposals(model.detection_head(pyramid))
+        class_ids = proposals.class_ids.masked_fill(~proposals.valid, -1)
+        named = int(class_ids[0, 1])
+        class_ids[1][class_ids[1] == named] = -2  # row 1: nothing of the named class
+        proposals.class_ids.copy_(class_ids)
+        seen = []
+        model.proposals = lambda raw: proposals  # the head's proposals, relabelled as above
+
+        def phrase_class(phrase_ids):
+            seen.append(list(phrase_ids))
+            return named
+
+        decoded = decode_grounded(
+            model,
+            input_ids=batch.input_ids,
+            attention_mask=batch.attention_mask,
+            features=features,
+            pyramid=pyramid,
+            pixel_values=batch.pixel_values,
+            metas=batch.image_metas,
+            max_new_tokens=len(expected_lm) - 1 + 6 * BOXES_PER_PHRASE,
+            temperature=0.0,
+            eos_token_id=processor.tokenizer.eos_token_id,
+            pad_token_id=processor.tokenizer.pad_token_id,
+            phrase_class=phrase_class,
+        )
+        del model.proposals
+    assert seen and all(s == phrase for s in seen)
+    of_class = [k for k in range(class_ids.shape[1]) if int(class_ids[0, k]) == named]
+    assert [c.proposal for c in decoded.choices[0]] == of_class[:BOXES_PER_PHRASE]
+    assert [c.proposal for c in decoded.choices[1]] == list(range(BOXES_PER_PHRASE))

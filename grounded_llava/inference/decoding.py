@@ -8,11 +8,17 @@ object the head cannot propose); at a later `<box>` of the phrase it ends the ph
 so a list names what the head proposes instead of boxes the LM invents. Within one phrase (the `<box>` groups after the same `</p>`), a proposal already chosen is
 excluded, as in training (`modeling.pointer.pointer_targets`): "every circle" lists each circle once.
 
+When the phrase names one of the head's categories ("the red star", "circles": `phrase_class`), the
+pointer chooses among the proposals the head labels with that category (and "none"): the text then
+names what the head detects, as `reconcile` requires for a match. A phrase that names no category,
+or one the head proposes nothing of, keeps every proposal.
+
 Frames: proposals are xyxy canvas pixels; `PointerChoice.box` is xyxy ORIGINAL image pixels.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -61,6 +67,7 @@ class _PhraseStates:
         self.inside = [False] * batch  # between <p> and </p>
         self.grounding = [False] * batch  # after </p>, within its box groups
         self.pending = [False] * batch  # the last written token is phrase content
+        self.tokens: list[list[int]] = [[] for _ in range(batch)]  # the current phrase's token ids
 
     def read(self, hidden: torch.Tensor) -> None:
         for r, pending in enumerate(self.pending):
@@ -74,10 +81,12 @@ class _PhraseStates:
         if token == ids.p_open:
             self.total[row].zero_()
             self.count[row], self.inside[row], self.grounding[row] = 0, True, False
+            self.tokens[row] = []
         elif token == ids.p_close:
             self.inside[row], self.grounding[row] = False, True
         elif self.inside[row]:
             self.pending[row] = True
+            self.tokens[row].append(token)
         elif token not in (ids.box_open, ids.box_close, ids.seg) and token not in ids.loc:
             self.grounding[row] = False
 
@@ -88,6 +97,27 @@ class _PhraseStates:
             for r in rows.tolist()
         ])  # fmt: skip
         return torch.cat([hidden[rows], means], dim=-1)
+
+
+def _named_class_options(
+    proposals: Proposals,
+    rows: Sequence[int],
+    phrase_ids: Sequence[Sequence[int]],
+    phrase_class: Callable[[Sequence[int]], int | None] | None,
+) -> torch.Tensor:
+    """(R, K) bool: the proposals each row's `<box>` may choose. Those of the class its phrase names
+    (`phrase_class` of the phrase's token ids), when the head proposes any; else every valid one."""
+    options = proposals.valid[list(rows)].clone()
+    if phrase_class is None or proposals.class_ids is None:
+        return options
+    for i, r in enumerate(rows):
+        named = phrase_class(phrase_ids[r])
+        if named is None:
+            continue
+        of_class = options[i] & (proposals.class_ids[r] == named)
+        if bool(of_class.any()):
+            options[i] = of_class
+    return options
 
 
 @torch.inference_mode()
@@ -104,9 +134,12 @@ def decode_grounded(
     temperature: float,
     eos_token_id: int,
     pad_token_id: int,
+    phrase_class: Callable[[Sequence[int]], int | None] | None = None,
 ) -> DecodedAnswers:
     """Generate answers for a left-padded batch (B, T) whose rows are one image each (`features` (B, N, D),
-    `pyramid` the neck's maps of those images, `pixel_values` (B, 3, S, S) their canvas, `metas` their geometry)."""
+    `pyramid` the neck's maps of those images, `pixel_values` (B, 3, S, S) their canvas, `metas` their
+    geometry). `phrase_class(phrase token ids)` is the head class index a phrase names, or None; None
+    for the argument: the pointer chooses among all proposals."""
     llava, ids = model.base_llava, model.token_ids
     num_bins = len(ids.loc)
     batch = input_ids.shape[0]
@@ -143,7 +176,9 @@ def decode_grounded(
         ]  # fmt: skip
         if at_box:
             rows = torch.tensor(at_box, device=hidden.device)
-            logits = model.pointer(phrase.queries(hidden, rows), rows, regions, proposals.valid, taken[rows])
+            options = _named_class_options(proposals, at_box, phrase.tokens, phrase_class)
+            excluded = taken[rows] | ~options
+            logits = model.pointer(phrase.queries(hidden, rows), rows, regions, proposals.valid, excluded)
             probabilities = logits.softmax(-1)
             best = probabilities.argmax(-1)
             for r, k, p in zip(at_box, best.tolist(), probabilities.max(-1).values.tolist(), strict=True):

@@ -5,15 +5,14 @@ every request in three steps:
 
 1. `_encode`: the vision tower and the neck run ONCE per image; features and pyramid are reused below.
 2. `_generate`: `decode_grounded` (KV cache, left padding, positions from the attention mask; the
-   features enter through `mm_encoder_outputs`): every `<box>` picks one of the head's proposals
-   through the pointer, whose box is forced as the group's loc tokens (`inference/decoding.py`).
+   features enter through `mm_encoder_outputs`): every `<box>` picks one of the head's proposals (of
+   the class the phrase names) through the pointer; its box is forced as the loc tokens (`decoding.py`).
 3. `_ground`: ONE teacher-forced `forward` over prompt + answer gives the Detect head's boxes and a
    mask for every `<seg>`: masks and their box prompts come from exactly the training code path.
    The same logits score the text boxes: a box's score is the geometric mean of the probabilities
    of its four `<loc_k>` tokens (full-vocabulary softmax, temperature 1: the model's probability,
-   not the sampling distribution). Taking them from this pass rather than from `generate`'s scores
-   lets `_ground` work from answer ids alone (any given answer can be grounded and scored), and
-   for greedy decoding they are the probabilities generation saw. Boxes the pointer chose keep the
+   not the sampling distribution): `_ground` works from answer ids alone (any given answer can be
+   grounded and scored); for greedy decoding they are the probabilities generation saw. Boxes the pointer chose keep the
    proposal's exact box and score pointer probability x head score. Text boxes are then reconciled
    with the head's detections (`reconcile`).
 
@@ -41,7 +40,7 @@ from grounded_llava.inference.grounding import (
     teacher_forcing_inputs,
 )
 from grounded_llava.inference.images import ImageInput, load_image
-from grounded_llava.inference.reconcile import reconcile
+from grounded_llava.inference.reconcile import phrase_category_index, reconcile
 from grounded_llava.inference.results import GroundedAnswer
 from grounded_llava.modeling import GroundedLlavaForConditionalGeneration
 from grounded_llava.processor import EncodedConversation
@@ -222,6 +221,7 @@ class GroundedLlava:
             temperature=temperature,
             eos_token_id=tokenizer.eos_token_id,
             pad_token_id=tokenizer.pad_token_id,
+            phrase_class=lambda ids: phrase_category_index(tokenizer.decode(list(ids)), self.categories),
         )
 
     @torch.inference_mode()

@@ -81,6 +81,12 @@ def phrase_category(phrase: str, category_names: Sequence[str]) -> str | None:
     return best
 
 
+def phrase_category_index(phrase: str, category_names: Sequence[str]) -> int | None:
+    """The index in `category_names` of the category `phrase` names (`phrase_category`), or None."""
+    named = phrase_category(phrase, category_names)
+    return None if named is None else list(category_names).index(named)
+
+
 def pairwise_iou(boxes_a: np.ndarray, boxes_b: np.ndarray) -> np.ndarray:
     """IoU of every pair: (N, 4) and (M, 4) xyxy boxes (same frame) -> (N, M) float64."""
     a = torch.as_tensor(np.asarray(boxes_a, dtype=np.float64).reshape(-1, 4))
