@@ -19,6 +19,17 @@ from grounded_llava import GroundedLlavaConfig, GroundedLlavaForConditionalGener
 
 transformers_logging.disable_progress_bar()
 
+
+@pytest.fixture(autouse=True)
+def fresh_accelerator_state():
+    """Each test starts with no `Accelerator` state: accelerate keeps it process-wide, and a Trainer built by
+    one test (mixed_precision "no") would make a later bf16 Trainer fail with "already initialized"."""
+    yield
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
 TEST_CATEGORIES = ["circle", "square", "star"]
 
 

@@ -143,10 +143,11 @@ def predict_images(
     max_new_tokens: int,
     temperature: float,
     masks_for_detections: bool,
-    stdout: TextIO = sys.stdout,
+    stdout: TextIO | None = None,
 ) -> list[GroundedAnswer]:
     """Answer `prompt` for every image (batched), write its overlay and JSON, print its answer."""
     answers: list[GroundedAnswer] = []
+    stdout = stdout or sys.stdout  # read at call time: sys.stdout may be replaced after import
     with tqdm(total=len(paths), desc="infer", unit="img", disable=len(paths) == 1, file=sys.stderr) as bar:
         for start in range(0, len(paths), batch_size):
             chunk = list(paths[start : start + batch_size])
@@ -175,13 +176,14 @@ def chat_session(
     max_new_tokens: int,
     temperature: float,
     masks_for_detections: bool,
-    stdout: TextIO = sys.stdout,
+    stdout: TextIO | None = None,
 ) -> list[GroundedAnswer]:
     """Multi-turn chat about one image: one prompt per line until the end or "exit"; blank lines are skipped.
 
     Prints each answer and writes the overlay and JSON of the last turn.
     """
     history: list[tuple[str, GroundedAnswer]] = []
+    stdout = stdout or sys.stdout  # read at call time: sys.stdout may be replaced after import
     for line in lines:
         prompt = line.strip()
         if prompt.lower() in EXIT_WORDS:
