@@ -88,12 +88,15 @@ def plot_loss_curves(
             ax.axvline(step, color="0.35", linestyle="--", linewidth=1.0)
         ax.set_ylabel(key)
         ax.grid(alpha=0.3)
-    for step, stage in starts:
+    span = max(int(records[-1]["step"]) - int(records[0]["step"]), 1)
+    raised = False  # a label too close to the one before it goes one line higher, so short stages stay legible
+    for index, (step, stage) in enumerate(starts):
+        raised = index > 0 and not raised and step - starts[index - 1][0] < 0.12 * span
         axes[0].annotate(
             stage,
             xy=(step, 1.0),
             xycoords=("data", "axes fraction"),
-            xytext=(3, 3),
+            xytext=(3, 14 if raised else 3),
             textcoords="offset points",
             fontsize=9,
             fontweight="bold",
