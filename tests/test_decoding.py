@@ -246,3 +246,42 @@ def test_a_phrase_naming_a_class_points_only_at_proposals_of_that_class(rigged):
     of_class = [k for k in range(class_ids.shape[1]) if int(class_ids[0, k]) == named]
     assert [c.proposal for c in decoded.choices[0]] == of_class[:BOXES_PER_PHRASE]
     assert [c.proposal for c in decoded.choices[1]] == list(range(BOXES_PER_PHRASE))
+
+
+def test_the_pointer_chooses_among_the_proposals_the_head_reports(rigged):
+    """With `min_score` (the head's detection threshold) between the second and third proposal's score of
+    row 0, row 0's list is proposals 0 and 1 and ends there (only "none" is left; the rigged LM may then
+    start another phrase), never proposal 2; a row whose proposals all score below it keeps every one."""
+    model, images, _, encoded, expected_lm = rigged
+    processor = model.processor
+    batch = processor.collate(encoded, padding_side="left")
+    with torch.no_grad(), model.llava.disable_adapter():
+        features = model.encode_images(batch.pixel_values)
+        pyramid = model.image_pyramid(features, batch.pixel_values)
+        proposals = model.proposals(model.detection_head(pyramid))
+        min_score = float(proposals.scores[0, 1])
+        assert float(proposals.scores[0, 2]) < min_score
+        decoded = decode_grounded(
+            model,
+            input_ids=batch.input_ids,
+            attention_mask=batch.attention_mask,
+            features=features,
+            pyramid=pyramid,
+            pixel_values=batch.pixel_values,
+            metas=batch.image_metas,
+            max_new_tokens=len(expected_lm) - 1 + 6 * BOXES_PER_PHRASE,
+            temperature=0.0,
+            eos_token_id=processor.tokenizer.eos_token_id,
+            pad_token_id=processor.tokenizer.pad_token_id,
+            min_score=min_score,
+        )
+    for row, choices in enumerate(decoded.choices):
+        reported = [k for k in range(proposals.valid.shape[1])
+                    if proposals.valid[row, k] and float(proposals.scores[row, k]) >= min_score]  # fmt: skip
+        chosen = [c.proposal for c in choices]
+        if reported:
+            assert chosen[: min(len(reported), BOXES_PER_PHRASE)] == reported[:BOXES_PER_PHRASE]
+            assert set(chosen) <= set(reported)
+        else:
+            assert chosen[:BOXES_PER_PHRASE] == list(range(BOXES_PER_PHRASE))
+    assert [c.proposal for c in decoded.choices[0]][:2] == [0, 1]

@@ -320,6 +320,16 @@ def test_region_token_projector_and_pointer_train_with_the_llm():
     assert "regions" in set_trainable(model, "ground") and "regions" in set_trainable(model, "base")
     assert "regions" not in set_trainable(model, "heads")
     assert "pointer" in set_trainable(model, "base") and "heads" not in set_trainable(model, "base")
+    pointer_only = set_trainable(model, "ground", train_detector=False, train_llm=False)
+    assert set(pointer_only) == {"heads", "pointer"}  # the LLM (LoRA, token rows, region projector) stays
+    assert all(
+        not p.requires_grad for n, p in model.named_parameters() if "lora_" in n or "region_encoder" in n
+    )
+    from grounded_llava.config_io import ConfigError
+    from grounded_llava.training.config import SourceConfig, StageConfig
+
+    with pytest.raises(ConfigError, match="train_llm: false is for ground and increment"):
+        StageConfig(name="b", kind="base", data=[SourceConfig(kind="synthetic", dir="w")], train_llm=False)
 
 
 def test_region_tokens_carry_the_heads_class_and_grow_with_new_categories():

@@ -11,7 +11,9 @@ excluded, as in training (`modeling.pointer.pointer_targets`): "every circle" li
 When the phrase names one of the head's categories ("the red star", "circles": `phrase_class`), the
 pointer chooses among the proposals the head labels with that category (and "none"): the text then
 names what the head detects, as `reconcile` requires for a match. A phrase that names no category,
-or one the head proposes nothing of, keeps every proposal.
+or one the head proposes nothing of, keeps every proposal. Of those, the pointer chooses among the
+proposals the head reports as detections (score >= `heads.conf_threshold`) when there are any, so a
+text box is one of the answer's detections rather than a low-score duplicate or background box.
 
 Frames: proposals are xyxy canvas pixels; `PointerChoice.box` is xyxy ORIGINAL image pixels.
 """
@@ -99,24 +101,26 @@ class _PhraseStates:
         return torch.cat([hidden[rows], means], dim=-1)
 
 
-def _named_class_options(
+def _pointer_options(
     proposals: Proposals,
     rows: Sequence[int],
     phrase_ids: Sequence[Sequence[int]],
     phrase_class: Callable[[Sequence[int]], int | None] | None,
+    min_score: float,
 ) -> torch.Tensor:
     """(R, K) bool: the proposals each row's `<box>` may choose. Those of the class its phrase names
-    (`phrase_class` of the phrase's token ids), when the head proposes any; else every valid one."""
+    (`phrase_class` of the phrase's token ids), when the head proposes any; of those, the ones the head
+    reports (score >= `min_score`), when there are any; else every valid one."""
     options = proposals.valid[list(rows)].clone()
-    if phrase_class is None or proposals.class_ids is None:
-        return options
     for i, r in enumerate(rows):
-        named = phrase_class(phrase_ids[r])
-        if named is None:
-            continue
-        of_class = options[i] & (proposals.class_ids[r] == named)
-        if bool(of_class.any()):
-            options[i] = of_class
+        named = None if phrase_class is None or proposals.class_ids is None else phrase_class(phrase_ids[r])
+        if named is not None:
+            of_class = options[i] & (proposals.class_ids[r] == named)
+            if bool(of_class.any()):
+                options[i] = of_class
+        reported = options[i] & (proposals.scores[r] >= min_score)
+        if bool(reported.any()):
+            options[i] = reported
     return options
 
 
@@ -135,11 +139,13 @@ def decode_grounded(
     eos_token_id: int,
     pad_token_id: int,
     phrase_class: Callable[[Sequence[int]], int | None] | None = None,
+    min_score: float = 0.0,
 ) -> DecodedAnswers:
     """Generate answers for a left-padded batch (B, T) whose rows are one image each (`features` (B, N, D),
     `pyramid` the neck's maps of those images, `pixel_values` (B, 3, S, S) their canvas, `metas` their
     geometry). `phrase_class(phrase token ids)` is the head class index a phrase names, or None; None
-    for the argument: the pointer chooses among all proposals."""
+    for the argument: the pointer chooses among all proposals. `min_score`: the pointer chooses among
+    proposals the head scores at least this (its detection threshold), when there are any."""
     llava, ids = model.base_llava, model.token_ids
     num_bins = len(ids.loc)
     batch = input_ids.shape[0]
@@ -176,7 +182,7 @@ def decode_grounded(
         ]  # fmt: skip
         if at_box:
             rows = torch.tensor(at_box, device=hidden.device)
-            options = _named_class_options(proposals, at_box, phrase.tokens, phrase_class)
+            options = _pointer_options(proposals, at_box, phrase.tokens, phrase_class, min_score)
             excluded = taken[rows] | ~options
             logits = model.pointer(phrase.queries(hidden, rows), rows, regions, proposals.valid, excluded)
             probabilities = logits.softmax(-1)

@@ -5,16 +5,15 @@ every request in three steps:
 
 1. `_encode`: the vision tower and the neck run ONCE per image; features and pyramid are reused below.
 2. `_generate`: `decode_grounded` (KV cache, left padding, positions from the attention mask; the
-   features enter through `mm_encoder_outputs`): every `<box>` picks one of the head's proposals (of
-   the class the phrase names) through the pointer; its box is forced as the loc tokens (`decoding.py`).
+   features enter through `mm_encoder_outputs`): every `<box>` picks, through the pointer, one of the
+   head's reported proposals of the class the phrase names; its box is forced as the loc tokens.
 3. `_ground`: ONE teacher-forced `forward` over prompt + answer gives the Detect head's boxes and a
-   mask for every `<seg>`: masks and their box prompts come from exactly the training code path.
+   mask for every `<seg>` (masks and their box prompts come from the training code path).
    The same logits score the text boxes: a box's score is the geometric mean of the probabilities
    of its four `<loc_k>` tokens (full-vocabulary softmax, temperature 1: the model's probability,
-   not the sampling distribution): `_ground` works from answer ids alone (any given answer can be
-   grounded and scored); for greedy decoding they are the probabilities generation saw. Boxes the pointer chose keep the
-   proposal's exact box and score pointer probability x head score. Text boxes are then reconciled
-   with the head's detections (`reconcile`).
+   not the sampling distribution): `_ground` works from answer ids alone (any given answer can be grounded
+   and scored). Boxes the pointer chose keep the proposal's exact box and score pointer probability x head
+   score. Text boxes are then reconciled with the head's detections (`reconcile`).
 
 Frames: boxes in results are xyxy ORIGINAL image pixels; masks are bool at original image size.
 """
@@ -222,6 +221,7 @@ class GroundedLlava:
             eos_token_id=tokenizer.eos_token_id,
             pad_token_id=tokenizer.pad_token_id,
             phrase_class=lambda ids: phrase_category_index(tokenizer.decode(list(ids)), self.categories),
+            min_score=self.model.config.heads.conf_threshold,
         )
 
     @torch.inference_mode()

@@ -87,6 +87,9 @@ class StageConfig:
     train_detector: bool = True
     """False: the neck, spatial prior and Detect stay as an earlier `heads` stage left them (no det loss, no
     detector backward: cheaper LLM steps); SAM's decoder and the pointer still train. Not for `heads` stages."""
+    train_llm: bool = True
+    """False (`ground` / `increment` stages): LoRA, the token rows and the region-token projector stay as
+    they are; the LLM only runs forward, and the pointer and SAM's decoder learn to read it."""
     batch_size: int | None = None
     """Samples per step (per rank) in this stage; None: `train.batch_size`."""
     vision_lr_scale: float = 0.3
@@ -107,6 +110,8 @@ class StageConfig:
             raise ConfigError(
                 f"stage {self.name!r}: a heads stage trains the detector (train_detector: true)"
             )
+        if not self.train_llm and self.kind not in ("ground", "increment"):
+            raise ConfigError(f"stage {self.name!r}: train_llm: false is for ground and increment stages")
         if self.train_vision and self.kind != "heads":
             raise ConfigError(
                 f"stage {self.name!r}: train_vision is for heads stages only (text alone collapses the tower's features)"

@@ -52,13 +52,15 @@ def set_trainable(
     *,
     train_vision: bool = False,
     train_detector: bool = True,
+    train_llm: bool = True,
 ) -> dict[str, int]:
     """Freeze everything but the stage's parameter groups; returns trainable parameter counts per group.
 
     `base` (tiny bases only) trains the LLM; the others follow DESIGN.md. `train_vision` (tiny bases,
     heads stages) also trains the vision tower + projector: a random-init tower has no visual features.
     `train_detector=False` keeps the neck, spatial prior and Detect as an earlier heads stage left them
-    (the "detector" group); SAM's decoder ("heads") and the pointer still train. `base` trains the
+    (the "detector" group); SAM's decoder ("heads") and the pointer still train. `train_llm=False` keeps
+    LoRA, the token rows and the region projector too: only what reads the LLM learns. `base` trains the
     pointer too: its loss shapes the LLM's hidden states at `<box>` while the whole LLM learns.
     """
     if (kind == "base" or train_vision) and not model.config.is_tiny:
@@ -68,6 +70,8 @@ def set_trainable(
     groups = STAGE_GROUPS[kind] | ({"vision"} if train_vision else set())
     if not train_detector:
         groups = groups - {"detector"}
+    if not train_llm:
+        groups = groups - {"lora", "token_rows", "regions"}
     counts: dict[str, int] = {}
     for name, parameter in model.named_parameters():
         group = _group_of(name)

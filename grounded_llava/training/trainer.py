@@ -129,8 +129,9 @@ class Trainer:
         if data.new_categories:
             model.add_categories(data.new_categories)
         trainable = set_trainable(
-            model, stage.kind, train_vision=stage.train_vision, train_detector=stage.train_detector
-        )
+            model, stage.kind, train_vision=stage.train_vision, train_detector=stage.train_detector,
+            train_llm=stage.train_llm,
+        )  # fmt: skip
         model.to(accelerator.device)
 
         datasets, sampler, loader = self._data_pipeline(index, model, data)
@@ -315,6 +316,10 @@ class Trainer:
             pixels = None if pixel_values is None else pixel_values.to(device)
             losses["distill_loss"] = distiller.loss(out.image_features, pixels, out.detections)
             total = total + stage.distill_weight * losses["distill_loss"]
+        if (
+            not total.requires_grad
+        ):  # nothing trainable was reached: a chat batch of a `train_llm: false` stage
+            total = total + sum(p.view(-1)[0] for p in model.parameters() if p.requires_grad) * 0.0
         return total, losses
 
     def _global_step(self, index: int, stage_step: int) -> int:
