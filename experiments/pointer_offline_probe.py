@@ -8,13 +8,15 @@ geometry, the positives). Then pointer heads train on the stored inputs alone (s
 scored on the held-out `refer` queries, split by whether the target's class is shared by another reported
 proposal of its image (the query must then use colour, size or position).
 
-    python experiments/pointer_offline_probe.py MODEL TRAIN_WORLD VAL_WORLD [EPOCHS [OUT_MODEL]]
+    python experiments/pointer_offline_probe.py MODEL TRAIN_WORLD VAL_WORLD [--epochs 30] [--out OUT_MODEL]
+        [--train-tasks detect=2,find=2,refer=6]
 
-With OUT_MODEL, the model with the freshly trained pointer is saved there (to evaluate end to end).
+With --out, the model with the freshly trained pointer is saved there (to evaluate end to end). E20's
+refer-only pointer (`runs/offline-pointer-refer`, used by E21): `--train-tasks refer=1`.
 """
 
+import argparse
 import copy
-import sys
 
 import torch
 from torch.utils.data import DataLoader
@@ -106,11 +108,17 @@ def train(head, data: dict[str, torch.Tensor], epochs: int, lr: float) -> None:
             optimizer.step()
 
 
-def main(model_dir: str, train_world: str, val_world: str, epochs: int = 30, out: str | None = None) -> None:
+def main(
+    model_dir: str,
+    train_world: str,
+    val_world: str,
+    epochs: int,
+    out: str | None,
+    train_tasks: dict[str, float],
+) -> None:
     torch.manual_seed(0)
     model = GroundedLlavaForConditionalGeneration.from_pretrained(model_dir).eval()
-    # Training queries: the preset's grounding mix (detect lists teach "none" and list ends); held out: refer.
-    train_data = collect(model, train_world, 2, {"detect": 2.0, "find": 2.0, "refer": 6.0})
+    train_data = collect(model, train_world, 2, train_tasks)
     val_data = collect(model, val_world, 4, {"refer": 1.0})
     print(f"queries: train {len(train_data['query'])}, val {len(val_data['query'])}")
     print("shipped pointer        ", accuracy(model.pointer, val_data))
@@ -128,4 +136,12 @@ def main(model_dir: str, train_world: str, val_world: str, epochs: int = 30, out
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2], sys.argv[3], *(int(a) for a in sys.argv[4:5]), *sys.argv[5:6])
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("model"), parser.add_argument("train_world"), parser.add_argument("val_world")
+    parser.add_argument("--epochs", type=int, default=30)
+    parser.add_argument("--out", default=None)
+    parser.add_argument("--train-tasks", default="detect=2,find=2,refer=6",
+                        help="task=weight,...: the training queries (detect lists teach list ends)")  # fmt: skip
+    args = parser.parse_args()
+    tasks = {k: float(v) for k, v in (item.split("=") for item in args.train_tasks.split(","))}
+    main(args.model, args.train_world, args.val_world, args.epochs, args.out, tasks)
