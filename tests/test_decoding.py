@@ -18,7 +18,7 @@ from PIL import Image
 from grounded_llava import GroundedLlavaForConditionalGeneration
 from grounded_llava.codec import box_bins
 from grounded_llava.inference import GroundedLlava
-from grounded_llava.inference.decoding import decode_grounded
+from grounded_llava.inference.decoding import DecodedAnswers, decode_grounded
 
 from .conftest import tiny_test_config
 
@@ -64,6 +64,25 @@ def _rig(model: GroundedLlavaForConditionalGeneration, prompt_end: int, phrase: 
     return chain[1:] + [ids.box_open]
 
 
+def _decode(model, batch, features, pyramid, max_new_tokens: int, **options) -> DecodedAnswers:
+    """`decode_grounded` of a collated batch, greedy; `options`: its `phrase_class` / `min_score`."""
+    tokenizer = model.processor.tokenizer
+    return decode_grounded(
+        model,
+        input_ids=batch.input_ids,
+        attention_mask=batch.attention_mask,
+        features=features,
+        pyramid=pyramid,
+        pixel_values=batch.pixel_values,
+        metas=batch.image_metas,
+        max_new_tokens=max_new_tokens,
+        temperature=0.0,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        **options,
+    )
+
+
 @pytest.fixture(scope="module")
 def rigged():
     torch.manual_seed(0)
@@ -94,19 +113,7 @@ def test_decode_grounded_forces_the_chosen_proposals_box_after_box(rigged):
         features = model.encode_images(batch.pixel_values)
         pyramid = model.image_pyramid(features, batch.pixel_values)
         proposals = model.proposals(model.detection_head(pyramid))
-        decoded = decode_grounded(
-            model,
-            input_ids=batch.input_ids,
-            attention_mask=batch.attention_mask,
-            features=features,
-            pyramid=pyramid,
-            pixel_values=batch.pixel_values,
-            metas=batch.image_metas,
-            max_new_tokens=max_new_tokens,
-            temperature=0.0,
-            eos_token_id=processor.tokenizer.eos_token_id,
-            pad_token_id=processor.tokenizer.pad_token_id,
-        )
+        decoded = _decode(model, batch, features, pyramid, max_new_tokens)
     assert (proposals.valid.sum(1) > BOXES_PER_PHRASE).all()
     forced_bins = []
     for row, (answer, choices, meta) in enumerate(
@@ -181,19 +188,7 @@ def test_none_after_a_phrases_first_box_ends_its_list(rigged):
         scores = model.proposals(model.detection_head(pyramid)).scores  # (B, K), best first
         assert float(scores[0, 1]) < float(scores[0, 0])
         model.pointer.none.fill_(500.0 * float(scores[0, 1] + scores[0, 0]))
-        decoded = decode_grounded(
-            model,
-            input_ids=batch.input_ids,
-            attention_mask=batch.attention_mask,
-            features=features,
-            pyramid=pyramid,
-            pixel_values=batch.pixel_values,
-            metas=batch.image_metas,
-            max_new_tokens=max_new_tokens,
-            temperature=0.0,
-            eos_token_id=processor.tokenizer.eos_token_id,
-            pad_token_id=processor.tokenizer.pad_token_id,
-        )
+        decoded = _decode(model, batch, features, pyramid, max_new_tokens)
     for answer, choices in zip(decoded.ids, decoded.choices, strict=True):
         first_box_end = len(expected_lm) - 1 + 5
         assert answer[: first_box_end + 1] == [*expected_lm, *answer[len(expected_lm) : first_box_end + 1]]
@@ -227,18 +222,12 @@ def test_a_phrase_naming_a_class_points_only_at_proposals_of_that_class(rigged):
             seen.append(list(phrase_ids))
             return named
 
-        decoded = decode_grounded(
+        decoded = _decode(
             model,
-            input_ids=batch.input_ids,
-            attention_mask=batch.attention_mask,
-            features=features,
-            pyramid=pyramid,
-            pixel_values=batch.pixel_values,
-            metas=batch.image_metas,
-            max_new_tokens=len(expected_lm) - 1 + 6 * BOXES_PER_PHRASE,
-            temperature=0.0,
-            eos_token_id=processor.tokenizer.eos_token_id,
-            pad_token_id=processor.tokenizer.pad_token_id,
+            batch,
+            features,
+            pyramid,
+            len(expected_lm) - 1 + 6 * BOXES_PER_PHRASE,
             phrase_class=phrase_class,
         )
         del model.proposals
@@ -261,19 +250,8 @@ def test_the_pointer_chooses_among_the_proposals_the_head_reports(rigged):
         proposals = model.proposals(model.detection_head(pyramid))
         min_score = float(proposals.scores[0, 1])
         assert float(proposals.scores[0, 2]) < min_score
-        decoded = decode_grounded(
-            model,
-            input_ids=batch.input_ids,
-            attention_mask=batch.attention_mask,
-            features=features,
-            pyramid=pyramid,
-            pixel_values=batch.pixel_values,
-            metas=batch.image_metas,
-            max_new_tokens=len(expected_lm) - 1 + 6 * BOXES_PER_PHRASE,
-            temperature=0.0,
-            eos_token_id=processor.tokenizer.eos_token_id,
-            pad_token_id=processor.tokenizer.pad_token_id,
-            min_score=min_score,
+        decoded = _decode(
+            model, batch, features, pyramid, len(expected_lm) - 1 + 6 * BOXES_PER_PHRASE, min_score=min_score
         )
     for row, choices in enumerate(decoded.choices):
         reported = [k for k in range(proposals.valid.shape[1])

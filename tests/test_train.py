@@ -259,3 +259,28 @@ def test_replay_and_distillation_keep_old_classes_closer_than_plain_finetuning(a
 
     drift_protected, drift_plain = drift(protected), drift(plain)
     assert drift_protected < 0.7 * drift_plain, (float(drift_protected), float(drift_plain))
+
+
+def test_a_train_llm_false_stage_trains_the_pointer_and_leaves_the_llm(aligned_run, tmp_path):
+    """`train_llm: false`: the pointer (and SAM's decoder) learn to read a frozen LLM: the pointer loss
+    falls, LoRA and the base LLM are bit-identical; chat batches (no trainable part reached) do not crash."""
+    data = load_yaml(CONFIG)
+    data["init_from"] = str(aligned_run / "final")
+    data["train"].update(max_steps=40, save_every=1000, batch_size=4, log_every=5)
+    data["stages"] = [
+        {"name": "pointer", "kind": "ground", "lr": 3.0e-3, "train_detector": False, "train_llm": False,
+         "hflip_prob": 0.0,
+         "data": [{"kind": "synthetic", "dir": "w", "num_images": 16, "seed": 1, "image_size": 112,
+                   "categories": ["circle", "square", "star"], "tasks": {"find": 1, "refer": 2},
+                   "samples_per_image": 3, "weight": 0.5},
+                  {"kind": "synthetic_chat", "dir": "w", "num_images": 16, "seed": 1, "image_size": 112,
+                   "categories": ["circle", "square", "star"], "weight": 0.5}]},
+    ]  # fmt: skip
+    Trainer(from_dict(TrainConfig, data), tmp_path).run()
+    losses = [r["pointer_loss"] for r in read_metrics(tmp_path / "metrics.jsonl") if r.get("pointer_loss")]
+    assert len(losses) >= 6 and sum(losses[-2:]) < 0.8 * sum(losses[:2])
+    before, after = _weights(aligned_run / "final"), _weights(tmp_path / "final")
+    llm = [k for k in before if not k.startswith("heads.safetensors")]
+    assert llm and all(torch.equal(before[k], after[k]) for k in llm)
+    pointer = [k for k in before if k.startswith("heads.safetensors:pointer.")]
+    assert pointer and any(not torch.equal(before[k], after[k]) for k in pointer)

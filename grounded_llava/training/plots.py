@@ -89,9 +89,8 @@ def plot_loss_curves(
         ax.set_ylabel(key)
         ax.grid(alpha=0.3)
     span = max(int(records[-1]["step"]) - int(records[0]["step"]), 1)
-    raised = (
-        False  # a label too close to the one before it goes one line higher, so short stages stay legible
-    )
+    # A label too close to the one before it goes one line higher, so short stages stay legible.
+    raised = False
     for index, (step, stage) in enumerate(starts):
         raised = index > 0 and not raised and step - starts[index - 1][0] < 0.12 * span
         axes[0].annotate(

@@ -316,9 +316,8 @@ class Trainer:
             pixels = None if pixel_values is None else pixel_values.to(device)
             losses["distill_loss"] = distiller.loss(out.image_features, pixels, out.detections)
             total = total + stage.distill_weight * losses["distill_loss"]
-        if (
-            not total.requires_grad
-        ):  # nothing trainable was reached: a chat batch of a `train_llm: false` stage
+        # Nothing trainable was reached (a chat batch of a `train_llm: false` stage): a zero that backward takes.
+        if not total.requires_grad:
             total = total + sum(p.view(-1)[0] for p in model.parameters() if p.requires_grad) * 0.0
         return total, losses
 
