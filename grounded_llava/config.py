@@ -89,6 +89,9 @@ class HeadSettings:
     mask_from_finest: bool = True
     """SAM decodes from the stride patch/2 level (masks at 8x the patch grid) instead of stride patch (4x)."""
     pointer_dim: int = 128
+    chooser: bool = False
+    """A second, choice pointer beside the stop pointer (set by a `chooser` stage, docs/EXPERIMENTS.md E21):
+    the pointer says whether a `<box>` is "none", the chooser which proposal it is."""
     max_proposals: int = 16
     """Class-agnostic head proposals a `<box>` chooses among (top-K after NMS)."""
     proposal_nms_iou: float = 0.6

@@ -263,3 +263,29 @@ def test_the_pointer_chooses_among_the_proposals_the_head_reports(rigged):
         else:
             assert chosen[:BOXES_PER_PHRASE] == list(range(BOXES_PER_PHRASE))
     assert [c.proposal for c in decoded.choices[0]][:2] == [0, 1]
+
+
+def test_with_a_chooser_the_proposal_comes_from_it_and_none_from_the_pointer(rigged):
+    """A chooser rigged to prefer the LOWEST head score: each phrase lists the valid proposals from the
+    last one up. A pointer that prefers "none" to everything leaves every box to the LM, whatever the
+    chooser prefers."""
+    model, images, _, encoded, expected_lm = rigged
+    model = copy.deepcopy(model)
+    batch = model.processor.collate(encoded, padding_side="left")
+    chooser = model.add_chooser()
+    with torch.no_grad(), model.llava.disable_adapter():
+        rigged_rows = {k: v for k, v in model.pointer.state_dict().items() if not k.startswith("query.0.")}
+        chooser.load_state_dict(rigged_rows, strict=False)  # it reads words: its first query layer differs
+        chooser.geometry[-1].weight.neg_()  # the region embedding: minus the head score's
+        features = model.encode_images(batch.pixel_values)
+        pyramid = model.image_pyramid(features, batch.pixel_values)
+        proposals = model.proposals(model.detection_head(pyramid))
+        max_new_tokens = len(expected_lm) - 1 + 6 * BOXES_PER_PHRASE
+        decoded = _decode(model, batch, features, pyramid, max_new_tokens)
+        model.pointer.none.fill_(1e4)
+        none = _decode(model, batch, features, pyramid, max_new_tokens)
+    for row, choices in enumerate(decoded.choices):
+        last = int(proposals.valid[row].sum()) - 1
+        assert [c.proposal for c in choices] == [last - k for k in range(BOXES_PER_PHRASE)]
+        assert choices[0].probability == pytest.approx(1.0, abs=1e-3)  # (1 - p_none) x p_choice, both ~sure
+    assert all(c.proposal is None for choices in none.choices for c in choices) and all(none.choices)

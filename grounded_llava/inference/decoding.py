@@ -15,6 +15,10 @@ or one the head proposes nothing of, keeps every proposal. Of those, the pointer
 proposals the head reports as detections (score >= `heads.conf_threshold`) when there are any, so a
 text box is one of the answer's detections rather than a low-score duplicate or background box.
 
+A model with a choice pointer (`model.chooser`, set by a `chooser` stage) splits the decision
+(`modeling.pointer.pointer_decision`): the pointer says whether a `<box>` is "none", the chooser which
+of the options it is.
+
 Frames: proposals are xyxy canvas pixels; `PointerChoice.box` is xyxy ORIGINAL image pixels.
 """
 
@@ -28,7 +32,7 @@ import torch
 from grounded_llava.codec import box_bins
 from grounded_llava.image_meta import ImageMeta
 from grounded_llava.modeling import GroundedLlavaForConditionalGeneration
-from grounded_llava.modeling.pointer import Proposals
+from grounded_llava.modeling.pointer import Proposals, pointer_decision
 
 
 @dataclass
@@ -100,6 +104,18 @@ class _PhraseStates:
         ])  # fmt: skip
         return torch.cat([hidden[rows], means], dim=-1)
 
+    def words(self, embed: Callable[[torch.Tensor], torch.Tensor], rows: torch.Tensor) -> torch.Tensor:
+        """(R, D) the mean input embedding (`embed`: the LLM's embedding layer) of each row's current phrase,
+        as `BoxQueries.word_queries` reads it in training: the queries of a pointer that `reads` "words"."""
+        means = []
+        for r in rows.tolist():
+            if self.grounding[r] and self.tokens[r]:
+                tokens = torch.tensor(self.tokens[r], device=self.total.device)
+                means.append(embed(tokens).mean(0).to(self.total.dtype))
+            else:
+                means.append(torch.zeros_like(self.total[r]))
+        return torch.stack(means)
+
 
 def _pointer_options(
     proposals: Proposals,
@@ -152,6 +168,8 @@ def decode_grounded(
     proposals: Proposals = model.proposals(model.detection_head(pyramid))
     region_map = model.pointer_features(pyramid, pixel_values)
     regions = model.pointer.region_embeddings(region_map, proposals)
+    chooser = model.chooser
+    choice_regions = None if chooser is None else chooser.region_embeddings(region_map, proposals)
     position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
     out = llava.model(
         input_ids=input_ids,
@@ -184,10 +202,14 @@ def decode_grounded(
             rows = torch.tensor(at_box, device=hidden.device)
             options = _pointer_options(proposals, at_box, phrase.tokens, phrase_class, min_score)
             excluded = taken[rows] | ~options
-            logits = model.pointer(phrase.queries(hidden, rows), rows, regions, proposals.valid, excluded)
-            probabilities = logits.softmax(-1)
-            best = probabilities.argmax(-1)
-            for r, k, p in zip(at_box, best.tolist(), probabilities.max(-1).values.tolist(), strict=True):
+            queries = phrase.queries(hidden, rows)
+            stop = model.pointer(queries, rows, regions, proposals.valid, excluded)
+            choice = None
+            if chooser is not None:
+                words = phrase.words(llava.get_input_embeddings(), rows)
+                choice = chooser(words, rows, choice_regions, proposals.valid, excluded)
+            best, probability = pointer_decision(stop, choice)
+            for r, k, p in zip(at_box, best.tolist(), probability.tolist(), strict=True):
                 position = len(answers[r]) - 1
                 if k == proposals.valid.shape[1] and listed[r]:  # "none" after a box: the list ends
                     retracted.append(r)

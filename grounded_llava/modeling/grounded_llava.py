@@ -22,7 +22,7 @@ from .heads import build_heads
 from .lm_loss import language_loss, phrase_token_weights
 from .masks import mask_loss
 from .outputs import GroundedLlavaOutput
-from .pointer import Proposals
+from .pointer import ProposalPointer, Proposals
 from .prompts import answer_pointer_loss, seg_prompts
 
 
@@ -67,15 +67,11 @@ class GroundedLlavaForConditionalGeneration(nn.Module):
             canvas_size=canvas_size,
             patch_size=patch_size,
         )
-        self.neck, self.detection_head, self.mask_head, self.pointer = (
-            parts["neck"],
-            parts["detection_head"],
-            parts["mask_head"],
-            parts["pointer"],
-        )
-        self.spatial_prior = parts["spatial_prior"] if "spatial_prior" in parts else None  # noqa: SIM401 (ModuleDict has no .get)
+        self.neck, self.detection_head = parts["neck"], parts["detection_head"]
+        self.mask_head, self.pointer = parts["mask_head"], parts["pointer"]
+        for name in ("spatial_prior", "region_encoder", "chooser"):  # optional parts (ModuleDict has no .get)
+            setattr(self, name, parts[name] if name in parts else None)  # noqa: SIM401
         self.mask_level = 0 if config.heads.mask_from_finest else 1
-        self.region_encoder = parts["region_encoder"] if "region_encoder" in parts else None  # noqa: SIM401
         self.processor = None  # set by from_config / from_pretrained (a GroundedProcessor)
 
     # ------------------------------------------------------------------ construction and persistence
@@ -106,6 +102,12 @@ class GroundedLlavaForConditionalGeneration(nn.Module):
         if self.processor is None:
             raise ValueError("the model has no processor: build it with from_config/from_pretrained")
         return save_pretrained(self, self.processor, directory)
+
+    def add_chooser(self) -> ProposalPointer:
+        """A fresh choice pointer (replacing any): decoding then takes "none" from `pointer`, the proposal from it."""
+        self.chooser = self.pointer.fresh_copy(reads="words")
+        self.config.heads.chooser = True
+        return self.chooser
 
     def add_categories(self, names: list[str]) -> None:
         """Append detection categories (incremental stages): the class branch grows, old rows are kept."""

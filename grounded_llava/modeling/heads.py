@@ -26,7 +26,8 @@ def build_heads(
     """The heads, sized from `heads` and the vision tower's geometry: "neck" (LLM-space image tokens ->
     pyramid at strides patch/2, patch, 2*patch), "spatial_prior" (pixels -> the same strides; when
     `heads.spatial_prior`), "detection_head" (Detect), "mask_head" (SAM), "pointer" (`<box>` -> proposal)
-    and "region_encoder" (proposals -> LLM input tokens; when `region_tokens`)."""
+    "region_encoder" (proposals -> LLM input tokens; when `region_tokens`) and "chooser" (the choice
+    pointer; when `heads.chooser`)."""
     channels = heads.neck_channels
     strides = (patch_size / 2, float(patch_size), patch_size * 2.0)
     mask_level = 0 if heads.mask_from_finest else 1
@@ -76,4 +77,6 @@ def build_heads(
             stride=strides[0],
             num_classes=num_classes,
         )
+    if heads.chooser:  # the choice pointer (`GroundedLlava.add_chooser`), built last for the same reason
+        parts["chooser"] = parts["pointer"].fresh_copy(reads="words")
     return parts

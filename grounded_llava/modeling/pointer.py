@@ -12,6 +12,7 @@ Frames: proposal boxes are xyxy canvas pixels (S, S); region features come from 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from torch import nn
@@ -72,7 +73,13 @@ def region_inputs(
 
 
 class ProposalPointer(nn.Module):
-    """Scores (M,) queries against their images' K proposals + "none": logits (M, K + 1), "none" last."""
+    """Scores (M,) queries against their images' K proposals + "none": logits (M, K + 1), "none" last.
+
+    `reads` is what its queries are: "states" (M, 2 D_text), the `<box>` hidden state beside the phrase's
+    mean hidden state (`prompts.pointer_query`); "words" (M, D_text), the mean input embedding of the
+    phrase's tokens (the choice pointer: words generalise to unseen images where states let it memorise
+    its training images, docs/EXPERIMENTS.md E15, E22).
+    """
 
     def __init__(
         self,
@@ -83,8 +90,12 @@ class ProposalPointer(nn.Module):
         stride: float,
         dim: int = 128,
         pool: int = 4,
+        reads: Literal["states", "words"] = "states",
     ) -> None:
         super().__init__()
+        self.shape = {"channels": channels, "text_hidden_size": text_hidden_size, "canvas_size": canvas_size,
+                      "stride": stride, "dim": dim, "pool": pool, "reads": reads}  # fmt: skip
+        self.reads = reads
         self.canvas_size = canvas_size
         self.stride = stride
         self.pool = pool
@@ -93,8 +104,9 @@ class ProposalPointer(nn.Module):
         )
         self.geometry = nn.Sequential(nn.Linear(9, dim), nn.GELU(), nn.Linear(dim, dim))
         self.query = nn.Sequential(
-            nn.Linear(2 * text_hidden_size, dim), nn.LayerNorm(dim), nn.GELU(), nn.Linear(dim, dim)
-        )
+            nn.Linear((2 if reads == "states" else 1) * text_hidden_size, dim),
+            nn.LayerNorm(dim), nn.GELU(), nn.Linear(dim, dim),
+        )  # fmt: skip
         self.none = nn.Parameter(torch.zeros(dim))
         self.scale = dim**-0.5
 
@@ -103,7 +115,15 @@ class ProposalPointer(nn.Module):
         pooled, geometry = region_inputs(
             feature_map, proposals, pool=self.pool, stride=self.stride, canvas_size=self.canvas_size
         )
+        return self.embed(pooled, geometry)
+
+    def embed(self, pooled: torch.Tensor, geometry: torch.Tensor) -> torch.Tensor:
+        """`region_inputs` (..., K, C * pool * pool) and (..., K, 9) -> (..., K, dim) region embeddings."""
         return self.region(pooled) + self.geometry(geometry)
+
+    def fresh_copy(self, **changes) -> ProposalPointer:
+        """A newly initialised pointer of the same shape but `changes` (the choice pointer: `reads="words"`)."""
+        return type(self)(**(self.shape | changes)).to(self.none.device)
 
     def forward(
         self,
@@ -116,8 +136,7 @@ class ProposalPointer(nn.Module):
         """Pointer logits (M, K + 1); padding and `excluded` (M, K) proposals get -inf, "none" never does.
 
         Args:
-            query_hidden: (M, 2 D_text) `prompts.pointer_query`: the LLM's last hidden state at each
-                `<box>` beside the mean state of its phrase.
+            query_hidden: (M, 2 D_text) or (M, D_text): the queries `reads` names.
             query_image: (M,) the image of each query; regions: (I, K, dim); valid: (I, K).
             excluded: (M, K) proposals already chosen by an earlier box of the same phrase.
         """
@@ -129,6 +148,30 @@ class ProposalPointer(nn.Module):
             blocked = blocked | excluded
         blocked = torch.cat([blocked, blocked.new_zeros((len(query), 1))], dim=1)
         return logits.float().masked_fill(blocked, float("-inf"))
+
+
+def pointer_decision(
+    stop_logits: torch.Tensor, choice_logits: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """What each `<box>` query gets: (R,) the option (K = "none") and (R,) its probability.
+
+    With one pointer (`choice_logits` None): the argmax of `stop_logits` (R, K + 1). With a choice pointer
+    (docs/EXPERIMENTS.md E21): "none" when it is the stop pointer's argmax, with the stop pointer's
+    probability; else the choice pointer's best proposal, with probability (1 - p_none) * p_choice, where
+    p_choice is its softmax over the proposals (its own "none" is ignored).
+    """
+    stop = stop_logits.softmax(-1)
+    probability, best = stop.max(-1)
+    if choice_logits is None:
+        return best, probability
+    k = stop.shape[-1] - 1
+    none = best == k
+    choice = choice_logits[:, :k].softmax(-1).nan_to_num(0.0)  # rows with every proposal blocked: zeros
+    choice_probability, chosen = choice.max(-1)
+    none = none | (choice_probability == 0)
+    best = torch.where(none, torch.full_like(chosen, k), chosen)
+    probability = torch.where(none, stop[:, k], (1 - stop[:, k]) * choice_probability)
+    return best, probability
 
 
 def pointer_targets(

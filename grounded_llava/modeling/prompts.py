@@ -14,7 +14,7 @@ import torch
 
 from ..grammar import BatchBoxGroups
 from ..image_meta import ImageMeta
-from .pointer import pointer_loss, pointer_targets
+from .pointer import Proposals, pointer_loss, pointer_targets
 
 
 @dataclass
@@ -36,6 +36,16 @@ class BoxQueries:
     def pointer_queries(self, hidden: torch.Tensor) -> torch.Tensor:
         """(B, T, D) last hidden states -> (M, 2D) pointer queries (`pointer_query`)."""
         return pointer_query(hidden, self.rows, self.cols, self.phrase_starts, self.phrase_ends)
+
+    def word_queries(self, embeddings: torch.Tensor) -> torch.Tensor:
+        """(B, T, D) input embeddings of the tokens -> (M, D) the mean embedding of each group's phrase
+        (zeros without a phrase): the queries of a pointer that `reads` "words"."""
+        return pointer_query(embeddings, self.rows, self.cols, self.phrase_starts, self.phrase_ends)[
+            :, embeddings.shape[-1] :
+        ]
+
+    def select(self, keep: torch.Tensor) -> BoxQueries:
+        return BoxQueries(*(t[keep] for t in vars(self).values()))
 
 
 def pointer_query(
@@ -124,6 +134,52 @@ def seg_prompts(
     return images, boxes.to(device), hidden[rows, cols - 1]
 
 
+@dataclass
+class PointerBatch:
+    """The supervised `<box>` groups of a batch that have an image, with what a pointer needs of them.
+
+    boxes: the M groups (their queries: `boxes.pointer_queries(hidden)` or `boxes.word_queries(embeddings)`);
+    images: (M,) their image; proposals: the head's, of I images; region_map: (I, C, h, w)
+    `pointer_features`; positives: (M, K + 1), excluded: (M, K) `pointer_targets`.
+    """
+
+    boxes: BoxQueries
+    images: torch.Tensor
+    proposals: Proposals
+    region_map: torch.Tensor
+    positives: torch.Tensor
+    excluded: torch.Tensor
+
+
+def answer_pointer_batch(
+    model,
+    groups: BatchBoxGroups,
+    labels: torch.Tensor,
+    image_sample_index: torch.Tensor,
+    original_sizes: torch.Tensor,
+    proposals: Proposals,
+    region_map: torch.Tensor,
+) -> PointerBatch | None:
+    """The answers' `<box>` groups of a (B, T) batch with their targets among `proposals` of its images
+    (`model`: the grounded model, for its loc tokens and canvas); None when no supervised `<box>` has an
+    image."""
+    queries = box_queries(groups, labels)
+    images = image_of_rows(labels.shape[0], image_sample_index, labels.device)[queries.rows]
+    keep = images >= 0
+    if not bool(keep.any()):
+        return None
+    images = images[keep]
+    target_boxes = bins_to_canvas(
+        queries.bins[keep],
+        images,
+        original_sizes,
+        num_bins=len(model.token_ids.loc),
+        canvas_size=model.canvas_size,
+    )
+    positives, excluded = pointer_targets(proposals, images, target_boxes, queries.phrase[keep])
+    return PointerBatch(queries.select(keep), images, proposals, region_map, positives, excluded)
+
+
 def answer_pointer_loss(
     model,
     groups: BatchBoxGroups,
@@ -134,24 +190,17 @@ def answer_pointer_loss(
     out,
     pixel_values: torch.Tensor | None,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """The pointer's training loss for `model` (the grounded model; `out` its output so far, with
-    `detections` and `pyramid`): cross-entropy of the answers' `<box>` queries over the head's
-    proposals (+ "none"), and its accuracy (None, None when no supervised `<box>` has an image)."""
-    queries = box_queries(groups, labels)
-    images = image_of_rows(hidden.shape[0], image_sample_index, hidden.device)[queries.rows]
-    keep = images >= 0
-    if not bool(keep.any()):
-        return None, None
-    images = images[keep]
+    """The pointer's training loss for `model` (`out` its output so far, with `detections` and `pyramid`;
+    `hidden` (B, T, D) its last hidden states): cross-entropy of the answers' `<box>` queries over the
+    head's proposals (+ "none"), and its accuracy (None, None when no supervised `<box>` has an image)."""
     proposals = out.proposals if out.proposals is not None else model.proposals(out.detections)
-    target_boxes = bins_to_canvas(
-        queries.bins[keep],
-        images,
-        original_sizes,
-        num_bins=len(model.token_ids.loc),
-        canvas_size=model.canvas_size,
+    region_map = model.pointer_features(out.pyramid, pixel_values)
+    batch = answer_pointer_batch(
+        model, groups, labels, image_sample_index, original_sizes, proposals, region_map
     )
-    positives, excluded = pointer_targets(proposals, images, target_boxes, queries.phrase[keep])
-    regions = model.pointer.region_embeddings(model.pointer_features(out.pyramid, pixel_values), proposals)
-    logits = model.pointer(queries.pointer_queries(hidden)[keep], images, regions, proposals.valid, excluded)
-    return pointer_loss(logits, positives)
+    if batch is None:
+        return None, None
+    regions = model.pointer.region_embeddings(batch.region_map, batch.proposals)
+    queries = batch.boxes.pointer_queries(hidden)
+    logits = model.pointer(queries, batch.images, regions, batch.proposals.valid, batch.excluded)
+    return pointer_loss(logits, batch.positives)

@@ -10,7 +10,7 @@ from typing import Literal
 from ..config import GroundedLlavaConfig
 from ..config_io import ConfigError, apply_overrides, from_dict, load_yaml, to_dict
 
-StageKind = Literal["heads", "base", "align", "ground", "increment"]
+StageKind = Literal["heads", "base", "align", "ground", "increment", "chooser"]
 SourceKind = Literal["coco", "synthetic", "llava_chat", "coco_captions", "synthetic_chat"]
 
 
@@ -63,7 +63,10 @@ class StageConfig:
     the random-init LLM on chat, vision tower and projector frozen, standing in for LLaVA's own
     pre-training), `align` (heads, neck, `<seg>` MLP, new token rows; LLM frozen),
     `ground` (+ LoRA, chat replay with KL to the adapter-disabled model), `increment` (new categories:
-    the Detect class branch grows, replay of earlier grounding data, distillation of old-class outputs).
+    the Detect class branch grows, replay of earlier grounding data, distillation of old-class outputs),
+    `chooser` (everything frozen: the model runs forward once over the stage's steps x batch grounding
+    samples, and a fresh choice pointer trains `epochs` passes over its cached `<box>` queries;
+    `training/chooser_stage.py`).
     """
 
     name: str
@@ -98,6 +101,8 @@ class StageConfig:
     """`heads` stages: SAM's box prompts are true boxes with each side moved by N(0, this * box side)."""
     zoom_prob: float = 0.3
     """`heads` stages: probability of the zoom-out augmentation (hflip uses `hflip_prob`)."""
+    epochs: int = 30
+    """`chooser` stages: passes of the choice pointer over the cached queries."""
 
     def __post_init__(self) -> None:
         if not self.data:
@@ -116,6 +121,14 @@ class StageConfig:
             raise ConfigError(
                 f"stage {self.name!r}: train_vision is for heads stages only (text alone collapses the tower's features)"
             )
+        if self.kind == "chooser" and (
+            self.kl_weight or self.distill_weight or not all(s.is_grounding for s in self.data)
+        ):
+            raise ConfigError(
+                f"stage {self.name!r}: a chooser stage reads grounding sources only, without KL or distillation"
+            )
+        if self.epochs < 1:
+            raise ConfigError(f"stage {self.name!r}: epochs must be >= 1")
         if self.kind == "heads" and (self.kl_weight or not all(s.is_grounding for s in self.data)):
             raise ConfigError(
                 f"stage {self.name!r}: a heads stage trains on grounding sources only, without KL"

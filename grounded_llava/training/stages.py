@@ -17,6 +17,7 @@ _DETECTOR = ("neck.", "detection_head.", "spatial_prior.")
 _HEADS = ("mask_head.",)
 _POINTER = ("pointer.",)  # `<box>` -> proposal: trains wherever grounded answers train the LLM
 _REGIONS = ("region_encoder.",)  # the LLM's region-token projector: trains with the LLM
+_CHOOSER = ("chooser.",)  # the choice pointer: trains in `chooser` stages only
 
 
 def _group_of(name: str) -> str:
@@ -28,6 +29,8 @@ def _group_of(name: str) -> str:
         return "pointer"
     if name.startswith(_REGIONS):
         return "regions"
+    if name.startswith(_CHOOSER):
+        return "chooser"
     if "lora_" in name:
         return "lora"
     if "trainable_tokens_delta" in name:
@@ -43,6 +46,7 @@ STAGE_GROUPS = {
     "align": {"detector", "heads", "pointer", "token_rows", "regions"},
     "ground": {"detector", "heads", "pointer", "token_rows", "lora", "regions"},
     "increment": {"detector", "heads", "pointer", "token_rows", "lora", "regions"},
+    "chooser": {"chooser"},
 }
 
 

@@ -11,6 +11,7 @@ Output directory layout:
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import logging
 import math
@@ -19,16 +20,18 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator, DistributedDataParallelKwargs
-from accelerate.utils import set_seed
+from accelerate.utils import broadcast, set_seed
 from torch.utils.data import ConcatDataset, DataLoader
 from tqdm.auto import tqdm
 
 from ..data.dataset import GroundedCollator, GroundedDataset, TrainingBatch
 from ..modeling import GroundedLlavaForConditionalGeneration
 from .checkpointing import save_training_state, trainable_state_dict, write_replica_digest
+from .chooser_stage import cache_choice_queries, train_chooser
 from .config import StageConfig, TrainConfig
 from .data_sources import LoadedSource
 from .distribution import check_distribution
+from .eval_hook import evaluation_losses, model_kwargs
 from .heads_data import HeadsBatch, HeadsDataset, collate_heads, jitter_boxes
 from .metrics_log import MetricsLogger
 from .nonfinite import NonFiniteGuard, check_finite, finite_or_none
@@ -43,19 +46,6 @@ from .stages import HeadDistiller, chat_kl_loss, parameter_groups, set_trainable
 
 MANIFEST = "stages.json"
 logger = logging.getLogger(__name__)
-
-
-def _to_device(
-    batch: TrainingBatch, device: torch.device, *, det_targets: bool = True, pointer: bool = True
-) -> dict:
-    """The model's inputs on `device`; `det_targets=False` leaves out the Detect targets (no det loss),
-    `pointer=False` keeps the pointer loss from pulling on the LLM (`pointer_shapes_llm`)."""
-    inputs = batch.model_inputs()
-    moved = {k: v.to(device) if torch.is_tensor(v) else v for k, v in inputs.items()}
-    moved["det_targets"] = batch.det_targets.to(device) if det_targets else None
-    moved["original_sizes"] = batch.batch.original_sizes  # read on the host to place box prompts
-    moved["pointer_shapes_llm"] = pointer
-    return moved
 
 
 class Trainer:
@@ -125,6 +115,8 @@ class Trainer:
             self.config, index, model.config.heads.categories, model.config.num_bins,
             output_dir=self.output_dir, manifest=self.manifest, accelerator=self.accelerator,
         )  # fmt: skip
+        if stage.kind == "chooser":
+            return self._run_chooser_stage(index, model, data)
         distiller = self._distiller(index, model, resume_from)
         if data.new_categories:
             model.add_categories(data.new_categories)
@@ -213,6 +205,36 @@ class Trainer:
         self._finish_stage(index, model, data, trainable, final_metrics)
         self._save_checkpoint(model, optimizer, scheduler, sampler, index + 1, 0)
         accelerator.free_memory()
+        return model
+
+    def _run_chooser_stage(
+        self, index: int, model: GroundedLlavaForConditionalGeneration, data: StageData
+    ) -> GroundedLlavaForConditionalGeneration:
+        """A `chooser` stage (`chooser_stage.py`): cache the frozen model's `<box>` queries over the stage's
+        steps, then train a fresh choice pointer on them. Under DDP every rank caches its shard and rank
+        0's chooser is broadcast, so that the replicas stay identical."""
+        stage, steps, device = self.config.stages[index], self.stage_steps[index], self.accelerator.device
+        set_trainable(model, stage.kind)  # everything frozen while caching
+        model.to(device)
+        _, sampler, loader = self._data_pipeline(index, model, data)
+        batches = itertools.islice(endless_batches(loader, sampler), steps)
+        cache = cache_choice_queries(model, batches, device, total=steps, desc=f"stage {stage.name}: caching")
+        chooser = model.add_chooser()
+        trainable = set_trainable(model, stage.kind)
+        optimizer = torch.optim.AdamW(chooser.parameters(), lr=stage.lr, weight_decay=0.01)
+        logger = MetricsLogger(
+            self.output_dir / "metrics.jsonl", is_main_process=self.accelerator.is_main_process
+        )
+        metrics = train_chooser(
+            chooser, cache, optimizer, epochs=stage.epochs, seed=self.config.train.seed + index,
+            log=lambda epoch, m: logger.log(step=self._global_step(index, round(steps * epoch / stage.epochs)),
+                                            stage=stage.name, metrics=m | {"cached_queries": len(cache)}),
+        )  # fmt: skip
+        logger.close()
+        if self.accelerator.num_processes > 1:
+            chooser.load_state_dict(broadcast(chooser.state_dict(), from_process=0))
+        self._finish_stage(index, model, data, trainable, metrics | {"cached_queries": len(cache)})
+        self._save_checkpoint(model, optimizer, None, sampler, index + 1, 0)
         return model
 
     def _distiller(
@@ -304,7 +326,9 @@ class Trainer:
             # `base` trains the LLM (LoRA off: zero output, only cost); its pointer does not pull on it (E11)
             base = stage.kind == "base"
             with model.llava.disable_adapter() if base else contextlib.nullcontext():
-                out = wrapped(**_to_device(batch, device, det_targets=stage.train_detector, pointer=not base))
+                out = wrapped(
+                    **model_kwargs(batch, device, det_targets=stage.train_detector, pointer=not base)
+                )
             pixel_values = batch.batch.pixel_values
         losses = {"lm_loss": out.lm_loss, "det_loss": out.det_loss, "mask_loss": out.mask_loss,
                   "pointer_loss": out.pointer_loss, "pointer_accuracy": out.pointer_accuracy}  # fmt: skip
@@ -324,35 +348,11 @@ class Trainer:
     def _global_step(self, index: int, stage_step: int) -> int:
         return sum(self.stage_steps[:index]) + stage_step
 
-    @torch.no_grad()
-    def evaluate(self, model: GroundedLlavaForConditionalGeneration, datasets: list[GroundedDataset]) -> dict:
-        """The evaluation hook: mean losses on a fixed set of `eval_samples` samples of the stage's sources."""
-        was_training = model.training
-        model.eval()
-        per_source = max(1, self.config.train.eval_samples // len(datasets))
-        totals: dict[str, list[float]] = {}
-        device = self.accelerator.device
-        for dataset in datasets:
-            for start in range(0, min(per_source, len(dataset)), self.config.train.batch_size):
-                items = [
-                    dataset[i]
-                    for i in range(start, min(start + self.config.train.batch_size, per_source, len(dataset)))
-                ]
-                if isinstance(dataset, HeadsDataset):
-                    batch = collate_heads(items)
-                    prompts = {
-                        k: getattr(batch, k).to(device) for k in ("mask_image", "mask_boxes", "mask_targets")
-                    }
-                    out = model(pixel_values=batch.pixel_values.to(device), det_targets=batch.det_targets.to(device),
-                                mask_prompts=prompts)  # fmt: skip
-                else:
-                    out = model(**_to_device(GroundedCollator(model.processor)(items), device))
-                for key in ("lm_loss", "det_loss", "mask_loss", "pointer_accuracy"):
-                    value = getattr(out, key)
-                    if value is not None:
-                        totals.setdefault(f"eval_{key}", []).append(float(value))
-        model.train(was_training)
-        return {k: sum(v) / len(v) for k, v in totals.items()}
+    def evaluate(self, model: GroundedLlavaForConditionalGeneration, datasets: list) -> dict:
+        """The evaluation hook (`eval_hook.evaluation_losses`) on `train.eval_samples` samples."""
+        loop = self.config.train
+        return evaluation_losses(model, datasets, samples=loop.eval_samples, batch_size=loop.batch_size,
+                                 device=self.accelerator.device)  # fmt: skip
 
     def _save_checkpoint(
         self, model, optimizer, scheduler, sampler, stage_index: int, stage_step: int
