@@ -14,6 +14,7 @@ from torchvision.ops import box_iou
 from grounded_llava import GroundedLlavaForConditionalGeneration
 from grounded_llava.data.coco import load_coco_instances
 from grounded_llava.data.synthetic import generate_world
+from grounded_llava.modeling.heads_step import heads_losses
 from grounded_llava.modeling.pointer import Proposals, pointer_loss, pointer_targets
 from grounded_llava.training.heads_data import HeadsBatch, HeadsDataset, collate_heads, jitter_boxes
 from grounded_llava.training.stages import set_trainable
@@ -59,12 +60,13 @@ def _true_boxes(batch: HeadsBatch, canvas_size: int) -> torch.Tensor:
 
 
 def _train(model, batch: HeadsBatch, *, steps: int, loss_name: str, lr: float = 2e-3) -> list[float]:
-    """`steps` heads steps (`model.heads_losses`, SAM prompted by freshly jittered true boxes) on `loss_name`."""
+    """`steps` heads steps (`heads_step.heads_losses`, SAM prompted by freshly jittered true boxes) on `loss_name`."""
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
     history = []
     for step in range(steps):
         torch.manual_seed(step)
-        out = model.heads_losses(
+        out = heads_losses(
+            model,
             pixel_values=batch.pixel_values,
             det_targets=batch.det_targets,
             mask_image=batch.mask_image,

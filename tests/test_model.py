@@ -13,7 +13,7 @@ from grounded_llava.codec import encode_phrase
 from grounded_llava.data.dataset import GroundedCollator, GroundedDataset
 from grounded_llava.data.sample import GroundedSample
 from grounded_llava.modeling import CheckpointError
-from grounded_llava.modeling.base import BaseModelUnavailableError
+from grounded_llava.modeling.base import BaseModelUnavailableError, sync_trainable_rows
 
 from .conftest import TEST_CATEGORIES, tiny_test_config
 
@@ -380,3 +380,21 @@ def test_pointer_loss_reaches_the_llm_only_when_asked(tiny_model, tmp_path, shap
     llm = [p for n, p in tiny_model.named_parameters() if "language_model" in n and p.requires_grad]
     assert llm and any(p.grad is not None for p in tiny_model.pointer.parameters())
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in llm) == shapes_llm
+
+
+def test_after_a_base_stage_the_adapters_token_rows_start_from_the_trained_base_rows():
+    """A `base` stage trains the base embedding with the adapter off; the rows peft copied at wrap time
+    must follow, or the first LoRA stage sees the grounding tokens' untrained embeddings."""
+    torch.manual_seed(0)
+    model = GroundedLlavaForConditionalGeneration.from_config(tiny_test_config())
+    embeddings = model.llava.get_input_embeddings()
+    grounding = torch.tensor(model.token_ids.all_ids[:4])
+    with torch.no_grad():
+        embeddings.token_adapter.get_base_layer().weight[grounding] += (
+            1.0  # what `base` training does to those rows
+        )
+        with model.llava.disable_adapter():
+            trained = embeddings(grounding).clone()
+        assert not torch.allclose(embeddings(grounding), trained)  # stale copy
+        sync_trainable_rows(model.llava)
+        assert torch.equal(embeddings(grounding), trained)

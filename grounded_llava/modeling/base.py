@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
+from torch import nn
 from transformers import (
     AutoImageProcessor,
     AutoTokenizer,
@@ -218,6 +219,51 @@ def wrap_with_lora(
         )
         peft_model.enable_input_require_grads()
     return peft_model
+
+
+def extend_trainable_rows(peft_model: PeftModel, token_ids: list[int]) -> None:
+    """Make more token rows trainable (category names added by an increment: a small base LM never saw
+    their words, and their rows were only ever pushed down by its softmax). The rows start from their
+    current values; the adapter config records them, so the saved adapter reloads with the same rows."""
+    from peft.tuners.trainable_tokens.layer import TrainableTokensLayer
+
+    for module in peft_model.modules():
+        if not isinstance(module, TrainableTokensLayer) or module.tied_adapter:
+            continue
+        for name, indices in list(module.token_indices.items()):
+            extra = [t for t in dict.fromkeys(token_ids) if t not in indices]
+            if not extra:
+                continue
+            rows = module.get_base_layer().weight[extra].detach().clone()
+            delta = module.trainable_tokens_delta[name]
+            module.token_indices[name] = [*indices, *extra]
+            module.trainable_tokens_delta[name] = nn.Parameter(
+                torch.cat([delta.data, rows.to(delta.dtype)]), requires_grad=delta.requires_grad
+            )
+            module.trainable_tokens_original[name] = torch.cat(
+                [module.trainable_tokens_original[name], rows.to(delta.dtype)]
+            )
+    for config in peft_model.peft_config.values():
+        rows = config.trainable_token_indices or {}
+        for layer, indices in rows.items():
+            rows[layer] = [*indices, *(t for t in dict.fromkeys(token_ids) if t not in indices)]
+
+
+def sync_trainable_rows(peft_model: PeftModel) -> None:
+    """Reset the trainable token rows to the base embedding's current rows. After a `base` stage (which
+    trains the base rows with the adapter disabled) the rows peft copied at wrap time are stale: without
+    this, the first LoRA stage would start from untrained embeddings of every grounding token."""
+    from peft.tuners.trainable_tokens.layer import TrainableTokensLayer
+
+    with torch.no_grad():
+        for module in peft_model.modules():
+            if not isinstance(module, TrainableTokensLayer) or module.tied_adapter:
+                continue
+            weight = module.get_base_layer().weight
+            for name, indices in module.token_indices.items():
+                rows = weight[indices].to(module.trainable_tokens_delta[name].dtype)
+                module.trainable_tokens_delta[name].copy_(rows)
+                module.trainable_tokens_original[name].copy_(rows)
 
 
 _PEFT_KEY = re.compile(r"\.(token_adapter\.)?base_layer\.")

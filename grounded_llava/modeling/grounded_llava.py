@@ -17,8 +17,10 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling
 from ..config import GroundedLlavaConfig
 from ..grammar import box_groups_in_ids
 from ..tokenizer import GroundingTokenIds
+from .base import extend_trainable_rows
 from .detection import DetectionTargets
 from .heads import build_heads
+from .heads_step import heads_losses
 from .lm_loss import language_loss, phrase_token_weights
 from .masks import mask_loss
 from .outputs import GroundedLlavaOutput
@@ -110,12 +112,17 @@ class GroundedLlavaForConditionalGeneration(nn.Module):
         return self.chooser
 
     def add_categories(self, names: list[str]) -> None:
-        """Append detection categories (incremental stages): the class branch grows, old rows are kept."""
+        """Append detection categories (incremental stages): the class branch grows, old rows are kept, and
+        and (tiny bases) the token rows of the new names become trainable beside the grounding tokens'."""
         new = [n for n in names if n not in self.config.heads.categories]
         self.config.heads.categories = [*self.config.heads.categories, *new]
         self.detection_head.grow_classes(len(self.config.heads.categories))
         if self.region_encoder is not None:
             self.region_encoder.grow_classes(len(self.config.heads.categories))
+        if new and self.processor is not None and self.config.is_tiny:  # a small LM never saw their words
+            encode = self.processor.tokenizer.encode
+            words = [t for n in new for text in (n, f" {n}") for t in encode(text, add_special_tokens=False)]
+            extend_trainable_rows(self.llava, words)
 
     # ------------------------------------------------------------------ parts
     @property
@@ -231,37 +238,6 @@ class GroundedLlavaForConditionalGeneration(nn.Module):
         )
         return Proposals.from_detections([r.float() for r in rows], heads.max_proposals)
 
-    def heads_losses(
-        self,
-        *,
-        pixel_values: torch.Tensor,
-        det_targets: DetectionTargets,
-        mask_image: torch.Tensor,
-        mask_boxes: torch.Tensor,
-        mask_targets: torch.Tensor,
-    ) -> GroundedLlavaOutput:
-        """The heads stage's step, without the LLM: Detect on every box, SAM on every instance mask.
-
-        Args:
-            pixel_values: (I, 3, S, S) canvas pixels. det_targets: every instance of the images.
-            mask_image: (M,) image of each mask prompt; mask_boxes: (M, 4) xyxy canvas px (jittered true
-                boxes); mask_targets: (M, r, r) {0, 1} canvas-frame masks (r = `mask_head.mask_resolution`).
-        """
-        features = self.encode_images(pixel_values)
-        pyramid = self.image_pyramid(features, pixel_values)
-        out = GroundedLlavaOutput(image_features=features, pyramid=pyramid)
-        out.detections = self.detection_head(pyramid)
-        out.det_loss = self.detection_head.loss(out.detections, det_targets)
-        out.mask_logits, out.mask_scores = self.mask_head(
-            self.mask_features(pyramid), mask_image, mask_boxes.to(self.heads_dtype), seg_hidden=None
-        )
-        loss = self.config.loss
-        out.mask_loss = mask_loss(
-            out.mask_logits, mask_targets, bce_weight=loss.mask_bce, dice_weight=loss.mask_dice
-        )
-        out.loss = loss.det * out.det_loss + out.mask_loss
-        return out
-
     # ------------------------------------------------------------------ forward
     def forward(
         self,
@@ -281,7 +257,7 @@ class GroundedLlavaForConditionalGeneration(nn.Module):
         pointer_shapes_llm: bool = True,
     ) -> GroundedLlavaOutput:
         """Teacher-forced pass over the whole sequence; without `input_ids`, the heads stage's step
-        (`heads_losses(pixel_values=..., det_targets=..., **mask_prompts)`, routed here so DDP sees it).
+        (`heads_step.heads_losses`, routed here so DDP sees it).
 
         Args:
             input_ids, attention_mask: (B, T). labels: (B, T), -100 where not supervised.
@@ -300,7 +276,7 @@ class GroundedLlavaForConditionalGeneration(nn.Module):
                 raise ValueError(
                     "without input_ids, forward is the heads step: pass pixel_values, det_targets, mask_prompts"
                 )
-            return self.heads_losses(pixel_values=pixel_values, det_targets=det_targets, **mask_prompts)
+            return heads_losses(self, pixel_values=pixel_values, det_targets=det_targets, **mask_prompts)
         batch = input_ids.shape[0]
         if image_sample_index is None:
             image_sample_index = torch.arange(

@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 
 from ..data.dataset import GroundedCollator, GroundedDataset, TrainingBatch
 from ..modeling import GroundedLlavaForConditionalGeneration
+from ..modeling.base import sync_trainable_rows
 from .checkpointing import save_training_state, trainable_state_dict, write_replica_digest
 from .chooser_stage import cache_choice_queries, train_chooser
 from .config import StageConfig, TrainConfig
@@ -199,6 +200,8 @@ class Trainer:
                 self._save_checkpoint(model, optimizer, scheduler, sampler, index, stage_step)
         progress.close()
         model = accelerator.unwrap_model(wrapped)
+        if stage.kind == "base":  # the base rows trained: the adapter's token rows start from them (E13)
+            sync_trainable_rows(model.llava)
         final_metrics = self.evaluate(model, datasets)
         logger.log(step=self._global_step(index, steps), stage=stage.name, metrics=final_metrics)
         logger.close()

@@ -1,0 +1,41 @@
+"""The heads stage's step: Detect and SAM trained on every box and every instance mask, without the LLM."""
+
+from __future__ import annotations
+
+import torch
+
+from .detection import DetectionTargets
+from .masks import mask_loss
+from .outputs import GroundedLlavaOutput
+
+
+def heads_losses(
+    model,
+    *,
+    pixel_values: torch.Tensor,
+    det_targets: DetectionTargets,
+    mask_image: torch.Tensor,
+    mask_boxes: torch.Tensor,
+    mask_targets: torch.Tensor,
+) -> GroundedLlavaOutput:
+    """The heads stage's step, without the LLM: Detect on every box, SAM on every instance mask.
+
+    Args:
+        pixel_values: (I, 3, S, S) canvas pixels. det_targets: every instance of the images.
+        mask_image: (M,) image of each mask prompt; mask_boxes: (M, 4) xyxy canvas px (jittered true
+            boxes); mask_targets: (M, r, r) {0, 1} canvas-frame masks (r = `mask_head.mask_resolution`).
+    """
+    features = model.encode_images(pixel_values)
+    pyramid = model.image_pyramid(features, pixel_values)
+    out = GroundedLlavaOutput(image_features=features, pyramid=pyramid)
+    out.detections = model.detection_head(pyramid)
+    out.det_loss = model.detection_head.loss(out.detections, det_targets)
+    out.mask_logits, out.mask_scores = model.mask_head(
+        model.mask_features(pyramid), mask_image, mask_boxes.to(model.heads_dtype), seg_hidden=None
+    )
+    loss = model.config.loss
+    out.mask_loss = mask_loss(
+        out.mask_logits, mask_targets, bce_weight=loss.mask_bce, dice_weight=loss.mask_dice
+    )
+    out.loss = loss.det * out.det_loss + out.mask_loss
+    return out
