@@ -141,11 +141,14 @@ def test_decode_grounded_forces_the_chosen_proposals_box_after_box(rigged):
 
 
 def test_predictor_answers_carry_the_pointers_boxes_and_scores(rigged):
-    """`GroundedLlava` on the rigged model: the phrase "circle" names a class, so the k-th text box is the
-    k-th proposal the head labels circle (every proposal when it labels none), exact box (original pixels),
-    scored pointer probability (~1 here) x head score; the head reports nothing at conf 0.99: unmatched."""
+    """`GroundedLlava` on the rigged model, whose categories here do not include "circle" (the phrase then
+    names no head class: no class restriction and no name masking, which have tests of their own): the
+    k-th text box is the k-th proposal, exact box (original pixels), scored pointer probability (~1 here)
+    x head score; the head reports nothing at conf 0.99: unmatched."""
     model, images, prompts, _, expected_lm = rigged
+    model = copy.deepcopy(model)
     model.config.heads.conf_threshold = 0.99
+    model.config.heads.categories = ["ring" if c == "circle" else c for c in model.config.heads.categories]
     predictor = GroundedLlava(model, device="cpu")
     with torch.inference_mode(), model.llava.disable_adapter():
         answers = predictor.predict(
@@ -155,16 +158,11 @@ def test_predictor_answers_carry_the_pointers_boxes_and_scores(rigged):
             predictor._request(image, prompt, []) for image, prompt in zip(images, prompts, strict=True)
         ]
         proposals = model.proposals(model.detection_head(predictor._encode(requests)[1]))
-    circle = predictor.categories.index("circle")
     for row, (answer, request) in enumerate(zip(answers, requests, strict=True)):
         assert answer.text.strip().startswith("circle") and len(answer.detections) == 0
-        circles = [k for k in range(proposals.valid.shape[1]) if int(proposals.class_ids[row, k]) == circle]
-        options = ([k for k in circles if proposals.valid[row, k]] or list(range(BOXES_PER_PHRASE)))[
-            :BOXES_PER_PHRASE
-        ]
-        assert all(s.phrase == "circle" for s in answer.spans) and len(answer.spans) >= len(options)
+        assert all(s.phrase == "circle" for s in answer.spans) and len(answer.spans) >= BOXES_PER_PHRASE
         width, height = request.meta.original_size
-        for k, span in zip(options, answer.spans, strict=False):  # the first list (it may end early)
+        for k, span in zip(range(BOXES_PER_PHRASE), answer.spans, strict=False):
             assert span.source == "text"
             box = request.meta.boxes_from_canvas(proposals.boxes[row, k : k + 1].float())[0]
             box = box.clamp(min=0).minimum(torch.tensor([width, height, width, height], dtype=box.dtype))
@@ -172,10 +170,31 @@ def test_predictor_answers_carry_the_pointers_boxes_and_scores(rigged):
             assert span.score == pytest.approx(float(proposals.scores[row, k]), rel=1e-3)
 
 
+def test_a_phrase_cannot_name_a_class_the_head_reports_nothing_of(rigged):
+    """The rigged LM writes "circle" after `<p>`; with "circle" a head category and nothing reported (conf
+    0.99), the token is masked inside the phrase and the answer names something else; at conf 0 (every
+    proposal reported) it names the circle again."""
+    model, images, prompts, _, expected_lm = rigged
+    model = copy.deepcopy(model)
+    circle = model.processor.tokenizer(" circle", add_special_tokens=False).input_ids[0]
+    for threshold, named in ((0.99, False), (0.0, True)):
+        model.config.heads.conf_threshold = threshold
+        predictor = GroundedLlava(model, device="cpu")
+        with torch.inference_mode(), model.llava.disable_adapter():
+            requests = [predictor._request(images[0], prompts[0], [])]
+            features, pyramid = predictor._encode(requests)
+            decoded = predictor._generate(requests, features, pyramid, max_new_tokens=len(expected_lm) + 2,
+                                          temperature=0.0)  # fmt: skip
+        answer = decoded.ids[0]
+        assert answer[0] == model.token_ids.p_open
+        assert (answer[1] == circle) == named, model.processor.tokenizer.decode(answer)
+
+
 def test_none_after_a_phrases_first_box_ends_its_list(rigged):
     """The pointer prefers "none" to every proposal but the best one: the phrase's first `<box>` takes
     proposal 0, the second `<box>` is taken back (no LM-written box follows) and the answer goes on (the
-    rigged LM then repeats its phrase: each new list again ends after one box).
+    rigged LM then repeats its phrase: each new list again ends after one box; proposal 0 is cited once
+    in the answer, so a repeated phrase's first `<box>` gets "none" and the LM's box).
     (One request: the "none" logit sits between the image's best two proposal scores.)"""
     model, images, _, encoded, expected_lm = rigged
     model = copy.deepcopy(model)
@@ -194,7 +213,7 @@ def test_none_after_a_phrases_first_box_ends_its_list(rigged):
         assert answer[: first_box_end + 1] == [*expected_lm, *answer[len(expected_lm) : first_box_end + 1]]
         assert answer[first_box_end] == ids.box_close
         assert answer[first_box_end + 1] != ids.box_open  # the second `<box>` was taken back
-        assert choices[0].proposal == 0 and all(c.proposal is not None for c in choices)  # no LM box
+        assert choices[0].proposal == 0 and all(c.proposal is None for c in choices[1:])
         boxes = [p for p, token in enumerate(answer) if token == ids.box_open]
         assert all(answer[p - 1] == ids.p_close for p in boxes)  # every list ends after one box
 
@@ -259,7 +278,7 @@ def test_the_pointer_chooses_among_the_proposals_the_head_reports(rigged):
         chosen = [c.proposal for c in choices]
         if reported:
             assert chosen[: min(len(reported), BOXES_PER_PHRASE)] == reported[:BOXES_PER_PHRASE]
-            assert set(chosen) <= set(reported)
+            assert set(chosen) - {None} <= set(reported)  # a later phrase: all cited, "none": the LM's box
         else:
             assert chosen[:BOXES_PER_PHRASE] == list(range(BOXES_PER_PHRASE))
     assert [c.proposal for c in decoded.choices[0]][:2] == [0, 1]

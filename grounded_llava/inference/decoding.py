@@ -5,8 +5,9 @@ is then forced as the group's four `<loc_k>` tokens and `</box>`.
 "none" (the pointer's last option) at a phrase's first `<box>` leaves the four loc tokens to the LM (an
 object the head cannot propose); at a later `<box>` of the phrase it ends the phrase's list: that
 `<box>` is taken back (masked in the KV cache, its position reused) and the best other token follows,
-so a list names what the head proposes instead of boxes the LM invents. Within one phrase (the `<box>` groups after the same `</p>`), a proposal already chosen is
-excluded, as in training (`modeling.pointer.pointer_targets`): "every circle" lists each circle once.
+so a list names what the head proposes instead of boxes the LM invents. A proposal the answer already
+cited is excluded (within a phrase as in training, `modeling.pointer.pointer_targets`: "every circle"
+lists each circle once; across phrases, so that "crosses and crosses" cites two different crosses).
 
 When the phrase names one of the head's categories ("the red star", "circles": `phrase_class`), the
 pointer chooses among the proposals the head labels with that category (and "none"): the text then
@@ -14,6 +15,10 @@ names what the head detects, as `reconcile` requires for a match. A phrase that 
 or one the head proposes nothing of, keeps every proposal. Of those, the pointer chooses among the
 proposals the head reports as detections (score >= `heads.conf_threshold`) when there are any, so a
 text box is one of the answer's detections rather than a low-score duplicate or background box.
+Text and head agree by construction where the head reports something (E23): inside a phrase, the
+tokens that start the name of a category the head reports nothing of are masked (`name_starts`); a
+phrase's first `<box>` cannot be "none" when the head reports the class it names; and when the answer
+has already cited every reported box of that class, that `<box>` is taken back instead.
 
 A model with a choice pointer (`model.chooser`, set by a `chooser` stage) splits the decision
 (`modeling.pointer.pointer_decision`): the pointer says whether a `<box>` is "none", the chooser which
@@ -30,6 +35,7 @@ from dataclasses import dataclass
 import torch
 
 from grounded_llava.codec import box_bins
+from grounded_llava.data.phrasing import pluralize
 from grounded_llava.image_meta import ImageMeta
 from grounded_llava.modeling import GroundedLlavaForConditionalGeneration
 from grounded_llava.modeling.pointer import Proposals, pointer_decision
@@ -117,17 +123,40 @@ class _PhraseStates:
         return torch.stack(means)
 
 
+def category_name_starts(tokenizer, categories: Sequence[str]) -> list[set[int]]:
+    """Per category, the token ids that start its name or plural, with or without a leading space."""
+    starts = []
+    for name in categories:
+        texts = (name, f" {name}", pluralize(name), f" {pluralize(name)}")
+        starts.append({ids[0] for text in texts if (ids := tokenizer.encode(text, add_special_tokens=False))})
+    return starts
+
+
+def _absent_name_tokens(
+    proposals: Proposals, name_starts: Sequence[set[int]], min_score: float
+) -> list[list[int]]:
+    """Per image, the name-start tokens of the categories the head reports nothing of (score >= `min_score`)."""
+    reported = proposals.valid & (proposals.scores >= min_score)
+    absent = []
+    for r in range(reported.shape[0]):
+        present = set(proposals.class_ids[r][reported[r]].tolist())
+        absent.append(sorted({t for c, ids in enumerate(name_starts) if c not in present for t in ids}))
+    return absent
+
+
 def _pointer_options(
     proposals: Proposals,
     rows: Sequence[int],
     phrase_ids: Sequence[Sequence[int]],
     phrase_class: Callable[[Sequence[int]], int | None] | None,
     min_score: float,
-) -> torch.Tensor:
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(R, K) bool: the proposals each row's `<box>` may choose. Those of the class its phrase names
     (`phrase_class` of the phrase's token ids), when the head proposes any; of those, the ones the head
-    reports (score >= `min_score`), when there are any; else every valid one."""
+    reports (score >= `min_score`), when there are any; else every valid one. And (R,) bool: the phrase
+    names a class the head reports (a phrase's first `<box>` then takes one of them, never "none")."""
     options = proposals.valid[list(rows)].clone()
+    named_and_reported = torch.zeros(len(rows), dtype=torch.bool, device=options.device)
     for i, r in enumerate(rows):
         named = None if phrase_class is None or proposals.class_ids is None else phrase_class(phrase_ids[r])
         if named is not None:
@@ -137,7 +166,8 @@ def _pointer_options(
         reported = options[i] & (proposals.scores[r] >= min_score)
         if bool(reported.any()):
             options[i] = reported
-    return options
+            named_and_reported[i] = named is not None and bool(of_class.any())
+    return options, named_and_reported
 
 
 @torch.inference_mode()
@@ -156,16 +186,20 @@ def decode_grounded(
     pad_token_id: int,
     phrase_class: Callable[[Sequence[int]], int | None] | None = None,
     min_score: float = 0.0,
+    name_starts: Sequence[set[int]] | None = None,
 ) -> DecodedAnswers:
     """Generate answers for a left-padded batch (B, T) whose rows are one image each (`features` (B, N, D),
     `pyramid` the neck's maps of those images, `pixel_values` (B, 3, S, S) their canvas, `metas` their
     geometry). `phrase_class(phrase token ids)` is the head class index a phrase names, or None; None
     for the argument: the pointer chooses among all proposals. `min_score`: the pointer chooses among
-    proposals the head scores at least this (its detection threshold), when there are any."""
+    proposals the head scores at least this (its detection threshold), when there are any.
+    `name_starts` (`category_name_starts`): inside a phrase, the tokens that start the name of a category
+    the head reports nothing of are masked: the text names what the head detects."""
     llava, ids = model.base_llava, model.token_ids
     num_bins = len(ids.loc)
     batch = input_ids.shape[0]
     proposals: Proposals = model.proposals(model.detection_head(pyramid))
+    absent_names = None if name_starts is None else _absent_name_tokens(proposals, name_starts, min_score)
     region_map = model.pointer_features(pyramid, pixel_values)
     regions = model.pointer.region_embeddings(region_map, proposals)
     chooser = model.chooser
@@ -183,7 +217,7 @@ def decode_grounded(
     answers: list[list[int]] = [[] for _ in range(batch)]
     choices: list[list[PointerChoice]] = [[] for _ in range(batch)]
     forced: list[list[int]] = [[] for _ in range(batch)]
-    taken = torch.zeros_like(proposals.valid)  # (B, K): chosen within the current phrase
+    taken = torch.zeros_like(proposals.valid)  # (B, K): cited earlier in the answer
     finished = torch.zeros(batch, dtype=torch.bool, device=input_ids.device)
     box_open = torch.tensor([ids.box_open], device=input_ids.device)
     phrase = _PhraseStates(batch, hidden, ids)
@@ -192,6 +226,9 @@ def decode_grounded(
     for _ in range(max_new_tokens):
         phrase.read(hidden)
         logits_now = llava.lm_head(hidden)
+        for r in range(batch) if absent_names is not None else ():
+            if phrase.inside[r] and absent_names[r]:
+                logits_now[r, absent_names[r]] = float("-inf")
         tokens = _choose(logits_now, temperature)
         retracted: list[int] = []
         at_box = [
@@ -200,18 +237,22 @@ def decode_grounded(
         ]  # fmt: skip
         if at_box:
             rows = torch.tensor(at_box, device=hidden.device)
-            options = _pointer_options(proposals, at_box, phrase.tokens, phrase_class, min_score)
+            options, named = _pointer_options(proposals, at_box, phrase.tokens, phrase_class, min_score)
             excluded = taken[rows] | ~options
             queries = phrase.queries(hidden, rows)
             stop = model.pointer(queries, rows, regions, proposals.valid, excluded)
+            first = torch.tensor([listed[r] == 0 for r in at_box], device=stop.device)
+            available = (~excluded).any(1)
+            stop[named & first & available, -1] = float("-inf")  # the head reports what the phrase names
+            cited_all = (named & first & ~available).tolist()  # ... and the answer cited all of it already
             choice = None
             if chooser is not None:
                 words = phrase.words(llava.get_input_embeddings(), rows)
                 choice = chooser(words, rows, choice_regions, proposals.valid, excluded)
             best, probability = pointer_decision(stop, choice)
-            for r, k, p in zip(at_box, best.tolist(), probability.tolist(), strict=True):
+            for r, k, p, done in zip(at_box, best.tolist(), probability.tolist(), cited_all, strict=True):
                 position = len(answers[r]) - 1
-                if k == proposals.valid.shape[1] and listed[r]:  # "none" after a box: the list ends
+                if k == proposals.valid.shape[1] and (listed[r] or done):  # "none" after a box: the list ends
                     retracted.append(r)
                     continue
                 listed[r] += 1
@@ -241,7 +282,7 @@ def decode_grounded(
                 answers[r].append(token)
                 phrase.wrote(r, token)
                 if token == ids.p_close:
-                    taken[r], listed[r] = False, 0
+                    listed[r] = 0
         finished |= tokens == eos_token_id
         if bool(finished.all()):
             break

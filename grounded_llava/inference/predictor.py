@@ -5,8 +5,9 @@ every request in three steps:
 
 1. `_encode`: the vision tower and the neck run ONCE per image; features and pyramid are reused below.
 2. `_generate`: `decode_grounded` (KV cache, left padding, positions from the attention mask; the
-   features enter through `mm_encoder_outputs`): every `<box>` picks, through the pointer, one of the
-   head's reported proposals of the class the phrase names; its box is forced as the loc tokens.
+   features enter through `mm_encoder_outputs`): phrases name only classes the head reports; every
+   `<box>` picks, through the pointer, one of the head's reported proposals of the class the phrase
+   names; its box is forced as the loc tokens.
 3. `_ground`: ONE teacher-forced `forward` over prompt + answer gives the Detect head's boxes and a
    mask for every `<seg>` (masks and their box prompts come from the training code path).
    The same logits score the text boxes: a box's score is the geometric mean of the probabilities
@@ -29,8 +30,8 @@ import torch
 from PIL import Image
 
 from grounded_llava.image_meta import ImageMeta
+from grounded_llava.inference import decoding
 from grounded_llava.inference.checkpoint_paths import resolve_checkpoint
-from grounded_llava.inference.decoding import DecodedAnswers, PointerChoice, decode_grounded
 from grounded_llava.inference.detections import Detections
 from grounded_llava.inference.grounding import (
     align_boxes,
@@ -200,7 +201,7 @@ class GroundedLlava:
         *,
         max_new_tokens: int,
         temperature: float,
-    ) -> DecodedAnswers:
+    ) -> decoding.DecodedAnswers:
         """Answer token ids per request (up to, not including, the first eos), `<box>`es pointed at proposals."""
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
@@ -208,7 +209,7 @@ class GroundedLlava:
             raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
         tokenizer = self.processor.tokenizer
         batch = self.processor.collate([r.encoded for r in requests], padding_side="left")
-        return decode_grounded(
+        return decoding.decode_grounded(
             self.model,
             input_ids=batch.input_ids.to(self.device),
             attention_mask=batch.attention_mask.to(self.device),
@@ -222,6 +223,7 @@ class GroundedLlava:
             pad_token_id=tokenizer.pad_token_id,
             phrase_class=lambda ids: phrase_category_index(tokenizer.decode(list(ids)), self.categories),
             min_score=self.model.config.heads.conf_threshold,
+            name_starts=decoding.category_name_starts(tokenizer, self.categories),
         )
 
     @torch.inference_mode()
@@ -230,7 +232,7 @@ class GroundedLlava:
         requests: list[_Request],
         features: torch.Tensor,
         pyramid: list[torch.Tensor],
-        decoded: DecodedAnswers,
+        decoded: decoding.DecodedAnswers,
         *,
         masks_for_detections: bool,
     ) -> list[GroundedAnswer]:
@@ -297,7 +299,7 @@ class GroundedLlava:
         seg_mask_logits: dict[int, torch.Tensor],
         detections: Detections,
         meta: ImageMeta,
-        choices: Sequence[PointerChoice] = (),
+        choices: Sequence[decoding.PointerChoice] = (),
     ) -> GroundedAnswer:
         """One answer: parse its text, score and mask its boxes, reconcile them with the head.
 

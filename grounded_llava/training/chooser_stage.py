@@ -122,8 +122,9 @@ def train_chooser(
     seed: int,
     log: Callable[[int, dict[str, float]], None],
 ) -> dict[str, float]:
-    """`optimizer` (over the chooser) for `epochs` passes of the cache (a held-out tenth scored after each, `log(epoch, metrics)`);
-    returns the last epoch's metrics: train loss and accuracy, held-out accuracy."""
+    """`optimizer` (over the chooser) for `epochs` passes of the cache, `log(epoch, metrics)` after each;
+    returns the last epoch's metrics: train loss and accuracy, and the accuracy on a held-out tenth of
+    the queries (`eval_chooser_accuracy`; their images may recur in training: an optimistic figure)."""
     generator = torch.Generator().manual_seed(seed)
     order = torch.randperm(len(cache), generator=generator)
     held = max(1, int(len(cache) * HELD_OUT)) if len(cache) > 1 else 0

@@ -217,6 +217,10 @@ class Trainer:
         steps, then train a fresh choice pointer on them. Under DDP every rank caches its shard and rank
         0's chooser is broadcast, so that the replicas stay identical."""
         stage, steps, device = self.config.stages[index], self.stage_steps[index], self.accelerator.device
+        if data.new_categories:  # the heads would not know them
+            raise ValueError(
+                f"stage {stage.name!r}: a chooser stage adds no categories: {data.new_categories}"
+            )
         set_trainable(model, stage.kind)  # everything frozen while caching
         model.to(device)
         _, sampler, loader = self._data_pipeline(index, model, data)
@@ -225,9 +229,7 @@ class Trainer:
         chooser = model.add_chooser()
         trainable = set_trainable(model, stage.kind)
         optimizer = torch.optim.AdamW(chooser.parameters(), lr=stage.lr, weight_decay=0.01)
-        logger = MetricsLogger(
-            self.output_dir / "metrics.jsonl", is_main_process=self.accelerator.is_main_process
-        )
+        logger = MetricsLogger(self.output_dir / "metrics.jsonl", is_main_process=self.accelerator.is_main_process)  # fmt: skip
         metrics = train_chooser(
             chooser, cache, optimizer, epochs=stage.epochs, seed=self.config.train.seed + index,
             log=lambda epoch, m: logger.log(step=self._global_step(index, round(steps * epoch / stage.epochs)),
