@@ -186,8 +186,12 @@ def train_yolo(
         )
     )
     model = YOLO("yolov8n.yaml")
-    batch_ends: list[float] = []
-    model.add_callback("on_train_batch_end", lambda trainer: batch_ends.append(time.time()))
+    batch_starts: list[float] = []
+    loop_ends: list[float] = []  # after each batch, and at each epoch's end (before its validation): a
+    # batch stopped by `time` breaks out of the loop before its own `on_train_batch_end`
+    model.add_callback("on_train_batch_start", lambda trainer: batch_starts.append(time.time()))
+    model.add_callback("on_train_batch_end", lambda trainer: loop_ends.append(time.time()))
+    model.add_callback("on_train_epoch_end", lambda trainer: loop_ends.append(time.time()))
     started = time.perf_counter()
     model.train(
         data=str(data),
@@ -211,9 +215,9 @@ def train_yolo(
     return {
         "weights": Path(trainer.last),
         "epochs_run": int(trainer.epoch) + 1,
-        "batches": len(batch_ends),
+        "batches": len(batch_starts),
         # Start of training to the end of its last batch: ultralytics' own clock, validation excluded.
-        "train_s": batch_ends[-1] - trainer.train_time_start,
+        "train_s": loop_ends[-1] - trainer.train_time_start,
         "wall_s": wall,
         "ultralytics_val_map50_95": float(trainer.metrics.get("metrics/mAP50-95(B)", float("nan"))),
     }
