@@ -246,9 +246,11 @@ def decode_grounded(
             stop[named & first & available, -1] = float("-inf")  # the head reports what the phrase names
             cited_all = (named & first & ~available).tolist()  # ... and the answer cited all of it already
             choice = None
-            if chooser is not None:
-                words = phrase.words(llava.get_input_embeddings(), rows)
-                choice = chooser(words, rows, choice_regions, proposals.valid, excluded)
+            if chooser is not None:  # it reads what its `reads` names, as in training
+                read = (
+                    phrase.words(llava.get_input_embeddings(), rows) if chooser.reads == "words" else queries
+                )
+                choice = chooser(read, rows, choice_regions, proposals.valid, excluded)
             best, probability = pointer_decision(stop, choice)
             for r, k, p, done in zip(at_box, best.tolist(), probability.tolist(), cited_all, strict=True):
                 position = len(answers[r]) - 1

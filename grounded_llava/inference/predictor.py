@@ -15,7 +15,6 @@ every request in three steps:
    not the sampling distribution): `_ground` works from answer ids alone (any given answer can be grounded
    and scored). Boxes the pointer chose keep the proposal's exact box and score pointer probability x head
    score. Text boxes are then reconciled with the head's detections (`reconcile`).
-
 Frames: boxes in results are xyxy ORIGINAL image pixels; masks are bool at original image size.
 """
 
@@ -180,9 +179,8 @@ class GroundedLlava:
         self, requests: list[_Request], *, max_new_tokens: int, temperature: float, masks_for_detections: bool
     ) -> list[GroundedAnswer]:
         features, pyramid = self._encode(requests)
-        decoded = self._generate(
-            requests, features, pyramid, max_new_tokens=max_new_tokens, temperature=temperature
-        )
+        options = {"max_new_tokens": max_new_tokens, "temperature": temperature}
+        decoded = self._generate(requests, features, pyramid, **options)
         return self._ground(requests, features, pyramid, decoded, masks_for_detections=masks_for_detections)
 
     @torch.inference_mode()
