@@ -144,6 +144,9 @@ class GroundedLlavaConfig:
     region_tokens: bool = False
     """After the image tokens the LLM reads one token per head proposal (`heads.max_proposals`, best
     first; Groma's region tokens): neck features pooled in the box + geometry + score."""
+    copy_bias: float = 0.0
+    """Decoding: inside a grounded phrase, this logit bonus goes to the word that continues a run of the
+    question's words (`inference/copy_prior.py`; 0 = off). For a small LM that does not copy on its own."""
     system_prompt: str = (
         "A chat between a curious human and an artificial intelligence assistant. "
         "The assistant gives helpful, detailed, and polite answers to the human's questions."

@@ -40,6 +40,8 @@ from grounded_llava.image_meta import ImageMeta
 from grounded_llava.modeling import GroundedLlavaForConditionalGeneration
 from grounded_llava.modeling.pointer import Proposals, pointer_decision
 
+from .copy_prior import CopyPrior
+
 
 @dataclass
 class PointerChoice:
@@ -124,22 +126,37 @@ class _PhraseStates:
 
 
 def category_name_starts(tokenizer, categories: Sequence[str]) -> list[set[int]]:
-    """Per category, the token ids that start its name or plural, with or without a leading space."""
+    """Per category, the token ids that start its name or plural, with or without a leading space; a start
+    shorter than three letters ("he" of "hexagons", "s" of "squares") is left out unless it is the whole
+    name: masking it would mask the start of other words too."""
     starts = []
     for name in categories:
         texts = (name, f" {name}", pluralize(name), f" {pluralize(name)}")
-        starts.append({ids[0] for text in texts if (ids := tokenizer.encode(text, add_special_tokens=False))})
+        first = [
+            (ids[0], text) for text in texts if (ids := tokenizer.encode(text, add_special_tokens=False))
+        ]
+        starts.append({
+            token for token, text in first
+            if len(spelled := tokenizer.decode([token]).strip()) >= 3 or spelled == text.strip()
+        })  # fmt: skip
     return starts
 
 
 def _absent_name_tokens(
-    proposals: Proposals, name_starts: Sequence[set[int]], min_score: float
+    model: GroundedLlavaForConditionalGeneration,
+    head_outputs,
+    name_starts: Sequence[set[int]],
+    min_score: float,
 ) -> list[list[int]]:
-    """Per image, the name-start tokens of the categories the head reports nothing of (score >= `min_score`)."""
-    reported = proposals.valid & (proposals.scores >= min_score)
+    """Per image, the name-start tokens of the categories the head reports nothing of: no detection (class-aware
+    NMS, as the answer's detections) scores >= `min_score`. The class-agnostic proposals would hide a class
+    whose box another class's box suppresses."""
+    rows = model.detection_head.postprocess(
+        head_outputs, conf_threshold=min_score, iou_threshold=model.config.heads.nms_iou
+    )
     absent = []
-    for r in range(reported.shape[0]):
-        present = set(proposals.class_ids[r][reported[r]].tolist())
+    for detections in rows:
+        present = set(detections[:, 5].long().tolist())
         absent.append(sorted({t for c, ids in enumerate(name_starts) if c not in present for t in ids}))
     return absent
 
@@ -187,6 +204,8 @@ def decode_grounded(
     phrase_class: Callable[[Sequence[int]], int | None] | None = None,
     min_score: float = 0.0,
     name_starts: Sequence[set[int]] | None = None,
+    copy_prior: CopyPrior | None = None,
+    questions: Sequence[str] = (),
 ) -> DecodedAnswers:
     """Generate answers for a left-padded batch (B, T) whose rows are one image each (`features` (B, N, D),
     `pyramid` the neck's maps of those images, `pixel_values` (B, 3, S, S) their canvas, `metas` their
@@ -194,12 +213,17 @@ def decode_grounded(
     for the argument: the pointer chooses among all proposals. `min_score`: the pointer chooses among
     proposals the head scores at least this (its detection threshold), when there are any.
     `name_starts` (`category_name_starts`): inside a phrase, the tokens that start the name of a category
-    the head reports nothing of are masked: the text names what the head detects."""
+    the head reports nothing of are masked: the text names what the head detects. `copy_prior` with
+    `questions` (each row's last question): inside a phrase, the tokens that continue it as the
+    question does gain `copy_prior.bias` (`copy_prior.py`)."""
     llava, ids = model.base_llava, model.token_ids
     num_bins = len(ids.loc)
     batch = input_ids.shape[0]
-    proposals: Proposals = model.proposals(model.detection_head(pyramid))
-    absent_names = None if name_starts is None else _absent_name_tokens(proposals, name_starts, min_score)
+    head_outputs = model.detection_head(pyramid)
+    proposals: Proposals = model.proposals(head_outputs)
+    absent_names = (
+        None if name_starts is None else _absent_name_tokens(model, head_outputs, name_starts, min_score)
+    )
     region_map = model.pointer_features(pyramid, pixel_values)
     regions = model.pointer.region_embeddings(region_map, proposals)
     chooser = model.chooser
@@ -226,6 +250,9 @@ def decode_grounded(
     for _ in range(max_new_tokens):
         phrase.read(hidden)
         logits_now = llava.lm_head(hidden)
+        for r in range(batch) if copy_prior is not None else ():
+            if phrase.inside[r]:
+                logits_now[r, copy_prior.boosted(questions[r], phrase.tokens[r])] += copy_prior.bias
         for r in range(batch) if absent_names is not None else ():
             if phrase.inside[r] and absent_names[r]:
                 logits_now[r, absent_names[r]] = float("-inf")

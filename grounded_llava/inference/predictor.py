@@ -31,6 +31,7 @@ from PIL import Image
 from grounded_llava.image_meta import ImageMeta
 from grounded_llava.inference import decoding
 from grounded_llava.inference.checkpoint_paths import resolve_checkpoint
+from grounded_llava.inference.copy_prior import CopyPrior
 from grounded_llava.inference.detections import Detections
 from grounded_llava.inference.grounding import (
     align_boxes,
@@ -50,10 +51,11 @@ History = Sequence[tuple[str, "str | GroundedAnswer"]]
 
 @dataclass
 class _Request:
-    """One prompt to answer: the conversation encoded up to "ASSISTANT:" and its image geometry."""
+    """One prompt to answer: the conversation encoded up to "ASSISTANT:", its image geometry, the question."""
 
     encoded: EncodedConversation
     meta: ImageMeta
+    question: str
 
 
 class GroundedLlava:
@@ -68,6 +70,8 @@ class GroundedLlava:
         self.device = torch.device(device)
         self.model = model.to(self.device).eval()
         self.processor = model.processor
+        bias = model.config.copy_bias
+        self.copy_prior = CopyPrior(self.processor.tokenizer, bias) if bias else None
 
     @classmethod
     def from_pretrained(
@@ -173,7 +177,7 @@ class GroundedLlava:
                     }
                 )
         encoded = self.processor.encode_conversation(turns, load_image(image), add_generation_prompt=True)
-        return _Request(encoded=encoded, meta=encoded.image_meta)
+        return _Request(encoded=encoded, meta=encoded.image_meta, question=prompt)
 
     def _run(
         self, requests: list[_Request], *, max_new_tokens: int, temperature: float, masks_for_detections: bool
@@ -222,6 +226,8 @@ class GroundedLlava:
             phrase_class=lambda ids: phrase_category_index(tokenizer.decode(list(ids)), self.categories),
             min_score=self.model.config.heads.conf_threshold,
             name_starts=decoding.category_name_starts(tokenizer, self.categories),
+            copy_prior=self.copy_prior,
+            questions=[r.question for r in requests],
         )
 
     @torch.inference_mode()

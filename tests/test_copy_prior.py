@@ -1,0 +1,39 @@
+"""`CopyPrior`: inside a phrase, the tokens that continue it as the question's text does are the ones boosted."""
+
+import pytest
+
+from grounded_llava.inference.copy_prior import CopyPrior
+from grounded_llava.tokenizer import add_grounding_tokens, train_tiny_tokenizer
+
+QUESTION = "Where is the red square left of the blue circle?"
+
+
+@pytest.fixture(scope="module")
+def prior():
+    tokenizer = train_tiny_tokenizer(512)
+    add_grounding_tokens(tokenizer, 16)
+    return CopyPrior(tokenizer, bias=3.0)
+
+
+def _boosted(prior: CopyPrior, phrase: str) -> set[str]:
+    ids = prior.tokenizer.encode(phrase, add_special_tokens=False) if phrase else []
+    return {prior.texts[t] for t in prior.boosted(QUESTION, ids)}
+
+
+def test_the_question_continues_the_phrase(prior):
+    # the phrase's first word is spelled without the question's leading space: they match as text
+    assert " re" in _boosted(prior, "the") and " bl" in _boosted(prior, "the")
+    assert " left" in _boosted(prior, "the red square")
+    assert _boosted(prior, "the red square") <= {" ", " l", " le", " lef", " left"}
+    assert " c" in _boosted(prior, "the blue") and " square" not in _boosted(prior, "the blue")
+    # an empty phrase may start at any word of the question, never inside one ("here" of "Where")
+    first = _boosted(prior, "")
+    assert {"t", "w"} <= first and "he" not in first
+
+
+def test_no_bonus_outside_the_question_or_for_punctuation(prior):
+    assert _boosted(prior, "the green") == set()  # the phrase left the question's words
+    assert _boosted(prior, "the blue circle") == set()  # what follows is "?": the LM ends the phrase
+    assert prior.boosted(
+        QUESTION.replace("red", "RED"), prior.tokenizer.encode("the red", add_special_tokens=False)
+    )
