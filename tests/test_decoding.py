@@ -171,12 +171,11 @@ def test_predictor_answers_carry_the_pointers_boxes_and_scores(rigged):
 
 
 def test_a_phrase_cannot_name_a_class_the_head_reports_nothing_of(rigged):
-    """The rigged LM writes "circle" after `<p>`; with "circle" a head category and nothing reported (conf
-    0.99), the token is masked inside the phrase and the answer names something else; at conf 0 (every
-    proposal reported) it names the circle again."""
+    """The rigged LM writes " circle" after `<p>` (" c" + "ircle" in the test tokenizer); with "circle" a head
+    category and nothing reported (conf 0.99), the phrase cannot spell it and names something else; at
+    conf 0 (every proposal reported) it names the circle again."""
     model, images, prompts, _, expected_lm = rigged
     model = copy.deepcopy(model)
-    circle = model.processor.tokenizer(" circle", add_special_tokens=False).input_ids[0]
     for threshold, named in ((0.99, False), (0.0, True)):
         model.config.heads.conf_threshold = threshold
         predictor = GroundedLlava(model, device="cpu")
@@ -187,7 +186,9 @@ def test_a_phrase_cannot_name_a_class_the_head_reports_nothing_of(rigged):
                                           temperature=0.0)  # fmt: skip
         answer = decoded.ids[0]
         assert answer[0] == model.token_ids.p_open
-        assert (answer[1] == circle) == named, model.processor.tokenizer.decode(answer)
+        closed = answer.index(model.token_ids.p_close) if model.token_ids.p_close in answer else len(answer)
+        phrase = model.processor.tokenizer.decode(answer[1:closed])
+        assert ("circle" in phrase) == named, phrase
 
 
 def test_none_after_a_phrases_first_box_ends_its_list(rigged):

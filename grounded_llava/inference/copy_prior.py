@@ -15,30 +15,24 @@ the question does not, and to end the phrase. `bias` 0 turns the prior off.
 from __future__ import annotations
 
 import re
-from collections import defaultdict
 from collections.abc import Sequence
+
+from .token_text import TokenTexts
 
 
 class CopyPrior:
-    """The text of every token of a tokenizer (built once), and the bonus."""
+    """The bonus, and the tokens' text (`TokenTexts`) it reads."""
 
-    def __init__(self, tokenizer, bias: float) -> None:
-        self.tokenizer = tokenizer
+    def __init__(self, texts: TokenTexts, bias: float) -> None:
+        self.texts = texts
         self.bias = bias
-        special = set(tokenizer.all_special_ids)
-        self.texts = [tokenizer.decode([token]).lower() for token in range(len(tokenizer))]
-        self.by_first_char: dict[str, list[int]] = defaultdict(list)  # candidates, by their first character
-        for token, text in enumerate(self.texts):
-            if token not in special and any(c.isalnum() for c in text):
-                self.by_first_char[text[0]].append(token)
 
     def boosted(self, question: str, phrase: Sequence[int]) -> list[int]:
         """The token ids that continue `phrase` (the ids written since `<p>`) as the `question`'s text does:
         each spells a prefix of the question after an occurrence of the phrase that starts at a word."""
         question = question.lower()
-        written = "".join(self.texts[t] for t in phrase)
+        written = self.texts.text(phrase)
         starts = [m.start() for m in re.finditer(r"\b\w", question)]
         following = {question[i + len(written) :] for i in starts if question.startswith(written, i)}
-        return sorted({
-            t for rest in following if rest for t in self.by_first_char.get(rest[0], ()) if rest.startswith(self.texts[t])
-        })  # fmt: skip
+        tokens = {t for rest in following for t in self.texts.prefixes_of(rest)}
+        return sorted(t for t in tokens if any(c.isalnum() for c in self.texts.texts[t]))

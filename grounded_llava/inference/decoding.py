@@ -16,7 +16,7 @@ or one the head proposes nothing of, keeps every proposal. Of those, the pointer
 proposals the head reports as detections (score >= `heads.conf_threshold`) when there are any, so a
 text box is one of the answer's detections rather than a low-score duplicate or background box.
 Text and head agree by construction where the head reports something (E23): inside a phrase, the
-tokens that start the name of a category the head reports nothing of are masked (`name_starts`); a
+tokens that would spell the name of a category the head reports nothing of are masked (`NameMask`); a
 phrase's first `<box>` cannot be "none" when the head reports the class it names; and when the answer
 has already cited every reported box of that class, that `<box>` is taken back instead.
 
@@ -35,12 +35,12 @@ from dataclasses import dataclass
 import torch
 
 from grounded_llava.codec import box_bins
-from grounded_llava.data.phrasing import pluralize
 from grounded_llava.image_meta import ImageMeta
 from grounded_llava.modeling import GroundedLlavaForConditionalGeneration
 from grounded_llava.modeling.pointer import Proposals, pointer_decision
 
 from .copy_prior import CopyPrior
+from .token_text import NameMask
 
 
 @dataclass
@@ -125,40 +125,16 @@ class _PhraseStates:
         return torch.stack(means)
 
 
-def category_name_starts(tokenizer, categories: Sequence[str]) -> list[set[int]]:
-    """Per category, the token ids that start its name or plural, with or without a leading space; a start
-    shorter than three letters ("he" of "hexagons", "s" of "squares") is left out unless it is the whole
-    name: masking it would mask the start of other words too."""
-    starts = []
-    for name in categories:
-        texts = (name, f" {name}", pluralize(name), f" {pluralize(name)}")
-        first = [
-            (ids[0], text) for text in texts if (ids := tokenizer.encode(text, add_special_tokens=False))
-        ]
-        starts.append({
-            token for token, text in first
-            if len(spelled := tokenizer.decode([token]).strip()) >= 3 or spelled == text.strip()
-        })  # fmt: skip
-    return starts
-
-
-def _absent_name_tokens(
-    model: GroundedLlavaForConditionalGeneration,
-    head_outputs,
-    name_starts: Sequence[set[int]],
-    min_score: float,
+def _absent_categories(
+    model: GroundedLlavaForConditionalGeneration, head_outputs, num_categories: int, min_score: float
 ) -> list[list[int]]:
-    """Per image, the name-start tokens of the categories the head reports nothing of: no detection (class-aware
-    NMS, as the answer's detections) scores >= `min_score`. The class-agnostic proposals would hide a class
-    whose box another class's box suppresses."""
+    """Per image, the categories the head reports nothing of: no detection (class-aware NMS, as the answer's
+    detections) scores >= `min_score`. The class-agnostic proposals would hide a class whose box another
+    class's box suppresses."""
     rows = model.detection_head.postprocess(
         head_outputs, conf_threshold=min_score, iou_threshold=model.config.heads.nms_iou
     )
-    absent = []
-    for detections in rows:
-        present = set(detections[:, 5].long().tolist())
-        absent.append(sorted({t for c, ids in enumerate(name_starts) if c not in present for t in ids}))
-    return absent
+    return [sorted(set(range(num_categories)) - set(r[:, 5].long().tolist())) for r in rows]
 
 
 def _pointer_options(
@@ -203,7 +179,7 @@ def decode_grounded(
     pad_token_id: int,
     phrase_class: Callable[[Sequence[int]], int | None] | None = None,
     min_score: float = 0.0,
-    name_starts: Sequence[set[int]] | None = None,
+    name_mask: NameMask | None = None,
     copy_prior: CopyPrior | None = None,
     questions: Sequence[str] = (),
 ) -> DecodedAnswers:
@@ -212,17 +188,23 @@ def decode_grounded(
     geometry). `phrase_class(phrase token ids)` is the head class index a phrase names, or None; None
     for the argument: the pointer chooses among all proposals. `min_score`: the pointer chooses among
     proposals the head scores at least this (its detection threshold), when there are any.
-    `name_starts` (`category_name_starts`): inside a phrase, the tokens that start the name of a category
-    the head reports nothing of are masked: the text names what the head detects. `copy_prior` with
+    `name_mask` (of the head's categories): inside a phrase, the tokens that would spell the name of a
+    category the head reports nothing of are masked: the text names what the head detects. `copy_prior` with
     `questions` (each row's last question): inside a phrase, the tokens that continue it as the
     question does gain `copy_prior.bias` (`copy_prior.py`)."""
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
     llava, ids = model.base_llava, model.token_ids
     num_bins = len(ids.loc)
     batch = input_ids.shape[0]
     head_outputs = model.detection_head(pyramid)
     proposals: Proposals = model.proposals(head_outputs)
-    absent_names = (
-        None if name_starts is None else _absent_name_tokens(model, head_outputs, name_starts, min_score)
+    absent = (
+        None
+        if name_mask is None
+        else _absent_categories(model, head_outputs, len(name_mask.forms), min_score)
     )
     region_map = model.pointer_features(pyramid, pixel_values)
     regions = model.pointer.region_embeddings(region_map, proposals)
@@ -253,9 +235,9 @@ def decode_grounded(
         for r in range(batch) if copy_prior is not None else ():
             if phrase.inside[r]:
                 logits_now[r, copy_prior.boosted(questions[r], phrase.tokens[r])] += copy_prior.bias
-        for r in range(batch) if absent_names is not None else ():
-            if phrase.inside[r] and absent_names[r]:
-                logits_now[r, absent_names[r]] = float("-inf")
+        for r in range(batch) if absent is not None else ():
+            if phrase.inside[r] and absent[r]:
+                logits_now[r, name_mask.tokens(absent[r], phrase.tokens[r])] = float("-inf")
         tokens = _choose(logits_now, temperature)
         retracted: list[int] = []
         at_box = [

@@ -31,7 +31,6 @@ from PIL import Image
 from grounded_llava.image_meta import ImageMeta
 from grounded_llava.inference import decoding
 from grounded_llava.inference.checkpoint_paths import resolve_checkpoint
-from grounded_llava.inference.copy_prior import CopyPrior
 from grounded_llava.inference.detections import Detections
 from grounded_llava.inference.grounding import (
     align_boxes,
@@ -42,6 +41,7 @@ from grounded_llava.inference.grounding import (
 from grounded_llava.inference.images import ImageInput, load_image
 from grounded_llava.inference.reconcile import phrase_category_index, reconcile
 from grounded_llava.inference.results import GroundedAnswer
+from grounded_llava.inference.token_text import NameMask, TokenTexts
 from grounded_llava.modeling import GroundedLlavaForConditionalGeneration
 from grounded_llava.processor import EncodedConversation
 from grounded_llava.tokenizer import IMAGE_TOKEN
@@ -70,8 +70,7 @@ class GroundedLlava:
         self.device = torch.device(device)
         self.model = model.to(self.device).eval()
         self.processor = model.processor
-        bias = model.config.copy_bias
-        self.copy_prior = CopyPrior(self.processor.tokenizer, bias) if bias else None
+        self.token_texts = TokenTexts(self.processor.tokenizer)  # for the decoding rules that read words
 
     @classmethod
     def from_pretrained(
@@ -183,8 +182,9 @@ class GroundedLlava:
         self, requests: list[_Request], *, max_new_tokens: int, temperature: float, masks_for_detections: bool
     ) -> list[GroundedAnswer]:
         features, pyramid = self._encode(requests)
-        options = {"max_new_tokens": max_new_tokens, "temperature": temperature}
-        decoded = self._generate(requests, features, pyramid, **options)
+        decoded = self._generate(
+            requests, features, pyramid, max_new_tokens=max_new_tokens, temperature=temperature
+        )
         return self._ground(requests, features, pyramid, decoded, masks_for_detections=masks_for_detections)
 
     @torch.inference_mode()
@@ -205,11 +205,7 @@ class GroundedLlava:
         temperature: float,
     ) -> decoding.DecodedAnswers:
         """Answer token ids per request (up to, not including, the first eos), `<box>`es pointed at proposals."""
-        if max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-        if temperature < 0:
-            raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
-        tokenizer = self.processor.tokenizer
+        tokenizer, bias = self.processor.tokenizer, self.model.config.copy_bias
         batch = self.processor.collate([r.encoded for r in requests], padding_side="left")
         return decoding.decode_grounded(
             self.model,
@@ -225,8 +221,8 @@ class GroundedLlava:
             pad_token_id=tokenizer.pad_token_id,
             phrase_class=lambda ids: phrase_category_index(tokenizer.decode(list(ids)), self.categories),
             min_score=self.model.config.heads.conf_threshold,
-            name_starts=decoding.category_name_starts(tokenizer, self.categories),
-            copy_prior=self.copy_prior,
+            name_mask=NameMask(self.token_texts, self.categories),
+            copy_prior=decoding.CopyPrior(self.token_texts, bias) if bias else None,
             questions=[r.question for r in requests],
         )
 
@@ -241,10 +237,7 @@ class GroundedLlava:
         masks_for_detections: bool,
     ) -> list[GroundedAnswer]:
         """Teacher-forced pass over prompt + answer: detections, `<seg>` masks, box scores, reconciliation.
-
-        Args:
-            requests: the encoded prompts; features: (I, N, D) their image features (I = len(requests)).
-            decoded: per request, the answer's token ids (no eos) and the pointer's choices.
+        `features`: (I, N, D) the requests' image features; `decoded`: answer ids (no eos) and pointer choices.
         """
         answer_ids = decoded.ids
         pad = self.processor.tokenizer.pad_token_id
