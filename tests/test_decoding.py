@@ -172,7 +172,7 @@ def test_predictor_answers_carry_the_pointers_boxes_and_scores(rigged):
 
 def test_a_phrase_cannot_name_a_class_the_head_reports_nothing_of(rigged):
     """The rigged LM writes " circle" after `<p>` (" c" + "ircle" in the test tokenizer); with "circle" a head
-    category and nothing reported (conf 0.99), the phrase cannot spell it and names something else; at
+    category and nothing reported (conf 0.99), the phrase cannot start it and names something else; at
     conf 0 (every proposal reported) it names the circle again."""
     model, images, prompts, _, expected_lm = rigged
     model = copy.deepcopy(model)
@@ -189,6 +189,27 @@ def test_a_phrase_cannot_name_a_class_the_head_reports_nothing_of(rigged):
         closed = answer.index(model.token_ids.p_close) if model.token_ids.p_close in answer else len(answer)
         phrase = model.processor.tokenizer.decode(answer[1:closed])
         assert ("circle" in phrase) == named, phrase
+
+
+def test_with_the_copy_prior_the_phrase_copies_the_question(rigged):
+    """The rigged LM writes `<p> circle</p>`; asked "Is the circle below the square?" with a large
+    `copy_bias`, the phrase it started goes on with the question's words up to the "?" instead of ending;
+    with no bias it ends after " circle" (every proposal reported: no name is masked)."""
+    model, images, _, _, _ = rigged
+    model = copy.deepcopy(model)
+    model.config.heads.conf_threshold = 0.0
+    question = "Is the circle below the square?"
+    for bias, phrase_expected in ((1000.0, " circle below the square"), (0.0, " circle")):
+        model.config.copy_bias = bias
+        predictor = GroundedLlava(model, device="cpu")
+        with torch.inference_mode(), model.llava.disable_adapter():
+            requests = [predictor._request(images[0], question, [])]
+            features, pyramid = predictor._encode(requests)
+            answer = predictor._generate(requests, features, pyramid, max_new_tokens=12, temperature=0.0).ids[
+                0
+            ]
+        text = model.processor.tokenizer.decode(answer).lower()  # the prior matches words in any case
+        assert text.startswith(f"<p>{phrase_expected}</p>"), text
 
 
 def test_none_after_a_phrases_first_box_ends_its_list(rigged):

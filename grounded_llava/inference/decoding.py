@@ -16,7 +16,7 @@ or one the head proposes nothing of, keeps every proposal. Of those, the pointer
 proposals the head reports as detections (score >= `heads.conf_threshold`) when there are any, so a
 text box is one of the answer's detections rather than a low-score duplicate or background box.
 Text and head agree by construction where the head reports something (E23): inside a phrase, the
-tokens that would spell the name of a category the head reports nothing of are masked (`NameMask`); a
+tokens that start the name of a category the head reports nothing of are masked (`NameMask`); a
 phrase's first `<box>` cannot be "none" when the head reports the class it names; and when the answer
 has already cited every reported box of that class, that `<box>` is taken back instead.
 
@@ -35,12 +35,12 @@ from dataclasses import dataclass
 import torch
 
 from grounded_llava.codec import box_bins
+from grounded_llava.data.phrasing import pluralize
 from grounded_llava.image_meta import ImageMeta
 from grounded_llava.modeling import GroundedLlavaForConditionalGeneration
 from grounded_llava.modeling.pointer import Proposals, pointer_decision
 
 from .copy_prior import CopyPrior
-from .token_text import NameMask
 
 
 @dataclass
@@ -125,6 +125,27 @@ class _PhraseStates:
         return torch.stack(means)
 
 
+class NameMask:
+    """The tokens that start the name or plural (with or without a leading space) of each category: inside
+    a phrase, those of the categories the head reports nothing of are masked (E23). Masking the first token
+    sends the LM to another word before it has spelled part of the name (masking later pieces leaves
+    fragments: "t" + "angle", E24); a token that also starts a reported category's name stays."""
+
+    def __init__(self, tokenizer, categories: Sequence[str]) -> None:
+        self.starts = []
+        for name in categories:
+            forms = (name, f" {name}", pluralize(name), f" {pluralize(name)}")
+            self.starts.append(
+                {ids[0] for f in forms if (ids := tokenizer.encode(f, add_special_tokens=False))}
+            )
+
+    def tokens(self, absent: Sequence[int]) -> list[int]:
+        """The tokens to mask when the categories `absent` must not be named."""
+        masked = set().union(*(self.starts[c] for c in absent))
+        reported = set().union(*(s for c, s in enumerate(self.starts) if c not in set(absent)))
+        return sorted(masked - reported)
+
+
 def _absent_categories(
     model: GroundedLlavaForConditionalGeneration, head_outputs, num_categories: int, min_score: float
 ) -> list[list[int]]:
@@ -188,8 +209,8 @@ def decode_grounded(
     geometry). `phrase_class(phrase token ids)` is the head class index a phrase names, or None; None
     for the argument: the pointer chooses among all proposals. `min_score`: the pointer chooses among
     proposals the head scores at least this (its detection threshold), when there are any.
-    `name_mask` (of the head's categories): inside a phrase, the tokens that would spell the name of a
-    category the head reports nothing of are masked: the text names what the head detects. `copy_prior` with
+    `name_mask` (of the head's categories): inside a phrase, the tokens that start the name of a category
+    the head reports nothing of are masked: the text names what the head detects. `copy_prior` with
     `questions` (each row's last question): inside a phrase, the tokens that continue it as the
     question does gain `copy_prior.bias` (`copy_prior.py`)."""
     if max_new_tokens < 1:
@@ -204,7 +225,7 @@ def decode_grounded(
     absent = (
         None
         if name_mask is None
-        else _absent_categories(model, head_outputs, len(name_mask.forms), min_score)
+        else _absent_categories(model, head_outputs, len(name_mask.starts), min_score)
     )
     region_map = model.pointer_features(pyramid, pixel_values)
     regions = model.pointer.region_embeddings(region_map, proposals)
@@ -237,7 +258,7 @@ def decode_grounded(
                 logits_now[r, copy_prior.boosted(questions[r], phrase.tokens[r])] += copy_prior.bias
         for r in range(batch) if absent is not None else ():
             if phrase.inside[r] and absent[r]:
-                logits_now[r, name_mask.tokens(absent[r], phrase.tokens[r])] = float("-inf")
+                logits_now[r, name_mask.tokens(absent[r])] = float("-inf")
         tokens = _choose(logits_now, temperature)
         retracted: list[int] = []
         at_box = [

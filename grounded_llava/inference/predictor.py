@@ -41,7 +41,6 @@ from grounded_llava.inference.grounding import (
 from grounded_llava.inference.images import ImageInput, load_image
 from grounded_llava.inference.reconcile import phrase_category_index, reconcile
 from grounded_llava.inference.results import GroundedAnswer
-from grounded_llava.inference.token_text import NameMask, TokenTexts
 from grounded_llava.modeling import GroundedLlavaForConditionalGeneration
 from grounded_llava.processor import EncodedConversation
 from grounded_llava.tokenizer import IMAGE_TOKEN
@@ -70,7 +69,8 @@ class GroundedLlava:
         self.device = torch.device(device)
         self.model = model.to(self.device).eval()
         self.processor = model.processor
-        self.token_texts = TokenTexts(self.processor.tokenizer)  # for the decoding rules that read words
+        bias = model.config.copy_bias  # the copy prior reads the whole vocabulary once
+        self.copy_prior = decoding.CopyPrior(self.processor.tokenizer, bias) if bias else None
 
     @classmethod
     def from_pretrained(
@@ -205,7 +205,7 @@ class GroundedLlava:
         temperature: float,
     ) -> decoding.DecodedAnswers:
         """Answer token ids per request (up to, not including, the first eos), `<box>`es pointed at proposals."""
-        tokenizer, bias = self.processor.tokenizer, self.model.config.copy_bias
+        tokenizer = self.processor.tokenizer
         batch = self.processor.collate([r.encoded for r in requests], padding_side="left")
         return decoding.decode_grounded(
             self.model,
@@ -221,8 +221,8 @@ class GroundedLlava:
             pad_token_id=tokenizer.pad_token_id,
             phrase_class=lambda ids: phrase_category_index(tokenizer.decode(list(ids)), self.categories),
             min_score=self.model.config.heads.conf_threshold,
-            name_mask=NameMask(self.token_texts, self.categories),
-            copy_prior=decoding.CopyPrior(self.token_texts, bias) if bias else None,
+            name_mask=decoding.NameMask(tokenizer, self.categories),
+            copy_prior=self.copy_prior,
             questions=[r.question for r in requests],
         )
 
