@@ -54,3 +54,11 @@ def test_name_mask_masks_the_starts_of_absent_names(tokenizer):
     assert start(" star") in mask.tokens([2]) and start(" c") not in mask.tokens([2])
     assert start(" c") in mask.tokens([0]) and start(" c") in mask.tokens([1])  # shared starts are masked
     assert mask.tokens([]) == []
+
+
+def test_name_mask_knows_the_names_a_question_uses(tokenizer):
+    mask = NameMask(tokenizer, ["circle", "cross", "star"])
+    assert mask.named_in("Where are the Circles?") == {0}
+    assert mask.named_in("Is the star left of the cross?") == {1, 2}
+    assert mask.named_in("What is in the picture?") == set()
+    assert mask.named_in("Where is the starfish?") == set()  # whole words only

@@ -29,6 +29,7 @@ Frames: proposals are xyxy canvas pixels; `PointerChoice.box` is xyxy ORIGINAL i
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -134,6 +135,7 @@ class NameMask:
 
     def __init__(self, tokenizer, categories: Sequence[str]) -> None:
         self.starts = []
+        self.forms = [(name.lower(), pluralize(name).lower()) for name in categories]
         for name in categories:
             forms = (name, f" {name}", pluralize(name), f" {pluralize(name)}")
             self.starts.append(
@@ -143,6 +145,12 @@ class NameMask:
     def tokens(self, absent: Sequence[int]) -> list[int]:
         """The tokens to mask when the categories `absent` must not be named."""
         return sorted(set().union(*(self.starts[c] for c in absent)))
+
+    def named_in(self, question: str) -> set[int]:
+        """The categories whose name or plural is a word of `question`: the user named them, the answer may
+        too ("Where is the hexagon?" when the head labels the hexagon "cross"; E24)."""
+        words = set(re.findall(r"\w+", question.lower()))
+        return {c for c, forms in enumerate(self.forms) if words & set(forms)}
 
 
 def _absent_categories(proposals: Proposals, num_categories: int, min_score: float) -> list[list[int]]:
@@ -208,7 +216,8 @@ def decode_grounded(
     for the argument: the pointer chooses among all proposals. `min_score`: the pointer chooses among
     proposals the head scores at least this (its detection threshold), when there are any.
     `name_mask` (of the head's categories): inside a phrase, the tokens that start the name of a category
-    the head reports nothing of are masked: the text names what the head detects. `copy_prior` with
+    the head reports nothing of are masked (unless the row's question names it): the text names what the
+    head detects. `copy_prior` with
     `questions` (each row's last question): inside a phrase, the tokens that continue it as the
     question does gain `copy_prior.bias` (`copy_prior.py`)."""
     if max_new_tokens < 1:
@@ -220,6 +229,8 @@ def decode_grounded(
     batch = input_ids.shape[0]
     proposals: Proposals = model.proposals(model.detection_head(pyramid))
     absent = None if name_mask is None else _absent_categories(proposals, len(name_mask.starts), min_score)
+    for r, question in enumerate(questions if absent is not None else ()):
+        absent[r] = [c for c in absent[r] if c not in name_mask.named_in(question)]
     region_map = model.pointer_features(pyramid, pixel_values)
     regions = model.pointer.region_embeddings(region_map, proposals)
     chooser = model.chooser
