@@ -217,20 +217,27 @@ def decode_grounded(
     proposals the head scores at least this (its detection threshold), when there are any.
     `name_mask` (of the head's categories): inside a phrase, the tokens that start the name of a category
     the head reports nothing of are masked (unless the row's question names it): the text names what the
-    head detects. `copy_prior` with
-    `questions` (each row's last question): inside a phrase, the tokens that continue it as the
-    question does gain `copy_prior.bias` (`copy_prior.py`)."""
+    head detects. `copy_prior` with `questions` (each row's last question): inside a phrase, the tokens
+    that continue it as the question does gain `copy_prior.bias` (`copy_prior.py`)."""
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     if temperature < 0:
         raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
+    if copy_prior is not None and len(questions) != input_ids.shape[0]:
+        raise ValueError(
+            f"the copy prior needs one question per row: {len(questions)} for {input_ids.shape[0]}"
+        )
     llava, ids = model.base_llava, model.token_ids
     num_bins = len(ids.loc)
     batch = input_ids.shape[0]
     proposals: Proposals = model.proposals(model.detection_head(pyramid))
-    absent = None if name_mask is None else _absent_categories(proposals, len(name_mask.starts), min_score)
-    for r, question in enumerate(questions if absent is not None else ()):
-        absent[r] = [c for c in absent[r] if c not in name_mask.named_in(question)]
+    masked_names = None  # per row, the name tokens a phrase may not start (fixed for the whole answer)
+    if name_mask is not None:
+        absent = _absent_categories(proposals, len(name_mask.starts), min_score)
+        named = [name_mask.named_in(q) for q in questions] if questions else [set()] * batch
+        masked_names = [
+            name_mask.tokens([c for c in a if c not in n]) for a, n in zip(absent, named, strict=True)
+        ]
     region_map = model.pointer_features(pyramid, pixel_values)
     regions = model.pointer.region_embeddings(region_map, proposals)
     chooser = model.chooser
@@ -260,9 +267,9 @@ def decode_grounded(
         for r in range(batch) if copy_prior is not None else ():
             if phrase.inside[r]:
                 logits_now[r, copy_prior.boosted(questions[r], phrase.tokens[r])] += copy_prior.bias
-        for r in range(batch) if absent is not None else ():
-            if phrase.inside[r] and absent[r]:
-                logits_now[r, name_mask.tokens(absent[r])] = float("-inf")
+        for r in range(batch) if masked_names is not None else ():
+            if phrase.inside[r] and masked_names[r]:
+                logits_now[r, masked_names[r]] = float("-inf")
         tokens = _choose(logits_now, temperature)
         retracted: list[int] = []
         at_box = [
