@@ -21,9 +21,9 @@ from grounded_llava.modeling.pointer import pointer_loss
 from grounded_llava.training.chooser_stage import ChoiceCache, cache_choice_queries, choice_logits
 
 
-def cache_world(model, world: str, samples_per_image: int, hflip: float) -> ChoiceCache:
+def cache_world(model, world: str, samples_per_image: int, hflip: float, task: str = "refer") -> ChoiceCache:
     data = load_coco_instances(f"{world}/annotations.json", f"{world}/images")
-    samples = build_task_samples(data, config=TaskConfig(weights={"refer": 1}, num_bins=model.config.num_bins),
+    samples = build_task_samples(data, config=TaskConfig(weights={task: 1}, num_bins=model.config.num_bins),
                                  seed=0, samples_per_image=samples_per_image)  # fmt: skip
     dataset = GroundedDataset(samples, model.processor, categories=model.config.heads.categories,
                               mask_resolution=model.mask_head.mask_resolution, hflip_prob=hflip)  # fmt: skip

@@ -39,17 +39,37 @@ def test_pointer_decision_takes_none_from_the_stop_pointer_and_the_proposal_from
 
 def _planted_cache(count: int, k: int, generator: torch.Generator) -> ChoiceCache:
     """Queries that name their target by its pooled features through a fixed random map (as a colour word
-    names a region's colour); some proposals blocked (padding, or taken by an earlier box)."""
-    pool_dim, text = 2 * 2 * 6, 8
-    pooled = torch.randn(count, k, pool_dim, generator=generator)
+    names a region's colour), three per image; some proposals blocked (padding, or taken by an earlier box)."""
+    pool_dim, text, images = 2 * 2 * 6, 8, (count + 2) // 3
+    pooled = torch.randn(images, k, pool_dim, generator=generator)
+    image = torch.arange(count) // 3
     target = torch.randint(0, k, (count,), generator=generator)
     words = torch.randn(pool_dim, 2 * text, generator=generator)
-    queries = pooled[torch.arange(count), target] @ words
+    queries = pooled[image, target] @ words
     blocked = torch.rand(count, k, generator=generator) < 0.2
     blocked[torch.arange(count), target] = False
     positives = torch.zeros(count, k, dtype=torch.bool)
     positives[torch.arange(count), target] = True
-    return ChoiceCache(queries, pooled, torch.rand(count, k, 9, generator=generator), blocked, positives)
+    geometry = torch.rand(images, k, 9, generator=generator)
+    return ChoiceCache(queries, image, pooled, geometry, blocked, positives)
+
+
+def test_a_concatenated_cache_keeps_each_query_with_its_own_images_regions():
+    torch.manual_seed(0)
+    chooser = ProposalPointer(
+        channels=6, text_hidden_size=16, canvas_size=112, stride=8.0, dim=32, pool=2, reads="words"
+    ).eval()
+    first, second = (_planted_cache(n, 5, torch.Generator().manual_seed(n)) for n in (7, 11))
+    joined = ChoiceCache.concat([first, second])
+    assert len(joined) == 18 and len(joined.pooled) == len(first.pooled) + len(second.pooled)
+    with torch.no_grad():
+        expected = torch.cat([choice_logits(chooser, first), choice_logits(chooser, second)])
+        assert torch.allclose(choice_logits(chooser, joined), expected, atol=1e-5)
+        picked = torch.tensor([17, 0, 9, 3])  # rows() keeps only the images these use, re-indexed
+        part = joined.rows(picked)
+        assert len(part.pooled) == 4 and torch.allclose(
+            choice_logits(chooser, part), expected[picked], atol=1e-5
+        )
 
 
 def test_the_chooser_learns_a_planted_choice_and_never_picks_a_blocked_proposal():
@@ -74,19 +94,20 @@ def test_the_chooser_learns_a_planted_choice_and_never_picks_a_blocked_proposal(
 
 
 def test_a_chooser_stage_trains_a_fresh_choice_pointer_and_leaves_the_rest(tmp_path):
-    """From the shipped model: the stage caches refer queries, the chooser's loss falls, the checkpoint
-    loads with it, and nothing else changed."""
+    """From the shipped model: the stage caches every referring expression of 16 images (`refer_all`: many
+    queries per image pass), the chooser's loss falls, the checkpoint loads with it, and nothing else
+    changed."""
     data = {
         "init_from": str(DEFAULT_CHECKPOINT),
         "train": {"max_steps": 4, "batch_size": 4, "save_every": 1000, "log_every": 1, "eval_samples": 4},
         "stages": [{"name": "chooser", "kind": "chooser", "epochs": 8, "lr": 2e-3, "hflip_prob": 0.0,
                     "data": [{"kind": "synthetic", "dir": "w", "num_images": 16, "seed": 5, "image_size": 224,
-                              "tasks": {"refer": 1},
+                              "tasks": {"refer_all": 1},
                               "categories": ["circle", "square", "triangle", "star", "hexagon", "cross"]}]}],
     }  # fmt: skip
     final = Trainer(from_dict(TrainConfig, data), tmp_path).run()
     rows = [r for r in read_metrics(tmp_path / "metrics.jsonl") if "chooser_loss" in r]
-    assert len(rows) == 8 and rows[0]["cached_queries"] >= 8
+    assert len(rows) == 8 and rows[0]["cached_queries"] >= 5 * 16  # one refer turn per expression
     assert rows[-1]["chooser_loss"] < 0.7 * rows[0]["chooser_loss"]
     before = GroundedLlavaForConditionalGeneration.from_pretrained(DEFAULT_CHECKPOINT).state_dict()
     after = GroundedLlavaForConditionalGeneration.from_pretrained(final)

@@ -86,36 +86,71 @@ def test_answers_parse_back_to_their_source_boxes(record, task, seed, num_bins):
     if sample is None:
         return
     size = record.image_size
-    question, answer = (turn["value"] for turn in sample.conversation)
-    assert question.startswith("<image>\n")
-    parsed = parse_grounded(answer, size, num_bins=num_bins)
-    assert parsed.num_dropped == 0
+    questions = [turn["value"] for turn in sample.conversation[0::2]]
+    answers = [turn["value"] for turn in sample.conversation[1::2]]
+    assert questions[0].startswith("<image>\n") and not any("<image>" in q for q in questions[1:])
+    assert len(answers) == 1 or (task == "refer_all" and len(answers) <= config.max_turns)
     non_crowd = record.non_crowd()
     assert sample.has_det_targets and sample.det_categories == [i.category_name for i in non_crowd]
     np.testing.assert_allclose(
         sample.det_boxes, np.array([i.box_xyxy for i in non_crowd]).reshape(-1, 4), atol=1e-3
     )
-    for span in parsed.spans:
-        if task == "refer":
-            sources = [i for i in non_crowd if span.phrase in i.referring_expressions]
-        else:
-            sources = [i for i in non_crowd if span.phrase in (i.category_name, pluralize(i.category_name))]
-        assert len(span.boxes) <= config.max_boxes
-        for box in span.boxes:
-            assert any(_close(box, s.box_xyxy, size, num_bins) for s in sources), (span, sources)
-    total = sum(len(span.boxes) for span in parsed.spans)
-    if task == "detect":
-        assert total == min(len(non_crowd), config.max_boxes)
-    if task in ("find", "segment") or (task == "count" and parsed.spans):
-        name = parsed.spans[0].phrase
-        members = [i for i in non_crowd if name in (i.category_name, pluralize(i.category_name))]
-        assert total == min(len(members), config.max_boxes)
-        assert not any(i.iscrowd and i.category_name == members[0].category_name for i in record.instances)
-    if task == "region_caption":
-        (span,) = parse_grounded(question, size, num_bins=num_bins).spans
-        assert any(_close(span.boxes[0], i.box_xyxy, size, num_bins) for i in non_crowd)
-    assert answer.count(SEG) == len(sample.seg_masks)
+    for question, answer in zip(questions, answers, strict=True):
+        parsed = parse_grounded(answer, size, num_bins=num_bins)
+        assert parsed.num_dropped == 0
+        for span in parsed.spans:
+            if task in ("refer", "refer_all"):
+                sources = [i for i in non_crowd if span.phrase in i.referring_expressions]
+            else:
+                sources = [
+                    i for i in non_crowd if span.phrase in (i.category_name, pluralize(i.category_name))
+                ]
+            assert len(span.boxes) <= config.max_boxes
+            for box in span.boxes:
+                assert any(_close(box, s.box_xyxy, size, num_bins) for s in sources), (span, sources)
+        total = sum(len(span.boxes) for span in parsed.spans)
+        if task == "detect":
+            assert total == min(len(non_crowd), config.max_boxes)
+        if task in ("find", "segment") or (task == "count" and parsed.spans):
+            name = parsed.spans[0].phrase
+            members = [i for i in non_crowd if name in (i.category_name, pluralize(i.category_name))]
+            assert total == min(len(members), config.max_boxes)
+            assert not any(
+                i.iscrowd and i.category_name == members[0].category_name for i in record.instances
+            )
+        if task == "region_caption":
+            (span,) = parse_grounded(question, size, num_bins=num_bins).spans
+            assert any(_close(span.boxes[0], i.box_xyxy, size, num_bins) for i in non_crowd)
+    assert sum(answer.count(SEG) for answer in answers) == len(sample.seg_masks)
     assert all(m.dtype == bool and m.shape == (record.height, record.width) for m in sample.seg_masks)
+
+
+def test_refer_all_asks_every_expression_once_up_to_max_turns():
+    record = _record(
+        200,
+        100,
+        [
+            _instance(1, "dog", (10.0, 20.0, 50.0, 60.0), expressions=["the dog", "the left animal"]),
+            _instance(2, "bus", (100.0, 0.0, 190.0, 90.0), expressions=["the bus"]),
+        ],
+    )
+    sample = make_task_sample(
+        record, task="refer_all", category_names=CATEGORIES, rng=random.Random(0), config=TaskConfig()
+    )
+    phrases = [
+        span.phrase
+        for turn in sample.conversation[1::2]
+        for span in parse_grounded(turn["value"], record.image_size).spans
+    ]
+    assert sorted(phrases) == ["the bus", "the dog", "the left animal"]
+    capped = make_task_sample(
+        record,
+        task="refer_all",
+        category_names=CATEGORIES,
+        rng=random.Random(0),
+        config=TaskConfig(max_turns=2),
+    )
+    assert len(capped.conversation) == 4
 
 
 def test_hand_computed_find_answer_and_masks():

@@ -8,6 +8,7 @@ import torch
 
 from grounded_llava.codec import GroundedSpan, encode_grounded, parse_grounded
 from grounded_llava.inference import Detections, GroundedAnswer, pairwise_iou, phrase_category, reconcile
+from grounded_llava.inference.reconcile import named_categories
 
 W, H = 100, 100
 NAMES = ["circle", "square", "hot dog", "dog", "person", "bus"]
@@ -51,6 +52,15 @@ def test_pairwise_iou_hand_values():
 )
 def test_phrase_category(phrase, category):
     assert phrase_category(phrase, NAMES) == category
+
+
+def test_named_categories_lists_every_category_a_question_names():
+    assert [NAMES[i] for i in named_categories("Is the hot dog left of the buses?", NAMES)] == [
+        "hot dog",
+        "dog",
+        "bus",
+    ]
+    assert named_categories("Where is the encircled area?", NAMES) == []
 
 
 def test_two_of_three_text_boxes_match():

@@ -1,6 +1,9 @@
-"""Grounded conversations from COCO-style records: detect, find, segment, count, exists, refer, region_caption.
+"""Grounded conversations from COCO-style records: detect, find, segment, count, exists, refer, region_caption,
+refer_all.
 
-Every sample is one human/gpt exchange about one image (`<image>\\n` opens the human turn) with:
+Every sample is one human/gpt exchange about one image (`<image>\\n` opens the human turn), except
+`refer_all`: one turn per referring expression of the image (up to `TaskConfig.max_turns`), for a stage
+that reads many `<box>` queries per image pass (the `chooser` stage). Every sample comes with:
 - `det_boxes`/`det_categories`: EVERY non-crowd instance of the image (`has_det_targets=True`), so
   the detection head is supervised on the full image whatever the question was;
 - `seg_masks`: one bool (H, W) mask per `<seg>` token of the gpt turn, in token order.
@@ -25,7 +28,7 @@ from grounded_llava.data import phrasing as en
 from grounded_llava.data.coco import CocoInstances, ImageRecord, InstanceRecord
 from grounded_llava.data.sample import GroundedSample
 
-TASK_NAMES = ("detect", "find", "segment", "count", "exists", "refer", "region_caption")
+TASK_NAMES = ("detect", "find", "segment", "count", "exists", "refer", "region_caption", "refer_all")
 DEFAULT_TASK_WEIGHTS = {
     "detect": 2.0,
     "find": 2.0,
@@ -47,6 +50,7 @@ class TaskConfig:
         max_boxes: most boxes in one answer.
         refer_seg: put `<seg>` after the referred box when the instance has a mask.
         absent_prob: how often `count`/`exists` ask about a category absent from the image.
+        max_turns: most turns of a `refer_all` conversation.
     """
 
     weights: dict[str, float] = field(default_factory=lambda: dict(DEFAULT_TASK_WEIGHTS))
@@ -54,6 +58,7 @@ class TaskConfig:
     max_boxes: int = 20
     refer_seg: bool = True
     absent_prob: float = 0.3
+    max_turns: int = 32
 
     def __post_init__(self) -> None:
         unknown = set(self.weights) - set(TASK_NAMES)
@@ -61,10 +66,15 @@ class TaskConfig:
             raise ValueError(f"unknown task names {sorted(unknown)} in weights; known: {TASK_NAMES}")
         if any(w < 0 for w in self.weights.values()) or not any(w > 0 for w in self.weights.values()):
             raise ValueError(f"task weights must be >= 0 with at least one > 0, got {self.weights}")
-        if self.num_bins < 2 or self.max_boxes < 1 or not 0.0 <= self.absent_prob <= 1.0:
+        if (
+            self.num_bins < 2
+            or self.max_boxes < 1
+            or self.max_turns < 1
+            or not 0.0 <= self.absent_prob <= 1.0
+        ):
             raise ValueError(
-                f"need num_bins >= 2, max_boxes >= 1, 0 <= absent_prob <= 1; got {self.num_bins}, "
-                f"{self.max_boxes}, {self.absent_prob}"
+                f"need num_bins >= 2, max_boxes >= 1, max_turns >= 1, 0 <= absent_prob <= 1; got "
+                f"{self.num_bins}, {self.max_boxes}, {self.max_turns}, {self.absent_prob}"
             )
 
 
@@ -120,14 +130,21 @@ class _Scene:
     def sample(
         self, task: str, question: str, answer: str, masks: list[np.ndarray] | None = None
     ) -> GroundedSample:
+        return self.conversation(task, [(question, answer)], masks)
+
+    def conversation(
+        self, task: str, turns: Sequence[tuple[str, str]], masks: list[np.ndarray] | None = None
+    ) -> GroundedSample:
+        """A sample of (question, answer) turns about the image (`<image>` opens the first question)."""
         instances = self.record.non_crowd()
         boxes = np.array([i.box_xyxy for i in instances], dtype=np.float32).reshape(-1, 4)
+        conversation = []
+        for index, (question, answer) in enumerate(turns):
+            conversation.append({"from": "human", "value": ("<image>\n" if index == 0 else "") + question})
+            conversation.append({"from": "gpt", "value": answer})
         return GroundedSample(
             image_path=self.record.path,
-            conversation=[
-                {"from": "human", "value": "<image>\n" + question},
-                {"from": "gpt", "value": answer},
-            ],
+            conversation=conversation,
             image_size=self.record.image_size,
             has_det_targets=True,
             det_boxes=boxes,
@@ -234,6 +251,23 @@ def _refer(s: _Scene) -> GroundedSample | None:
     return s.sample("refer", question, answer, s.masks([instance]) if seg else None)
 
 
+def _refer_all(s: _Scene) -> GroundedSample | None:
+    """Every (instance, referring expression) pair of the image, one refer turn each, in random order (at
+    most `max_turns`; no `<seg>`): one image pass yields a `<box>` query per expression."""
+    pairs = [(i, e) for i in s.record.non_crowd() for e in i.referring_expressions]
+    if not pairs:
+        return None
+    pairs = s.rng.sample(pairs, min(len(pairs), s.config.max_turns))
+    turns = [
+        (
+            s.pick(en.QUESTIONS["refer"]).format(expr=expression),
+            s.pick(en.REFER_ANSWERS).format(g=s.grounded(expression, [instance])),
+        )
+        for instance, expression in pairs
+    ]
+    return s.conversation("refer_all", turns)
+
+
 def _describe(instance: InstanceRecord, rng: random.Random) -> str:
     """`red circle`, `small red circle` (synthetic attributes) or the category name."""
     words = [instance.attributes["size"]] if "size" in instance.attributes and rng.random() < 0.5 else []
@@ -261,6 +295,7 @@ _BUILDERS: dict[str, Callable[[_Scene], GroundedSample | None]] = {
     "exists": _exists,
     "refer": _refer,
     "region_caption": _region_caption,
+    "refer_all": _refer_all,
 }
 
 

@@ -29,7 +29,6 @@ Frames: proposals are xyxy canvas pixels; `PointerChoice.box` is xyxy ORIGINAL i
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -42,6 +41,7 @@ from grounded_llava.modeling import GroundedLlavaForConditionalGeneration
 from grounded_llava.modeling.pointer import Proposals, pointer_decision
 
 from .copy_prior import CopyPrior
+from .reconcile import named_categories
 
 
 @dataclass
@@ -135,7 +135,7 @@ class NameMask:
 
     def __init__(self, tokenizer, categories: Sequence[str]) -> None:
         self.starts = []
-        self.forms = [(name.lower(), pluralize(name).lower()) for name in categories]
+        self.categories = list(categories)
         for name in categories:
             forms = (name, f" {name}", pluralize(name), f" {pluralize(name)}")
             self.starts.append(
@@ -149,8 +149,7 @@ class NameMask:
     def named_in(self, question: str) -> set[int]:
         """The categories whose name or plural is a word of `question`: the user named them, the answer may
         too ("Where is the hexagon?" when the head labels the hexagon "cross"; E24)."""
-        words = set(re.findall(r"\w+", question.lower()))
-        return {c for c, forms in enumerate(self.forms) if words & set(forms)}
+        return set(named_categories(question, self.categories))
 
 
 def _absent_categories(proposals: Proposals, num_categories: int, min_score: float) -> list[list[int]]:

@@ -62,23 +62,32 @@ def _forms(name: str) -> list[str]:
     return [" ".join(words)] + [" ".join(words[:-1] + [p]) for p in sorted(plurals)]
 
 
-def phrase_category(phrase: str, category_names: Sequence[str]) -> str | None:
-    """The category a phrase names, or None.
-
-    A phrase names a category when the category name (or its plural) occurs in it as whole words,
-    case-insensitive ("two red circles" names "circle"); the longest matching name wins
-    ("hot dog" over "dog"), ties go to the earlier category.
-    """
-    best: str | None = None
-    for name in category_names:
-        if not name.strip() or (best is not None and len(name) <= len(best)):
+def named_categories(text: str, category_names: Sequence[str]) -> list[int]:
+    """The indices of the categories `text` names: a category name (or its plural) occurs in it as whole
+    words, case-insensitive ("Is the star left of the crosses?" names "star" and "cross"; "starfish"
+    names neither). The one reader of category names in text, for phrases and questions alike."""
+    named = []
+    for index, name in enumerate(category_names):
+        if not name.strip():
             continue
         for form in _forms(name):
             pattern = r"(?<!\w)" + r"\s+".join(re.escape(w) for w in form.split()) + r"(?!\w)"
-            if re.search(pattern, phrase, flags=re.IGNORECASE):
-                best = name
+            if re.search(pattern, text, flags=re.IGNORECASE):
+                named.append(index)
                 break
-    return best
+    return named
+
+
+def phrase_category(phrase: str, category_names: Sequence[str]) -> str | None:
+    """The category a phrase names, or None.
+
+    Of the categories the phrase names (`named_categories`: "two red circles" names "circle"), the longest
+    name wins ("hot dog" over "dog"), ties go to the earlier category.
+    """
+    named = named_categories(phrase, category_names)
+    if not named:
+        return None
+    return category_names[max(named, key=lambda i: (len(category_names[i]), -i))]
 
 
 def phrase_category_index(phrase: str, category_names: Sequence[str]) -> int | None:

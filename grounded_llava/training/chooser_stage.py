@@ -30,11 +30,13 @@ HELD_OUT = 0.1  # of the cached queries, kept out of training to report the choo
 
 @dataclass
 class ChoiceCache:
-    """M cached `<box>` queries over K proposal slots: queries (M, D) the phrase's words (the chooser
-    `reads` "words": `BoxQueries.word_queries`), pooled (M, K, P) and geometry (M, K, 9)
-    (`region_inputs`), blocked (M, K) bool (padding or taken), positives (M, K) bool."""
+    """M cached `<box>` queries over the K proposal slots of I images: queries (M, D) the phrase's words
+    (the chooser `reads` "words": `BoxQueries.word_queries`), images (M,) long the image of each query,
+    pooled (I, K, P) and geometry (I, K, 9) the images' proposals (`region_inputs`, stored once per image
+    however many queries it has), blocked (M, K) bool (padding or taken), positives (M, K) bool."""
 
     queries: torch.Tensor
+    images: torch.Tensor
     pooled: torch.Tensor
     geometry: torch.Tensor
     blocked: torch.Tensor
@@ -44,11 +46,27 @@ class ChoiceCache:
         return len(self.queries)
 
     def rows(self, index: torch.Tensor, device: torch.device | None = None) -> ChoiceCache:
-        return ChoiceCache(*(t[index].to(device) for t in vars(self).values()))
+        """The queries `index` with the regions of their images alone (re-indexed)."""
+        used, images = torch.unique(self.images[index], return_inverse=True)
+        return ChoiceCache(
+            self.queries[index].to(device), images.to(device), self.pooled[used].to(device),
+            self.geometry[used].to(device), self.blocked[index].to(device), self.positives[index].to(device),
+        )  # fmt: skip
 
     def targets(self) -> torch.Tensor:
         """(M, K + 1) the positives as `pointer_loss` takes them ("none" never one)."""
         return torch.cat([self.positives, self.positives.new_zeros((len(self), 1))], dim=1)
+
+    @classmethod
+    def concat(cls, parts: list[ChoiceCache]) -> ChoiceCache:
+        """One cache of `parts` in order (each part's image indices shifted past the earlier parts')."""
+        offsets = torch.tensor([0, *(len(p.pooled) for p in parts[:-1])]).cumsum(0)
+        return cls(
+            torch.cat([p.queries for p in parts]),
+            torch.cat([p.images + offset for p, offset in zip(parts, offsets.tolist(), strict=True)]),
+            torch.cat([p.pooled for p in parts]), torch.cat([p.geometry for p in parts]),
+            torch.cat([p.blocked for p in parts]), torch.cat([p.positives for p in parts]),
+        )  # fmt: skip
 
 
 @torch.no_grad()
@@ -88,28 +106,27 @@ def cache_choice_queries(
             canvas_size=pointer.canvas_size,
         )
         keep = found.positives[:, :-1].any(1)
-        images = found.images[keep]
+        used, images = torch.unique(found.images[keep], return_inverse=True)
         parts.append(ChoiceCache(
             queries=found.boxes.word_queries(embed(input_ids))[keep].float().cpu(),
-            pooled=pooled[images].float().cpu(),
-            geometry=geometry[images].float().cpu(),
-            blocked=(~proposals.valid[images] | found.excluded[keep]).cpu(),
+            images=images.cpu(),
+            pooled=pooled[used].float().cpu(),
+            geometry=geometry[used].float().cpu(),
+            blocked=(~proposals.valid[found.images[keep]] | found.excluded[keep]).cpu(),
             positives=found.positives[keep, :-1].cpu(),
         ))  # fmt: skip
     model.train(was_training)
     if not parts:
         raise ValueError(f"{desc}: no answer <box> of the stage's data has a proposal target to learn from")
-    return ChoiceCache(
-        *(torch.cat(tensors) for tensors in zip(*(vars(p).values() for p in parts), strict=True))
-    )
+    return ChoiceCache.concat(parts)
 
 
 def choice_logits(chooser: ProposalPointer, cache: ChoiceCache) -> torch.Tensor:
     """(M, K + 1) the chooser's logits of cached queries; blocked proposals and "none" at -inf."""
     regions = chooser.embed(cache.pooled, cache.geometry)
-    rows = torch.arange(len(cache), device=regions.device)
     excluded = torch.cat([cache.blocked, cache.blocked.new_ones((len(cache), 1))], dim=1)
-    logits = chooser(cache.queries, rows, regions, torch.ones_like(cache.blocked), cache.blocked)
+    valid = torch.ones(regions.shape[:2], dtype=torch.bool, device=regions.device)  # padding: in `blocked`
+    logits = chooser(cache.queries, cache.images, regions, valid, cache.blocked)
     return logits.masked_fill(excluded, float("-inf"))
 
 
