@@ -144,6 +144,9 @@ class GroundedLlavaConfig:
     region_tokens: bool = False
     """After the image tokens the LLM reads one token per head proposal (`heads.max_proposals`, best
     first; Groma's region tokens): neck features pooled in the box + geometry + score."""
+    region_feedback: bool = False
+    """With `region_tokens`: the region token of the proposal a `<box>` group cites is added to the LLM's
+    input at the group's `</box>`, so the words after a box read its object (`modeling/region_feedback.py`)."""
     copy_bias: float = 0.0
     """Decoding: inside a grounded phrase, this logit bonus goes to the word that continues a run of the
     question's words (`inference/copy_prior.py`; 0 = off). For a small LM that does not copy on its own."""
@@ -157,6 +160,8 @@ class GroundedLlavaConfig:
             raise ConfigError(f"num_bins must be in [2, 1000], got {self.num_bins}")
         if self.image_token_pool < 1:
             raise ConfigError(f"image_token_pool must be >= 1, got {self.image_token_pool}")
+        if self.region_feedback and not self.region_tokens:
+            raise ConfigError("region_feedback needs region_tokens (it feeds a region token back)")
         if self.load_in_4bit and self.dtype == "float32":
             raise ConfigError("load_in_4bit needs dtype bfloat16 or float16 for the compute")
 

@@ -41,6 +41,7 @@ from grounded_llava.data.coco_geometry import check_area, check_segmentation, is
 
 Box = tuple[float, float, float, float]
 REQUIRED_IMAGE_KEYS = ("id", "file_name", "width", "height")
+IMAGE_ATTRIBUTES = ("background",)  # image-level keys kept in `ImageRecord.attributes`
 REQUIRED_ANNOTATION_KEYS = ("id", "image_id", "category_id", "bbox")
 BOX_TOLERANCE_PX = 1.0  # COCO boxes overshoot the image by float rounding; more than this is an error
 
@@ -102,6 +103,8 @@ class ImageRecord:
     width: int
     height: int
     instances: list[InstanceRecord] = field(default_factory=list)
+    attributes: dict[str, Any] = field(default_factory=dict)
+    """Image-level facts beside COCO's keys (the synthetic world's `background`); {} when absent."""
 
     @property
     def image_size(self) -> tuple[int, int]:
@@ -207,7 +210,15 @@ def _read_image(image: object, image_root: Path, image_check: ImageCheck) -> Ima
             "width/height",
             f"JSON says {width}x{height}, file {path} is {size[0]}x{size[1]}",
         )
-    return ImageRecord(image_id=image_id, file_name=image["file_name"], path=path, width=width, height=height)
+    attributes = {key: image[key] for key in IMAGE_ATTRIBUTES if key in image}
+    return ImageRecord(
+        image_id=image_id,
+        file_name=image["file_name"],
+        path=path,
+        width=width,
+        height=height,
+        attributes=attributes,
+    )
 
 
 def _read_annotation(ann: dict, record: ImageRecord, categories: dict[int, Category]) -> InstanceRecord:

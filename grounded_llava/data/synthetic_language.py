@@ -144,8 +144,21 @@ def describe_scene(objects: Sequence[SceneObject], background: str) -> str:
     return f"The image shows {listing} (from left to right) on a {background} background."
 
 
-def _position_question(objects: Sequence[SceneObject], rng: random.Random) -> tuple[str, str] | None:
-    """ "Is the red circle to the left or to the right of the blue star?" for a random clear pair."""
+Ground = Callable[[str, SceneObject], str]
+"""Renders a phrase about an object in an answer: `grounded_phrase` ("<p>cross</p><box>..</box>") or plain."""
+
+
+def _plain(words: str, obj: SceneObject) -> str:
+    return words
+
+
+def _position_question(
+    objects: Sequence[SceneObject], rng: random.Random, ground: Ground | None
+) -> tuple[str, str] | None:
+    """ "Is the red circle to the left or to the right of the blue star?" for a random clear pair. Plain
+    answer: "The red circle is to the left of the blue star."; grounded (`ground`), both objects come
+    before the relation, so that it reads both boxes: "Compared with the <p>blue star</p><box>..</box>,
+    the <p>red circle</p><box>..</box> is to the left." """
     named = [(o, words[0]) for i, o in enumerate(objects) if (words := unique_descriptors(objects, i))]
     pairs = [(a, b) for a in named for b in named if a[0] is not b[0]]
     for (a, a_words), (b, b_words) in rng.sample(pairs, len(pairs)):
@@ -157,29 +170,57 @@ def _position_question(objects: Sequence[SceneObject], rng: random.Random) -> tu
             _RELATIONS,
             strict=True,
         ):
-            if holds(a, b):
+            if not holds(a, b):
+                continue
+            if ground is None:
                 return question, f"The {a_words} is {answer_words} the {b_words}."
+            relation = answer_words.removesuffix(" of")
+            return (
+                question,
+                f"Compared with the {ground(b_words, b)}, the {ground(a_words, a)} is {relation}.",
+            )
     return None
+
+
+def _subject(options: Sequence[str], present: set[str], rng: random.Random, absent_prob: float | None) -> str:
+    """A shape or colour to ask "How many ...?" about: uniform over `options` when `absent_prob` is None,
+    else one absent from the scene with probability `absent_prob` (when there is one), a present one
+    otherwise (training data in which reading the image pays; the worlds' chat.json stays uniform)."""
+    if absent_prob is None:
+        return rng.choice(list(options))
+    here = [o for o in options if o in present]
+    away = [o for o in options if o not in present]
+    if away and (not here or rng.random() < absent_prob):
+        return rng.choice(away)
+    return rng.choice(here)
 
 
 def chat_turns(
     objects: Sequence[SceneObject],
     *,
-    background: str,
+    background: str | None,
     shapes: Sequence[str],
     colors: Sequence[str],
     rng: random.Random,
+    absent_prob: float | None = None,
+    ground: Ground | None = None,
 ) -> list[tuple[str, str]]:
-    """Question/answer pairs the scene answers (count, colour, position, description), 2-4 of them."""
+    """Question/answer pairs the scene answers (count, colour, position, description), 2-4 of them.
+
+    `background` None leaves the description out; `absent_prob` (see `_subject`) balances the subjects of
+    the shape and colour counts between present and absent ones (None: uniform over `shapes`/`colors`);
+    `ground` grounds the objects that colour and position answers name ("The <p>cross</p><box>..</box>
+    is green."; the feedback of their region then lets the LM read them, docs/EXPERIMENTS.md E26).
+    """
     qa = [("How many shapes are there in the image?", _count_answer(len(objects), "shape"))]
-    shape = rng.choice(list(shapes))
+    shape = _subject(shapes, {o.shape for o in objects}, rng, absent_prob)
     qa.append(
         (
             f"How many {pluralize(shape)} are there?",
             _count_answer(sum(o.shape == shape for o in objects), shape),
         )
     )
-    color = rng.choice(list(colors))
+    color = _subject(colors, {o.color for o in objects}, rng, absent_prob)
     qa.append(
         (
             f"How many {color} objects are there?",
@@ -189,9 +230,12 @@ def chat_turns(
     lone = [o for o in objects if sum(p.shape == o.shape for p in objects) == 1]
     if lone:
         obj = rng.choice(lone)
-        qa.append((f"What colour is the {obj.shape}?", f"The {obj.shape} is {obj.color}."))
-    position = _position_question(objects, rng)
+        qa.append(
+            (f"What colour is the {obj.shape}?", f"The {(ground or _plain)(obj.shape, obj)} is {obj.color}.")
+        )
+    position = _position_question(objects, rng, ground)
     if position is not None:
         qa.append(position)
-    qa.append(("Describe the scene.", describe_scene(objects, background)))
+    if background is not None:
+        qa.append(("Describe the scene.", describe_scene(objects, background)))
     return rng.sample(qa, rng.randint(2, min(4, len(qa))))

@@ -1,9 +1,12 @@
 """Grounded conversations from COCO-style records: detect, find, segment, count, exists, refer, region_caption,
-refer_all.
+refer_all, chat.
 
 Every sample is one human/gpt exchange about one image (`<image>\\n` opens the human turn), except
 `refer_all`: one turn per referring expression of the image (up to `TaskConfig.max_turns`), for a stage
-that reads many `<box>` queries per image pass (the `chooser` stage). Every sample comes with:
+that reads many `<box>` queries per image pass (the `chooser` stage), and `chat`: the synthetic world's
+plain chat (counts, colours, positions; `synthetic_language.chat_turns`) drawn anew from the instances'
+attributes with subjects balanced by `absent_prob` (images without the synthetic attributes give none).
+Every sample comes with:
 - `det_boxes`/`det_categories`: EVERY non-crowd instance of the image (`has_det_targets=True`), so
   the detection head is supervised on the full image whatever the question was;
 - `seg_masks`: one bool (H, W) mask per `<seg>` token of the gpt turn, in token order.
@@ -27,8 +30,10 @@ from grounded_llava.codec import DEFAULT_NUM_BINS, P_CLOSE, P_OPEN, SEG, encode_
 from grounded_llava.data import phrasing as en
 from grounded_llava.data.coco import CocoInstances, ImageRecord, InstanceRecord
 from grounded_llava.data.sample import GroundedSample
+from grounded_llava.data.synthetic import COLORS
+from grounded_llava.data.synthetic_language import SceneObject, chat_turns
 
-TASK_NAMES = ("detect", "find", "segment", "count", "exists", "refer", "region_caption", "refer_all")
+TASK_NAMES = ("detect", "find", "segment", "count", "exists", "refer", "region_caption", "refer_all", "chat")
 DEFAULT_TASK_WEIGHTS = {
     "detect": 2.0,
     "find": 2.0,
@@ -49,8 +54,12 @@ class TaskConfig:
         num_bins: number of `<loc_k>` bins (must match the tokenizer's grounding tokens).
         max_boxes: most boxes in one answer.
         refer_seg: put `<seg>` after the referred box when the instance has a mask.
-        absent_prob: how often `count`/`exists` ask about a category absent from the image.
-        max_turns: most turns of a `refer_all` conversation.
+        absent_prob: how often `count`/`exists` (and `chat`'s counts) ask about a category absent from the
+            image.
+        max_turns: most turns of a `refer_all` or `chat` conversation.
+        chat_draws: a `chat` conversation joins this many draws of `chat_turns` (2-4 turns each, repeated
+            questions dropped): more questions per image pass.
+        chat_grounded: `chat` answers ground the objects their colour and position answers name.
     """
 
     weights: dict[str, float] = field(default_factory=lambda: dict(DEFAULT_TASK_WEIGHTS))
@@ -59,6 +68,8 @@ class TaskConfig:
     refer_seg: bool = True
     absent_prob: float = 0.3
     max_turns: int = 32
+    chat_draws: int = 1
+    chat_grounded: bool = False
 
     def __post_init__(self) -> None:
         unknown = set(self.weights) - set(TASK_NAMES)
@@ -70,11 +81,12 @@ class TaskConfig:
             self.num_bins < 2
             or self.max_boxes < 1
             or self.max_turns < 1
+            or self.chat_draws < 1
             or not 0.0 <= self.absent_prob <= 1.0
         ):
             raise ValueError(
-                f"need num_bins >= 2, max_boxes >= 1, max_turns >= 1, 0 <= absent_prob <= 1; got "
-                f"{self.num_bins}, {self.max_boxes}, {self.max_turns}, {self.absent_prob}"
+                f"need num_bins >= 2, max_boxes >= 1, max_turns >= 1, chat_draws >= 1, 0 <= absent_prob <= 1; "
+                f"got {self.num_bins}, {self.max_boxes}, {self.max_turns}, {self.chat_draws}, {self.absent_prob}"
             )
 
 
@@ -268,6 +280,28 @@ def _refer_all(s: _Scene) -> GroundedSample | None:
     return s.conversation("refer_all", turns)
 
 
+def _chat(s: _Scene) -> GroundedSample | None:
+    """Plain chat turns about the scene, drawn from the instances' synthetic attributes (None without them)."""
+    instances = s.record.non_crowd()
+    if not instances or any({"shape", "color", "size"} - set(i.attributes) for i in instances):
+        return None
+    objects = [
+        SceneObject(shape=i.attributes["shape"], color=i.attributes["color"], size=i.attributes["size"],
+                    box_xyxy=tuple(i.box_xyxy), area=int(i.area))
+        for i in instances
+    ]  # fmt: skip
+    instance_of = {id(o): i for o, i in zip(objects, instances, strict=True)}
+    ground = (
+        (lambda words, obj: s.grounded(words, [instance_of[id(obj)]])) if s.config.chat_grounded else None
+    )
+    turns: dict[str, str] = {}
+    for _ in range(s.config.chat_draws):
+        drawn = chat_turns(objects, background=s.record.attributes.get("background"), shapes=s.category_names,
+                           colors=COLORS, rng=s.rng, absent_prob=s.config.absent_prob, ground=ground)  # fmt: skip
+        turns |= {q: a for q, a in drawn if q not in turns}
+    return s.conversation("chat", list(turns.items())[: s.config.max_turns])
+
+
 def _describe(instance: InstanceRecord, rng: random.Random) -> str:
     """`red circle`, `small red circle` (synthetic attributes) or the category name."""
     words = [instance.attributes["size"]] if "size" in instance.attributes and rng.random() < 0.5 else []
@@ -296,6 +330,7 @@ _BUILDERS: dict[str, Callable[[_Scene], GroundedSample | None]] = {
     "refer": _refer,
     "region_caption": _region_caption,
     "refer_all": _refer_all,
+    "chat": _chat,
 }
 
 

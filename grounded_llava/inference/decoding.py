@@ -189,6 +189,26 @@ def _pointer_options(
     return options, named_and_reported
 
 
+def _step_input(
+    llava,
+    tokens: torch.Tensor,
+    fed_back: list[int | None],
+    region_tokens: torch.Tensor | None,
+    box_close: int,
+) -> dict[str, torch.Tensor]:
+    """The LLM input of one decoding step of (B,) `tokens`: their ids, or, when a row's token is the
+    `</box>` of a chosen proposal (`fed_back[r]`, then cleared), their embeddings with that proposal's
+    region token added (`modeling/region_feedback.py`: as in training)."""
+    rows = [r for r, k in enumerate(fed_back) if k is not None and int(tokens[r]) == box_close]
+    if not rows:
+        return {"input_ids": tokens[:, None]}
+    embeddings = llava.get_input_embeddings()(tokens[:, None])
+    for r in rows:
+        embeddings[r, 0] += region_tokens[r, fed_back[r]].to(embeddings.dtype)
+        fed_back[r] = None
+    return {"inputs_embeds": embeddings}
+
+
 @torch.inference_mode()
 def decode_grounded(
     model: GroundedLlavaForConditionalGeneration,
@@ -241,12 +261,14 @@ def decode_grounded(
     regions = model.pointer.region_embeddings(region_map, proposals)
     chooser = model.chooser
     choice_regions = None if chooser is None else chooser.region_embeddings(region_map, proposals)
+    region_tokens = model.region_tokens(region_map, proposals)
+    fed_back: list[int | None] = [None] * batch  # the proposal whose region token goes in with `</box>`
     position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
     out = llava.model(
         input_ids=input_ids,
         attention_mask=attention_mask,
         position_ids=position_ids,
-        mm_encoder_outputs=model.mm_encoder_outputs(features, model.region_tokens(region_map, proposals)),
+        mm_encoder_outputs=model.mm_encoder_outputs(features, region_tokens),
         use_cache=True,
     )
     cache, hidden = out.past_key_values, out.last_hidden_state[:, -1]
@@ -306,6 +328,7 @@ def decode_grounded(
                 box = box.clamp(min=0).minimum(torch.tensor([width, height, width, height], dtype=box.dtype))
                 bins = box_bins(tuple(box.tolist()), metas[r].original_size, num_bins)
                 forced[r] = [ids.loc[b] for b in bins] + [ids.box_close]
+                fed_back[r] = k if model.config.region_feedback else None
                 taken[r, k] = True
                 choices[r].append(
                     PointerChoice(position, k, p, tuple(box.tolist()), float(proposals.scores[r, k]))
@@ -332,7 +355,7 @@ def decode_grounded(
             [attention_mask, (~finished).long()[:, None].to(attention_mask.dtype)], dim=1
         )
         out = llava.model(
-            input_ids=tokens[:, None],
+            **_step_input(llava, tokens, fed_back, region_tokens, ids.box_close),
             attention_mask=attention_mask,
             position_ids=next_position[:, None],
             past_key_values=cache,

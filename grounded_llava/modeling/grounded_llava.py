@@ -26,6 +26,7 @@ from .masks import mask_loss
 from .outputs import GroundedLlavaOutput
 from .pointer import ProposalPointer, Proposals
 from .prompts import answer_pointer_loss, seg_prompts
+from .region_feedback import embeddings_with_feedback
 
 
 def _trains(module: nn.Module) -> bool:
@@ -287,7 +288,10 @@ class GroundedLlavaForConditionalGeneration(nn.Module):
         self._check_image_tokens(input_ids, image_sample_index.to(input_ids.device))
 
         out = GroundedLlavaOutput(image_features=image_features, pyramid=pyramid)
-        encoder_outputs = None
+        groups = None  # the one reading of the grammar, parsed once and only where something needs it
+        if image_features is not None or (labels is not None and self.config.loss.lm_phrase != 1.0):
+            groups = box_groups_in_ids(input_ids, self.token_ids)
+        encoder_outputs, llm_input = None, {"input_ids": input_ids}
         if image_features is not None:
             regions = None
             if self.region_encoder is not None:  # the LLM reads the head's proposals: the heads run first
@@ -296,9 +300,13 @@ class GroundedLlavaForConditionalGeneration(nn.Module):
                 out.proposals = self.proposals(out.detections)
                 regions = self.region_tokens(self.pointer_features(out.pyramid, pixel_values), out.proposals)
             encoder_outputs = self.mm_encoder_outputs(image_features, regions)
+            if self.config.region_feedback:
+                llm_input = {"inputs_embeds": embeddings_with_feedback(
+                    self, input_ids, groups, regions, out.proposals, image_sample_index, original_sizes
+                )}  # fmt: skip
         llava = self.base_llava
         llm_out = llava.model(
-            input_ids=input_ids,
+            **llm_input,
             attention_mask=attention_mask,
             mm_encoder_outputs=encoder_outputs,
             use_cache=False,
@@ -306,9 +314,6 @@ class GroundedLlavaForConditionalGeneration(nn.Module):
         out.last_hidden_state = hidden = llm_out.last_hidden_state
         out.logits = logits = llava.lm_head(hidden)
         losses = []
-        groups = None  # the one reading of the grammar, parsed once and only where something needs it
-        if image_features is not None or (labels is not None and self.config.loss.lm_phrase != 1.0):
-            groups = box_groups_in_ids(input_ids, self.token_ids)
         if labels is not None:
             weights = (
                 None

@@ -36,6 +36,8 @@ class SourceConfig:
     categories: list[str] | None = None
     tasks: dict[str, float] | None = None
     samples_per_image: int = 1
+    chat_draws: int = 1  # `chat` task: draws of chat turns joined into one conversation (`TaskConfig`)
+    chat_grounded: bool = False  # `chat` task: colour and position answers ground their objects
     limit: int | None = None
     on_bad_data: Literal["strict", "skip"] = "strict"
 

@@ -88,7 +88,12 @@ def load_source(
         dataset = load_coco_instances(
             annotations, images, on_bad_data=source.on_bad_data, image_check="header"
         )
-        task_config = TaskConfig(num_bins=num_bins, **({"weights": source.tasks} if source.tasks else {}))
+        task_config = TaskConfig(
+            num_bins=num_bins,
+            chat_draws=source.chat_draws,
+            chat_grounded=source.chat_grounded,
+            **({"weights": source.tasks} if source.tasks else {}),
+        )
         samples = build_task_samples(
             dataset, config=task_config, seed=source.seed, samples_per_image=source.samples_per_image
         )
