@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import re
 from pathlib import Path
 
 import numpy as np
@@ -381,3 +382,43 @@ def test_chat_task_needs_the_synthetic_attributes():
         record, task="chat", category_names=CATEGORIES, rng=random.Random(0), config=TaskConfig()
     )
     assert sample is None
+
+
+def test_grounded_chat_boxes_the_objects_its_colour_and_position_answers_name():
+    shapes = ["circle", "square", "star"]
+    record = _record(
+        200,
+        100,
+        [
+            _attributed(1, "circle", "red", (10.0, 20.0, 50.0, 60.0)),
+            _attributed(2, "star", "blue", (150.0, 50.0, 190.0, 90.0)),
+        ],
+    )
+    by_shape = {i.attributes["shape"]: i.box_xyxy for i in record.instances}
+    grounded_kinds = set()
+    for seed in range(30):
+        config = TaskConfig(chat_draws=4, chat_grounded=True)
+        sample = make_task_sample(
+            record, task="chat", category_names=shapes, rng=random.Random(seed), config=config
+        )
+        for question, answer in zip(sample.conversation[0::2], sample.conversation[1::2], strict=True):
+            spans = parse_grounded(answer["value"], record.image_size, num_bins=config.num_bins).spans
+            asked = question["value"].removeprefix("<image>\n")
+            if asked.startswith("What colour"):
+                (span,) = spans
+                assert answer["value"].endswith(f"</box> is {'red' if span.phrase == 'circle' else 'blue'}.")
+                grounded_kinds.add("colour")
+            elif asked.startswith("Is the"):
+                named = re.match(
+                    r"Is the (.+?) (?:to the left or to the right of|above or below) the (.+)\?",
+                    asked,
+                )
+                assert [s.phrase for s in spans] == list(named.groups())
+                grounded_kinds.add("position")
+            else:
+                assert not spans
+            for span in spans:
+                assert _close(
+                    span.boxes[0], by_shape[span.phrase.split()[-1]], record.image_size, config.num_bins
+                )
+    assert grounded_kinds == {"colour", "position"}

@@ -155,10 +155,8 @@ def _plain(words: str, obj: SceneObject) -> str:
 def _position_question(
     objects: Sequence[SceneObject], rng: random.Random, ground: Ground | None
 ) -> tuple[str, str] | None:
-    """ "Is the red circle to the left or to the right of the blue star?" for a random clear pair. Plain
-    answer: "The red circle is to the left of the blue star."; grounded (`ground`), both objects come
-    before the relation, so that it reads both boxes: "Compared with the <p>blue star</p><box>..</box>,
-    the <p>red circle</p><box>..</box> is to the left." """
+    """ "Is the red circle to the left or to the right of the blue star?" for a random clear pair:
+    "The red circle is to the left of the blue star.", each object `ground`ed when given."""
     named = [(o, words[0]) for i, o in enumerate(objects) if (words := unique_descriptors(objects, i))]
     pairs = [(a, b) for a in named for b in named if a[0] is not b[0]]
     for (a, a_words), (b, b_words) in rng.sample(pairs, len(pairs)):
@@ -170,15 +168,9 @@ def _position_question(
             _RELATIONS,
             strict=True,
         ):
-            if not holds(a, b):
-                continue
-            if ground is None:
-                return question, f"The {a_words} is {answer_words} the {b_words}."
-            relation = answer_words.removesuffix(" of")
-            return (
-                question,
-                f"Compared with the {ground(b_words, b)}, the {ground(a_words, a)} is {relation}.",
-            )
+            if holds(a, b):
+                ground = ground or _plain
+                return question, f"The {ground(a_words, a)} is {answer_words} the {ground(b_words, b)}."
     return None
 
 
