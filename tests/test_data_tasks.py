@@ -330,16 +330,20 @@ def _attributed(ann_id, shape, color, box):
     return instance
 
 
+SCENE_SHAPES = ["circle", "square", "star"]
+
+
+def _scene(*objects: tuple[str, str, tuple[float, float, float, float]]) -> ImageRecord:
+    """A 200x100 image of synthetic objects (shape, colour, box xyxy), ids from 1."""
+    return _record(200, 100, [_attributed(k, *spec) for k, spec in enumerate(objects, start=1)])
+
+
 def test_chat_task_states_the_scene_and_balances_present_and_absent_subjects():
-    shapes = ["circle", "square", "star"]
-    record = _record(
-        200,
-        100,
-        [
-            _attributed(1, "circle", "red", (10.0, 20.0, 50.0, 60.0)),
-            _attributed(2, "circle", "blue", (100.0, 0.0, 140.0, 40.0)),
-            _attributed(3, "star", "red", (150.0, 50.0, 190.0, 90.0)),
-        ],
+    shapes = SCENE_SHAPES
+    record = _scene(
+        ("circle", "red", (10.0, 20.0, 50.0, 60.0)),
+        ("circle", "blue", (100.0, 0.0, 140.0, 40.0)),
+        ("star", "red", (150.0, 50.0, 190.0, 90.0)),
     )
     truth = {"circles": 2, "squares": 0, "stars": 1, "red": 2, "blue": 1}
     count_number = {"no": 0, "1": 1, "2": 2}
@@ -385,15 +389,8 @@ def test_chat_task_needs_the_synthetic_attributes():
 
 
 def test_grounded_chat_boxes_the_objects_its_colour_and_position_answers_name():
-    shapes = ["circle", "square", "star"]
-    record = _record(
-        200,
-        100,
-        [
-            _attributed(1, "circle", "red", (10.0, 20.0, 50.0, 60.0)),
-            _attributed(2, "star", "blue", (150.0, 50.0, 190.0, 90.0)),
-        ],
-    )
+    shapes = SCENE_SHAPES
+    record = _scene(("circle", "red", (10.0, 20.0, 50.0, 60.0)), ("star", "blue", (150.0, 50.0, 190.0, 90.0)))
     by_shape = {i.attributes["shape"]: i.box_xyxy for i in record.instances}
     grounded_kinds = set()
     for seed in range(30):
