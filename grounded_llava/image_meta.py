@@ -8,6 +8,7 @@ with integer paste offsets pad_x = (L - W) // 2, pad_y = (L - H) // 2 (as LLaVA'
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -86,14 +87,21 @@ class ImageMeta:
         x1, y1 = round((pad_x + width) * factor), round((pad_y + height) * factor)
         return x0, y0, max(x1, x0 + 1), max(y1, y0 + 1)
 
-    def mask_from_canvas(self, mask_logits: torch.Tensor) -> np.ndarray:
-        """(h, w) mask logits over the whole canvas (any square resolution) -> (H, W) bool, original frame."""
+    def mask_from_canvas(self, mask_logits: torch.Tensor, box: Sequence[float] | None = None) -> np.ndarray:
+        """(h, w) mask logits over the whole canvas (any square resolution) -> (H, W) bool, original frame.
+
+        `box` (xyxy original pixels, the box that prompted the mask): pixels whose centre lies outside it are
+        False. An object lies inside its box; the decoder's spill beyond it cost RES ~0.01 (E27)."""
         resolution = mask_logits.shape[-1]
         x0, y0, x1, y1 = self.image_region_on_canvas(resolution)
         crop = mask_logits[y0:y1, x0:x1].float()[None, None]
         width, height = self.original_size
         resized = F.interpolate(crop, size=(height, width), mode="bilinear", align_corners=False)[0, 0]
-        return (resized > 0).cpu().numpy()
+        mask = (resized > 0).cpu().numpy()
+        if box is not None:
+            x, y = np.arange(width) + 0.5, np.arange(height) + 0.5  # pixel centres
+            mask &= ((y >= box[1]) & (y <= box[3]))[:, None] & ((x >= box[0]) & (x <= box[2]))
+        return mask
 
     def mask_to_canvas(self, mask: np.ndarray, resolution: int) -> torch.Tensor:
         """(H, W) bool mask, original frame -> (resolution, resolution) float {0, 1} mask on the canvas."""

@@ -150,7 +150,7 @@ def test_forced_answer_gets_box_mask_and_token_probability(predictor):
             original_sizes=torch.tensor([size]),
         )
     assert out.mask_logits.shape[0] == 1
-    np.testing.assert_array_equal(span.mask, request.meta.mask_from_canvas(out.mask_logits[0]))
+    np.testing.assert_array_equal(span.mask, request.meta.mask_from_canvas(out.mask_logits[0], box=span.box))
     loc_positions = torch.arange(len(prompt_ids) + cut - 6, len(prompt_ids) + cut - 2)
     log_probs = out.logits[0, loc_positions - 1].log_softmax(-1).gather(1, ids[0, loc_positions][:, None])
     if span.source == "text":

@@ -40,6 +40,15 @@ def test_image_meta_round_trip_on_non_square_images(size):
     assert back.shape == mask.shape and (back & mask).sum() / (back | mask).sum() > 0.9
 
 
+def test_a_mask_is_clipped_to_the_box_that_prompted_it():
+    meta = ImageMeta(original_size=(200, 100), canvas_size=112)
+    logits = torch.ones(56, 56)  # the whole canvas says "object"
+    everywhere = meta.mask_from_canvas(logits)
+    clipped = meta.mask_from_canvas(logits, box=(20.0, 10.0, 60.5, 40.0))
+    assert everywhere.all() and clipped.sum() == 41 * 30  # pixel centres 20.5..60.5 x 10.5..39.5
+    assert clipped[10:40, 20:61].all() and not clipped[:, 61:].any() and not clipped[40:].any()
+
+
 def test_pixels_pad_with_mean_colour(processor):
     from PIL import Image
 

@@ -130,9 +130,12 @@ def referring_expressions(
 
 
 def _count_answer(n: int, noun: str) -> str:
+    """ "I count 2 stars." / "I count 1 star." / "I count no stars.": the number is the first word that
+    depends on the image. ("There is 1" / "There are 2" made greedy decoding choose "is" or "are", i.e.
+    one against many, before the number, and "are" -> "no" won: docs/EXPERIMENTS.md E27.)"""
     if n == 0:
-        return f"There are no {pluralize(noun)}."
-    return f"There is 1 {noun}." if n == 1 else f"There are {n} {pluralize(noun)}."
+        return f"I count no {pluralize(noun)}."
+    return f"I count 1 {noun}." if n == 1 else f"I count {n} {pluralize(noun)}."
 
 
 def describe_scene(objects: Sequence[SceneObject], background: str) -> str:

@@ -323,15 +323,11 @@ class GroundedLlava:
                 if k is not None and (choice := chosen.get(groups[k].start)) is not None:
                     parsed.spans[i].boxes[j] = choice.box
                     scores[i][j] = choice.probability * choice.head_score
-        masks = [
-            [
-                meta.mask_from_canvas(seg_mask_logits[groups[k].seg_position])
-                if k is not None and groups[k].seg
-                else None
-                for k in row
-            ]
-            for row in aligned
-        ]
+        masks = [  # each mask clipped to its span's (final) box
+            [meta.mask_from_canvas(seg_mask_logits[groups[k].seg_position], box=span.boxes[j])
+             if k is not None and groups[k].seg else None for j, k in enumerate(row)]
+            for span, row in zip(parsed.spans, aligned, strict=True)
+        ]  # fmt: skip
         matched = reconcile(
             parsed.spans,
             box_scores=scores,
@@ -371,7 +367,7 @@ class GroundedLlava:
             boxes = meta.boxes_from_canvas(pred[:, :4])
             keep = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
             kept.append((pred[keep], boxes[keep]))
-        mask_arrays = self._box_only_masks(pyramid, [p[:, :4] for p, _ in kept], metas) if masks else None
+        mask_arrays = self._box_only_masks(pyramid, kept, metas) if masks else None
         return [
             Detections(
                 boxes=boxes.cpu(),
@@ -385,15 +381,19 @@ class GroundedLlava:
         ]
 
     def _box_only_masks(
-        self, pyramid: list[torch.Tensor], boxes_canvas: list[torch.Tensor], metas: list[ImageMeta]
+        self, pyramid: list[torch.Tensor], kept: list[tuple[torch.Tensor, ...]], metas: list[ImageMeta]
     ) -> list[np.ndarray]:
-        """SAM masks prompted by boxes alone (the decoder's box-only embedding): per image (n, H, W) bool."""
+        """SAM masks prompted by boxes alone (the decoder's box-only embedding): per image (n, H, W) bool.
+        `kept`: per image, its detections (n, 6) (xyxy canvas px first) and their (n, 4) original-frame boxes."""
+        boxes_canvas = [pred[:, :4] for pred, _ in kept]
         index = torch.cat([torch.full((len(b),), i, dtype=torch.long) for i, b in enumerate(boxes_canvas)])
         boxes = torch.cat(boxes_canvas).to(self.device, self.model.heads_dtype)
         features = self.model.mask_features(pyramid)
         logits, _ = self.model.mask_head(features, index.to(self.device), boxes, seg_hidden=None)
         return [
-            np.stack([meta.mask_from_canvas(m) for m in image_logits]) if len(image_logits)
-            else np.zeros((0, meta.original_size[1], meta.original_size[0]), dtype=bool)
-            for image_logits, meta in zip(logits.split([len(b) for b in boxes_canvas]), metas, strict=True)
+            np.stack([meta.mask_from_canvas(m, box=b.tolist()) for m, b in zip(image_logits, boxes, strict=True)])
+            if len(image_logits) else np.zeros((0, meta.original_size[1], meta.original_size[0]), dtype=bool)
+            for image_logits, (_, boxes), meta in zip(
+                logits.split([len(b) for b in boxes_canvas]), kept, metas, strict=True
+            )
         ]  # fmt: skip

@@ -38,6 +38,7 @@ class SourceConfig:
     samples_per_image: int = 1
     chat_draws: int = 1  # `chat` task: draws of chat turns joined into one conversation (`TaskConfig`)
     chat_grounded: bool = False  # `chat` task: colour and position answers ground their objects
+    absent_prob: float = 0.3  # `count`/`exists`/`chat` counts: how often the subject is absent (`TaskConfig`)
     limit: int | None = None
     on_bad_data: Literal["strict", "skip"] = "strict"
 

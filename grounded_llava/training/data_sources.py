@@ -92,6 +92,7 @@ def load_source(
             num_bins=num_bins,
             chat_draws=source.chat_draws,
             chat_grounded=source.chat_grounded,
+            absent_prob=source.absent_prob,
             **({"weights": source.tasks} if source.tasks else {}),
         )
         samples = build_task_samples(
