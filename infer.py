@@ -17,18 +17,8 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
-from grounded_llava.inference.cli import (
-    chat_session,
-    check_outputs,
-    coco_image_ids,
-    coco_results,
-    load_category_ids,
-    predict_images,
-    resolve_images,
-)
-from grounded_llava.inference.predictor import GroundedLlava
-from grounded_llava.modeling import CheckpointError
-from grounded_llava.modeling.base import BaseModelUnavailableError
+from grounded_llava.console import add_verbosity_options, apply_verbosity
+from grounded_llava.errors import exit_on_user_error
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -53,8 +43,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--masks-for-detections", action="store_true", help="box-prompted masks for head detections"
     )
+    parser.add_argument(
+        "--conf",
+        type=float,
+        help="keep head detections scored >= CONF (default: the checkpoint's heads.conf_threshold)",
+    )
     parser.add_argument("--chat", action="store_true", help="interactive multi-turn chat about one image")
     parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    add_verbosity_options(parser)
     return parser
 
 
@@ -71,23 +67,39 @@ def _stdin_prompts(first: str | None) -> Iterator[str]:
 
 
 def run(args: argparse.Namespace) -> int:
-    # Check the inputs before loading the model, so that mistakes fail at once.
+    # Check the inputs before loading the model (torch, transformers), so that mistakes fail at once.
+    from grounded_llava.inference.cli import (
+        chat_session,
+        check_outputs,
+        coco_image_ids,
+        coco_results,
+        load_category_ids,
+        predict_images,
+        resolve_images,
+    )
+
     if args.prompt is not None and not args.prompt.strip():
         raise ValueError("--prompt is empty")
     if args.prompt is None and not args.chat:
         raise ValueError("--prompt is required (or use --chat)")
+    if args.conf is not None and not 0.0 <= args.conf <= 1.0:
+        raise ValueError(f"--conf must be in [0, 1], got {args.conf}")
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
     images = resolve_images(args.image)
     if args.chat and len(images) != 1:
         raise ValueError(f"--chat takes one image, {args.image!r} matches {len(images)}")
     check_outputs(images, args.out, coco_results=args.coco_results, category_ids=args.category_ids)
+    apply_verbosity(args)
+    from grounded_llava.inference.predictor import GroundedLlava  # the model stack loads after the checks
+
     predictor = GroundedLlava.from_pretrained(args.model, device=args.device)
     category_ids = load_category_ids(args.category_ids, predictor.categories) if args.coco_results else None
     options = {
         "max_new_tokens": args.max_new_tokens,
         "temperature": args.temperature,
         "masks_for_detections": args.masks_for_detections,
+        "conf": args.conf,
     }
     if args.chat:
         answers = chat_session(predictor, images[0], args.out, lines=_stdin_prompts(args.prompt), **options)
@@ -106,12 +118,7 @@ def run(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        return run(args)
-    except (FileNotFoundError, ValueError, CheckpointError, BaseModelUnavailableError) as err:
-        message = " ".join(str(err).split())
-        print(f"infer.py: error: {message}", file=sys.stderr)
-        return 2
+    return exit_on_user_error("infer.py", lambda: run(args), errors=(ValueError,))
 
 
 if __name__ == "__main__":

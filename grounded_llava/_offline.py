@@ -1,7 +1,8 @@
 """Keep ultralytics from reaching the network: it is used here only as a component (Detect head + loss).
 
-Runs at package import, before ultralytics is imported: sets `YOLO_OFFLINE=1` unless the user chose
-otherwise, and gives ultralytics a local TTF as its `Arial.ttf` (it would otherwise download one to
+Runs at package import, before ultralytics is imported: sets `YOLO_OFFLINE=1` and `YOLO_VERBOSE=False`
+(its info lines, such as the first run's settings banner, say nothing about our model; its warnings stay)
+unless the user chose otherwise, and gives ultralytics a local TTF as its `Arial.ttf` (it would otherwise download one to
 draw labels) by copying matplotlib's DejaVuSans into ultralytics' config directory.
 """
 
@@ -13,6 +14,7 @@ from pathlib import Path
 
 def prepare_ultralytics() -> None:
     os.environ.setdefault("YOLO_OFFLINE", "1")
+    os.environ.setdefault("YOLO_VERBOSE", "False")
     config_dir = Path(
         os.environ.setdefault("YOLO_CONFIG_DIR", str(Path(tempfile.gettempdir()) / "grounded_llava_yolo"))
     )

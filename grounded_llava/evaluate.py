@@ -15,10 +15,9 @@ import argparse
 import sys
 from pathlib import Path
 
-from grounded_llava.evaluation.runner import EvaluationConfig, evaluate, print_report
-from grounded_llava.evaluation.tasks import TASKS, parse_tasks
-from grounded_llava.modeling import CheckpointError
-from grounded_llava.modeling.base import BaseModelUnavailableError
+from grounded_llava.console import add_verbosity_options, apply_verbosity
+from grounded_llava.errors import exit_on_user_error
+from grounded_llava.evaluation.task_names import TASKS, parse_tasks
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -50,33 +49,36 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--max-new-tokens", type=int, default=96)
     parser.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
+    add_verbosity_options(parser)
     return parser
+
+
+def run(args: argparse.Namespace) -> int:
+    apply_verbosity(args)
+    from grounded_llava.evaluation.runner import EvaluationConfig, evaluate, print_report  # the model stack
+
+    config = EvaluationConfig(
+        model=args.model,
+        data=args.data,
+        images=args.images,
+        out=args.out,
+        tasks=parse_tasks(args.tasks),
+        chat_data=args.chat_data,
+        chat_images=args.chat_images,
+        reference=args.reference,
+        stages=args.stages,
+        max_images=args.max_images,
+        batch_size=args.batch_size,
+        max_new_tokens=args.max_new_tokens,
+        device=args.device,
+    )
+    print_report(evaluate(config))
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        config = EvaluationConfig(
-            model=args.model,
-            data=args.data,
-            images=args.images,
-            out=args.out,
-            tasks=parse_tasks(args.tasks),
-            chat_data=args.chat_data,
-            chat_images=args.chat_images,
-            reference=args.reference,
-            stages=args.stages,
-            max_images=args.max_images,
-            batch_size=args.batch_size,
-            max_new_tokens=args.max_new_tokens,
-            device=args.device,
-        )
-        evaluation = evaluate(config)
-    except (FileNotFoundError, ValueError, CheckpointError, BaseModelUnavailableError) as err:
-        print(f"evaluate: error: {' '.join(str(err).split())}", file=sys.stderr)
-        return 2
-    print_report(evaluation)
-    return 0
+    return exit_on_user_error("evaluate", lambda: run(args), errors=(ValueError,))
 
 
 if __name__ == "__main__":

@@ -202,7 +202,11 @@ def test_grounded_answer_to_json_exact_schema(dets):
     assert list(out) == ["text", "spans", "detections"]
     assert out["text"] == "A red circle and a blue thing."
     assert [list(s) for s in out["spans"]] == [["phrase", "box", "score", "category", "mask_rle"]] * 2
-    assert [list(d) for d in out["detections"]] == [["box", "score", "category"]] * 3
+    # The detections carry masks (`masks_for_detections`): the JSON keeps them; without, it has no mask key.
+    assert [list(d) for d in out["detections"]] == [["box", "score", "category", "mask_rle"]] * 3
+    np.testing.assert_array_equal(rle_to_mask(out["detections"][1]["mask_rle"]), box_mask([100, 20, 140, 60]))
+    maskless = make_answer(dets.numpy()._replace(masks=None)).to_json()
+    assert [list(d) for d in maskless["detections"]] == [["box", "score", "category"]] * 3
     first, second = out["spans"]
     assert first["box"] == [10.0, 10.0, 50.0, 40.0] and first["category"] == "circle"
     assert set(first["mask_rle"]) == {"size", "counts"} and first["mask_rle"]["size"] == [H, W]
@@ -297,6 +301,8 @@ def test_to_coco_scores_through_cocoeval(second_box, expected_ap):
     assert "segmentation" not in dets.numpy()._replace(masks=None).to_coco(42, [7, 3])[0]
     with pytest.raises(KeyError, match="no COCO id for class id 1 \\('circle'\\)"):
         dets.to_coco(42, [7])
+    # As the README calls it: image id 0, COCO category id = class id + 1.
+    assert [(r["image_id"], r["category_id"]) for r in dets.to_coco()] == [(0, 2), (0, 1)]
 
 
 def test_plot_keeps_size_and_only_changes_pixels_near_boxes(dets, tmp_path):
@@ -370,3 +376,16 @@ def test_draw_overlay_checks_lengths_and_wraps_text():
     lines = wrap_text(text, font=font, max_width=90)
     assert len(lines) > 6 and all(font.getlength(line) <= 90 for line in lines)
     assert "".join(lines).replace(" ", "") == text.replace(" ", "")
+
+
+def test_a_confidence_threshold_keeps_the_spans_and_reindexes_their_detections(dets):
+    answer = make_answer(dets)
+    answer.spans[0].head_index = 2  # matched to the detection scored 0.7
+    kept = answer.with_min_score(0.6)  # scores 0.9, 0.5, 0.7 -> rows 0 and 2
+    np.testing.assert_allclose(kept.detections.numpy().scores, [0.9, 0.7])
+    assert [s.phrase for s in kept.spans] == ["red circle", "blue thing"]
+    assert kept.spans[0].head_index == 1 and kept.spans[1].head_index is None
+    assert answer.spans[0].head_index == 2  # the answer itself is unchanged
+    nothing = answer.with_min_score(1.01)
+    assert len(nothing.detections) == 0 and nothing.spans[0].head_index is None
+    assert nothing.to_json()["spans"] == answer.to_json()["spans"]

@@ -133,7 +133,10 @@ def test_bad_override_exits_2_with_one_line(tmp_path):
         _train_command(tmp_path, "train.bogus=1"), env=_env(), capture_output=True, text=True
     )
     assert result.returncode == 2
-    assert result.stderr.strip().splitlines()[-1].startswith("error: ") and "train.bogus" in result.stderr
+    assert (
+        result.stderr.strip().splitlines()[-1].startswith("train.py: error: ")
+        and "train.bogus" in result.stderr
+    )
 
 
 def test_coco_source_with_a_duplicate_category_name_exits_2(tmp_path, capsys):
@@ -150,7 +153,7 @@ def test_coco_source_with_a_duplicate_category_name_exits_2(tmp_path, capsys):
     config.write_text(yaml.safe_dump(data))
     assert train_from_cli(str(config), str(tmp_path / "run"), ["max_steps=1"]) == 2
     error = capsys.readouterr().err.strip().splitlines()[-1]
-    assert error.startswith("error: ") and "'circle' is the name of category ids 1 and 9" in error
+    assert error.startswith("train.py: error: ") and "'circle' is the name of category ids 1 and 9" in error
 
 
 def test_two_process_cpu_ddp_ends_with_identical_weights(tmp_path):

@@ -64,7 +64,9 @@ def test_nonfinite_losses_are_skipped_logged_as_null_and_stop_the_run_with_exit_
 
     stderr = capsys.readouterr().err.strip().splitlines()
     assert code == 2
-    assert stderr[-1].startswith("error: stage 'align': 3 consecutive steps (2-4) had a non-finite loss")
+    assert stderr[-1].startswith(
+        "train.py: error: stage 'align': 3 consecutive steps (2-4) had a non-finite loss"
+    )
     records = _strict_json_lines(run / "metrics.jsonl")
     assert [(r["step"], r["loss"] is None, r["skipped_nonfinite"]) for r in records] == [
         (1, False, 0), (2, True, 1), (3, True, 1), (4, True, 1),

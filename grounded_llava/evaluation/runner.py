@@ -34,9 +34,9 @@ from grounded_llava.evaluation.chat_accuracy import chat_accuracy_entries
 from grounded_llava.evaluation.chat_metrics import chat_exact_match
 from grounded_llava.evaluation.report import REPORT_FILES, empty_metrics, metrics_markdown, write_metrics
 from grounded_llava.evaluation.stage_forgetting import StagePlan, plan_stages, read_run, stage_forgetting
+from grounded_llava.evaluation.task_names import TASKS
 from grounded_llava.evaluation.tasks import (
     DETECT_PROMPT,
-    TASKS,
     CategoryMap,
     EvalData,
     answers_agreement,

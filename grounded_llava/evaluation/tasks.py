@@ -28,22 +28,11 @@ from grounded_llava.inference.detections import Detections
 from grounded_llava.inference.reconcile import phrase_category
 from grounded_llava.inference.results import GroundedAnswer
 
-TASKS = ("det", "seg", "rec", "res", "chat")
 # Prompts the task generator (`grounded_llava/data/tasks.py`) trains with, so the model sees familiar
 # questions. `rec` and `res` share one prompt: the `refer` task answers with the box AND a `<seg>` mask
 # (`TaskConfig.refer_seg`), while the `segment` templates name categories, not expressions.
 DETECT_PROMPT = phrasing.QUESTIONS["detect"][0]  # "Detect every object in the image."
 REFER_PROMPT = phrasing.QUESTIONS["refer"][0]  # "Where is {expr}?"
-
-
-def parse_tasks(text: str) -> tuple[str, ...]:
-    """`"det,rec"` -> `("det", "rec")` in `TASKS` order; ValueError naming unknown or missing tasks."""
-    names = [name.strip() for name in text.split(",") if name.strip()]
-    if unknown := [name for name in names if name not in TASKS]:
-        raise ValueError(f"unknown task(s) {unknown} in --tasks; known: {','.join(TASKS)}")
-    if not names:
-        raise ValueError(f"--tasks names no task; known: {','.join(TASKS)}")
-    return tuple(task for task in TASKS if task in names)
 
 
 @dataclass

@@ -11,15 +11,18 @@ import json
 import sys
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import TextIO
+from typing import TYPE_CHECKING, TextIO
 
 from tqdm import tqdm
 
-from grounded_llava.inference.detections import Detections
+from grounded_llava.console import progress_shown
 from grounded_llava.inference.images import check_image_file
-from grounded_llava.inference.predictor import GroundedLlava
-from grounded_llava.inference.results import GroundedAnswer
 from grounded_llava.output_paths import check_directory_option, check_file_option, refuse_overwrites
+
+if TYPE_CHECKING:  # the checks before the model loads stay light: `infer.py` answers mistakes at once
+    from grounded_llava.inference.detections import Detections
+    from grounded_llava.inference.predictor import GroundedLlava
+    from grounded_llava.inference.results import GroundedAnswer
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 EXIT_WORDS = ("exit", "quit")
@@ -143,12 +146,20 @@ def predict_images(
     max_new_tokens: int,
     temperature: float,
     masks_for_detections: bool,
+    conf: float | None = None,
     stdout: TextIO | None = None,
 ) -> list[GroundedAnswer]:
-    """Answer `prompt` for every image (batched), write its overlay and JSON, print its answer."""
+    """Answer `prompt` for every image (batched), write its overlay and JSON, print its answer.
+    `conf`: keep the head detections scored >= conf (`GroundedAnswer.with_min_score`)."""
     answers: list[GroundedAnswer] = []
     stdout = stdout or sys.stdout  # read at call time: sys.stdout may be replaced after import
-    with tqdm(total=len(paths), desc="infer", unit="img", disable=len(paths) == 1, file=sys.stderr) as bar:
+    with tqdm(
+        total=len(paths),
+        desc="infer",
+        unit="img",
+        disable=len(paths) == 1 or not progress_shown(),
+        file=sys.stderr,
+    ) as bar:
         for start in range(0, len(paths), batch_size):
             chunk = list(paths[start : start + batch_size])
             batch = predictor.predict(
@@ -159,6 +170,7 @@ def predict_images(
                 temperature=temperature,
                 masks_for_detections=masks_for_detections,
             )
+            batch = [answer.with_min_score(conf) for answer in batch] if conf is not None else batch
             for path, answer in zip(chunk, batch, strict=True):
                 write_answer(answer, path, out_dir)
                 bar.write(f"{path}: {answer.text}", file=stdout)
@@ -176,11 +188,12 @@ def chat_session(
     max_new_tokens: int,
     temperature: float,
     masks_for_detections: bool,
+    conf: float | None = None,
     stdout: TextIO | None = None,
 ) -> list[GroundedAnswer]:
     """Multi-turn chat about one image: one prompt per line until the end or "exit"; blank lines are skipped.
 
-    Prints each answer and writes the overlay and JSON of the last turn.
+    Prints each answer and writes the overlay and JSON of the last turn (detections scored >= `conf`).
     """
     history: list[tuple[str, GroundedAnswer]] = []
     stdout = stdout or sys.stdout  # read at call time: sys.stdout may be replaced after import
@@ -200,6 +213,9 @@ def chat_session(
         )
         print(f"assistant: {answer.text}", file=stdout, flush=True)
         history.append((prompt, answer))
-    if history:
-        write_answer(history[-1][1], image, out_dir)
-    return [answer for _, answer in history]
+    answers = [answer for _, answer in history]
+    if conf is not None:
+        answers = [answer.with_min_score(conf) for answer in answers]
+    if answers:
+        write_answer(answers[-1], image, out_dir)
+    return answers

@@ -233,16 +233,21 @@ class Detections:
             records.append(record)
         return records
 
-    def to_coco(self, image_id: int, category_ids: Sequence[int] | Mapping[int, int]) -> list[dict[str, Any]]:
+    def to_coco(
+        self, image_id: int = 0, category_ids: Sequence[int] | Mapping[int, int] | None = None
+    ) -> list[dict[str, Any]]:
         """COCO result dicts for `COCO.loadRes` (pass it a copy: loadRes mutates the list).
 
         Args:
             image_id: the COCO image id.
-            category_ids: class id -> COCO category id (a list indexed by class id, or a dict).
+            category_ids: class id -> COCO category id (a list indexed by class id, or a dict); None: class
+                id + 1 (COCO's ids start at 1).
         Returns:
             `[{"image_id", "category_id", "bbox": [x, y, w, h], "score", "segmentation": RLE (when masks)}]`.
         """
         data = self.numpy()
+        if category_ids is None:
+            category_ids = range(1, len(data.category_names) + 1)
         results = []
         for i in range(len(data)):
             class_id = int(data.class_ids[i])

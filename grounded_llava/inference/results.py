@@ -6,7 +6,7 @@ Frames: every box is xyxy in ORIGINAL image pixels; masks are bool at original i
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -112,6 +112,15 @@ class GroundedAnswer:
                     f"expected (H={height}, W={width})"
                 )
 
+    def with_min_score(self, conf: float) -> GroundedAnswer:
+        """A copy whose `detections` keep the scores >= `conf` (the spans stay: they are the answer; a span
+        whose matched detection is dropped keeps its box and score, its `head_index` becomes None)."""
+        scores = self.detections.numpy().scores
+        kept = np.flatnonzero(np.asarray(scores) >= conf)
+        new_index = {int(old): new for new, old in enumerate(kept)}
+        spans = [replace(span, head_index=new_index.get(span.head_index)) for span in self.spans]
+        return replace(self, spans=spans, detections=self.detections[kept])
+
     def plot(
         self,
         image: ImageLike,
@@ -176,12 +185,13 @@ class GroundedAnswer:
         return save_png(self.plot(image, **plot_kwargs), path)
 
     def to_json(self) -> dict[str, Any]:
-        """`{"text", "spans": [{"phrase", "box", "score", "category", "mask_rle"}], "detections": [{"box", "score", "category"}]}`.
+        """`{"text", "spans": [{"phrase", "box", "score", "category", "mask_rle"}], "detections": [{"box", "score",
+        "category"(, "mask_rle")}]}`: a detection's `mask_rle` when masks were asked for (`masks_for_detections`).
 
         Boxes in original pixels; plain floats and str RLE counts, so `json.dumps` works as is.
         """
         return {
             "text": self.text,
             "spans": [span.to_json() for span in self.spans],
-            "detections": self.detections.to_json(masks=False),
+            "detections": self.detections.to_json(masks=self.detections.masks is not None),
         }

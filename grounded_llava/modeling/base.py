@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import os
 import re
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,14 +24,11 @@ from transformers import (
 )
 
 from ..config import GroundedLlavaConfig, TinyBaseConfig
+from ..errors import BaseModelUnavailableError
 from ..processor import CLIP_MEAN, CLIP_STD
 from ..tokenizer import IMAGE_TOKEN, GroundingTokenIds, add_grounding_tokens, train_tiny_tokenizer
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-class BaseModelUnavailableError(RuntimeError):
-    """The base LLaVA weights cannot be loaded (offline hub id, missing directory)."""
 
 
 @dataclass
@@ -203,6 +203,18 @@ def lora_config_for(
     )
 
 
+@contextmanager
+def peft_wrapping() -> Iterator[None]:
+    """Around peft's wrapping of a model: peft 0.21 reads transformers 5's deprecated
+    `is_gradient_checkpointing` property there, a FutureWarning on every load that no user can act on.
+    Only that warning is filtered; every other one still shows."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings(
+            "ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning
+        )
+        yield
+
+
 def wrap_with_lora(
     config: GroundedLlavaConfig, model: LlavaForConditionalGeneration, token_ids: list[int]
 ) -> PeftModel:
@@ -212,7 +224,8 @@ def wrap_with_lora(
         model = prepare_model_for_kbit_training(
             model, use_gradient_checkpointing=config.gradient_checkpointing
         )
-    peft_model = get_peft_model(model, lora_config_for(config, model, token_ids))
+    with peft_wrapping():
+        peft_model = get_peft_model(model, lora_config_for(config, model, token_ids))
     if config.gradient_checkpointing:
         peft_model.get_base_model().gradient_checkpointing_enable(
             gradient_checkpointing_kwargs={"use_reentrant": False}

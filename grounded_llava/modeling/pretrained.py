@@ -34,6 +34,7 @@ from .base import (
     build_tiny_base,
     image_settings_for,
     load_pretrained_base,
+    peft_wrapping,
     wrap_with_lora,
 )
 from .grounded_llava import GroundedLlavaForConditionalGeneration
@@ -198,7 +199,8 @@ def load_pretrained(
             f"{directory}: the base has {llava.get_input_embeddings().weight.shape[0]} token rows but the "
             f"tokenizer {len(processor.tokenizer)} tokens"
         )
-    peft_model = PeftModel.from_pretrained(llava, directory / ADAPTER_DIR, is_trainable=is_trainable)
+    with peft_wrapping():
+        peft_model = PeftModel.from_pretrained(llava, directory / ADAPTER_DIR, is_trainable=is_trainable)
     model, _ = _assemble(config, peft_model, processor.tokenizer, settings)
     heads = read_safetensors(directory / HEADS_FILE)
     check_shapes(model, heads, directory / HEADS_FILE)

@@ -18,9 +18,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 from torch import nn
 
-
-class CheckpointError(ValueError):
-    """A checkpoint directory is incomplete, corrupt or from another format version."""
+from ..errors import CheckpointError
 
 
 def _unreadable(path: Path, error: BaseException) -> CheckpointError:

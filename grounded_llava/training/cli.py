@@ -3,15 +3,13 @@
 from __future__ import annotations
 
 import logging
-import sys
 from pathlib import Path
 
 from transformers.utils import logging as transformers_logging
 
 from ..config_io import ConfigError
 from ..data.bad_data import DataError
-from ..modeling.base import BaseModelUnavailableError
-from ..modeling.state_files import CheckpointError
+from ..errors import exit_on_user_error
 from .config import TrainConfig
 from .nonfinite import NonFiniteError
 from .trainer import Trainer
@@ -22,23 +20,15 @@ def train_from_cli(config_path: str, output_dir: str, overrides: list[str]) -> i
     checkpoints (damaged, or not writable: disk full), and for a run stopped by non-finite losses or weights."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     transformers_logging.disable_progress_bar()  # one bar per saved shard would bury the training bar
-    try:
-        config = TrainConfig.from_yaml(config_path, overrides)
-        trainer = Trainer(config, output_dir)
+
+    def train() -> int:
+        trainer = Trainer(TrainConfig.from_yaml(config_path, overrides), output_dir)
         final = trainer.run()
-    except (
-        ConfigError,
-        DataError,
-        BaseModelUnavailableError,
-        CheckpointError,
-        FileNotFoundError,
-        NonFiniteError,
-    ) as err:
-        print(f"error: {' '.join(str(err).split())}", file=sys.stderr)
-        return 2
-    if trainer.accelerator.is_main_process:
-        print(f"final model: {final}\nstage manifest: {Path(final) / 'stages.json'}")
-        print(
-            f"metrics: {Path(output_dir) / 'metrics.jsonl'}  loss curves: {Path(output_dir) / 'loss_curves.png'}"
-        )
-    return 0
+        if trainer.accelerator.is_main_process:
+            print(f"final model: {final}\nstage manifest: {Path(final) / 'stages.json'}")
+            print(
+                f"metrics: {Path(output_dir) / 'metrics.jsonl'}  loss curves: {Path(output_dir) / 'loss_curves.png'}"
+            )
+        return 0
+
+    return exit_on_user_error("train.py", train, errors=(ConfigError, DataError, NonFiniteError))
