@@ -271,7 +271,7 @@ def decode_grounded(
         mm_encoder_outputs=model.mm_encoder_outputs(features, region_tokens),
         use_cache=True,
     )
-    cache, hidden = out.past_key_values, out.last_hidden_state[:, -1]
+    cache, hidden = out.cache, out.last_hidden_state[:, -1]
     next_position = position_ids[:, -1] + 1
     answers: list[list[int]] = [[] for _ in range(batch)]
     choices: list[list[PointerChoice]] = [[] for _ in range(batch)]
@@ -358,10 +358,10 @@ def decode_grounded(
             **_step_input(llava, tokens, fed_back, region_tokens, ids.box_close),
             attention_mask=attention_mask,
             position_ids=next_position[:, None],
-            past_key_values=cache,
+            cache=cache,
             use_cache=True,
         )
-        cache, hidden = out.past_key_values, out.last_hidden_state[:, -1]
+        cache, hidden = out.cache, out.last_hidden_state[:, -1]
         next_position = next_position + 1
         previous = logits_now
     return DecodedAnswers(ids=answers, choices=choices)
