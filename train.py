@@ -1,28 +1,11 @@
-"""Fine-tune a LLaVA into a grounded model, stage by stage: `python train.py --config C --output-dir D [key=value ...]`.
+"""Fine-tune a LLaVA into a grounded model, stage by stage (`python train.py --help`).
 
-Overrides are dotted config keys (`train.batch_size=2`, `model.lora.r=16`); `max_steps=N` sets the total
-number of optimizer steps over all stages, split by the stages' proportions. A run resumes from the
-last checkpoint in its output directory. Multi-process: `accelerate launch --config_file
-configs/accelerate/ddp.yaml train.py ...`.
+The command lives in `grounded_llava/training/command.py` (also `grounded-llava train`).
 """
 
-import argparse
 import sys
 
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--config", required=True, help="training YAML (configs/*.yaml)")
-    parser.add_argument(
-        "--output-dir", required=True, help="run directory (checkpoints, metrics, stages, final/)"
-    )
-    parser.add_argument("overrides", nargs="*", help="key=value config overrides")
-    args = parser.parse_args(argv)
-
-    from grounded_llava.training.cli import train_from_cli
-
-    return train_from_cli(args.config, args.output_dir, args.overrides)
-
+from grounded_llava.training.command import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -3,9 +3,8 @@
 Top-level names are imported lazily, so light submodules (codec, data, evaluation) load fast.
 """
 
-from importlib import import_module
-
 from . import _offline  # noqa: F401  (first: configures ultralytics before anything imports it)
+from ._lazy import lazy_getattr
 
 __version__ = "0.1.0"
 
@@ -21,7 +20,4 @@ _EXPORTS = {
 __all__ = sorted(_EXPORTS)
 
 
-def __getattr__(name: str):
-    if name not in _EXPORTS:
-        raise AttributeError(f"module 'grounded_llava' has no attribute {name!r}")
-    return getattr(import_module(_EXPORTS[name], __name__), name)
+__getattr__ = lazy_getattr(__name__, _EXPORTS)

@@ -20,9 +20,9 @@ from grounded_llava.errors import exit_on_user_error
 from grounded_llava.evaluation.task_names import TASKS, parse_tasks
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(prog: str = "python -m grounded_llava.evaluate") -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m grounded_llava.evaluate",
+        prog=prog,
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -76,8 +76,8 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def main(argv: list[str] | None = None, prog: str = "python -m grounded_llava.evaluate") -> int:
+    args = build_parser(prog).parse_args(argv)
     return exit_on_user_error("evaluate", lambda: run(args), errors=(ValueError,))
 
 

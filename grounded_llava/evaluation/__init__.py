@@ -4,7 +4,7 @@ original size, strings, logits), and the metrics report. The model-running evalu
 Every name is imported on first use: `python -m grounded_llava.evaluate --help` answers without torch.
 """
 
-from importlib import import_module
+from grounded_llava._lazy import lazy_getattr
 
 _EXPORTS = {
     "METRIC_KEYS": ".report",
@@ -31,7 +31,4 @@ _EXPORTS = {
 __all__ = sorted(_EXPORTS)
 
 
-def __getattr__(name: str):
-    if name not in _EXPORTS:
-        raise AttributeError(f"module 'grounded_llava.evaluation' has no attribute {name!r}")
-    return getattr(import_module(_EXPORTS[name], __name__), name)
+__getattr__ = lazy_getattr(__name__, _EXPORTS)

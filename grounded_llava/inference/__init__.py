@@ -5,7 +5,7 @@ Every name is imported on first use: `infer.py` checks its arguments without loa
 results layer loads without the model stack (peft, transformers).
 """
 
-from importlib import import_module
+from grounded_llava._lazy import lazy_getattr
 
 _EXPORTS = {
     "Detections": ".detections",
@@ -25,7 +25,4 @@ _EXPORTS = {
 __all__ = sorted(_EXPORTS)
 
 
-def __getattr__(name: str):
-    if name not in _EXPORTS:
-        raise AttributeError(f"module 'grounded_llava.inference' has no attribute {name!r}")
-    return getattr(import_module(_EXPORTS[name], __name__), name)
+__getattr__ = lazy_getattr(__name__, _EXPORTS)

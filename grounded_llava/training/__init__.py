@@ -1,32 +1,27 @@
-"""Model-agnostic training infrastructure: data order, checkpoints, metrics log, plots."""
+"""Model-agnostic training infrastructure: data order, checkpoints, metrics log, plots.
 
-from grounded_llava.training.checkpointing import (
-    FORMAT_VERSION,
-    CheckpointFormatError,
-    TrainingState,
-    find_latest_checkpoint,
-    list_checkpoints,
-    load_training_state,
-    save_training_state,
-    trainable_state_dict,
-)
-from grounded_llava.training.metrics_log import MetricsLogger, read_metrics
-from grounded_llava.training.nonfinite import NonFiniteError
-from grounded_llava.training.plots import plot_loss_curves
-from grounded_llava.training.sampler import ResumableSampler
+Every name is imported on first use: `train.py --help` answers without torch.
+"""
 
-__all__ = [
-    "FORMAT_VERSION",
-    "CheckpointFormatError",
-    "MetricsLogger",
-    "NonFiniteError",
-    "ResumableSampler",
-    "TrainingState",
-    "find_latest_checkpoint",
-    "list_checkpoints",
-    "load_training_state",
-    "plot_loss_curves",
-    "read_metrics",
-    "save_training_state",
-    "trainable_state_dict",
-]
+from grounded_llava._lazy import lazy_getattr
+
+_EXPORTS = {
+    "FORMAT_VERSION": ".checkpointing",
+    "CheckpointFormatError": ".checkpointing",
+    "MetricsLogger": ".metrics_log",
+    "NonFiniteError": ".nonfinite",
+    "ResumableSampler": ".sampler",
+    "TrainingState": ".checkpointing",
+    "find_latest_checkpoint": ".checkpointing",
+    "list_checkpoints": ".checkpointing",
+    "load_training_state": ".checkpointing",
+    "plot_loss_curves": ".plots",
+    "read_metrics": ".metrics_log",
+    "save_training_state": ".checkpointing",
+    "trainable_state_dict": ".checkpointing",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+__getattr__ = lazy_getattr(__name__, _EXPORTS)

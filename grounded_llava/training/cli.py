@@ -15,7 +15,7 @@ from .nonfinite import NonFiniteError
 from .trainer import Trainer
 
 
-def train_from_cli(config_path: str, output_dir: str, overrides: list[str]) -> int:
+def train_from_cli(config_path: str, output_dir: str, overrides: list[str], prog: str = "train.py") -> int:
     """Returns the process exit code: 0, or 2 with one line on stderr for bad configs, data, models or
     checkpoints (damaged, or not writable: disk full), and for a run stopped by non-finite losses or weights."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
@@ -31,4 +31,4 @@ def train_from_cli(config_path: str, output_dir: str, overrides: list[str]) -> i
             )
         return 0
 
-    return exit_on_user_error("train.py", train, errors=(ConfigError, DataError, NonFiniteError))
+    return exit_on_user_error(prog, train, errors=(ConfigError, DataError, NonFiniteError))

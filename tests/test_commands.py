@@ -1,0 +1,51 @@
+"""The command lines: one console script over train/infer/evaluate, and answers to --help and argument
+mistakes that come before the model stack (torch, transformers) is imported."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from grounded_llava.commands import main
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def imported_modules(*command: str) -> set[str]:
+    """The modules a command imports (`python -X importtime`), its exit status checked by the caller."""
+    result = subprocess.run(
+        [sys.executable, "-X", "importtime", *command], cwd=REPO, capture_output=True, text=True, timeout=120
+    )
+    return {
+        line.split("|")[-1].strip() for line in result.stderr.splitlines() if line.startswith("import time:")
+    }
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        ("infer.py", "--help"),
+        ("train.py", "--help"),
+        ("-m", "grounded_llava.evaluate", "--help"),
+        ("infer.py", "--image", "no-such-image.png", "--prompt", "Where?"),
+        ("-m", "grounded_llava.commands", "infer", "--image", "no-such-image.png", "--prompt", "Where?"),
+    ],
+)
+def test_help_and_argument_mistakes_answer_without_loading_torch(command):
+    modules = imported_modules(*command)
+    assert modules and "argparse" in modules
+    assert not {"torch", "transformers", "ultralytics", "peft"} & modules
+
+
+def test_the_console_script_dispatches_to_each_command(capsys):
+    assert main(["infer", "--image", "no-such-image.png", "--prompt", "Where?"]) == 2
+    assert (
+        capsys.readouterr().err.strip() == "grounded-llava infer: error: no image matches 'no-such-image.png'"
+    )
+    assert main(["predict"]) == 2
+    assert "unknown command 'predict'" in capsys.readouterr().err
+    assert main([]) == 2 and "usage: grounded-llava" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", "--help"])
+    assert exit_info.value.code == 0 and "usage: grounded-llava train" in capsys.readouterr().out
