@@ -22,13 +22,15 @@ from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
 
 from grounded_llava.codec import parse_grounded
+from grounded_llava.console import progress_shown
 from grounded_llava.data.chat import load_llava_chat
 from grounded_llava.evaluation.chat_accuracy import chat_accuracy_entries
 from grounded_llava.evaluation.chat_metrics import chat_exact_match
@@ -311,19 +313,28 @@ def evaluate(config: EvaluationConfig) -> Evaluation:
     plan = plan_stages(read_run(config.stages)) if config.stages is not None else None
     predictor = GroundedLlava.from_pretrained(config.model, device=_device(config.device))
     evaluation.metrics["num_images"] = float(len(data.records))
+    out = Path(config.out)
+    tasks: list[tuple[str, Callable[[], dict]]] = []
     if {"det", "seg"} & set(config.tasks):
         categories = map_categories(predictor.categories, data.categories, source=str(data.source))
-        evaluation.metrics |= _run_detection(predictor, data, categories, config)
+        tasks.append(("det/seg", lambda: _run_detection(predictor, data, categories, config)))
     if {"rec", "res"} & set(config.tasks):
-        evaluation.metrics |= _run_referring(predictor, data, config, evaluation.notes)
+        tasks.append(("rec/res", lambda: _run_referring(predictor, data, config, evaluation.notes)))
     if chat is not None:
-        evaluation.metrics |= _run_chat(predictor, chat, config, evaluation.notes)
-    out = Path(config.out)
+        tasks.append(("chat", lambda: _run_chat(predictor, chat, config, evaluation.notes)))
     if plan is not None:
-        entries, matrix = _run_stages(plan, data, config)
-        evaluation.metrics |= entries
-        out.mkdir(parents=True, exist_ok=True)
-        (out / STAGE_MATRIX_FILE).write_text(json.dumps(matrix, indent=2) + "\n")
+
+        def stages() -> dict:
+            entries, matrix = _run_stages(plan, data, config)
+            out.mkdir(parents=True, exist_ok=True)
+            (out / STAGE_MATRIX_FILE).write_text(json.dumps(matrix, indent=2) + "\n")
+            return entries
+
+        tasks.append(("stages", stages))
+    bar = tqdm(tasks, desc="evaluate", unit="task", file=sys.stderr, disable=not progress_shown())
+    for name, run in bar:
+        bar.set_postfix_str(name)
+        evaluation.metrics |= run()
     write_metrics(evaluation.metrics, out)
     return evaluation
 
