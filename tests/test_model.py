@@ -1,6 +1,7 @@
 """The grounded model on tiny configs with the real transformers/peft/ultralytics/SAM parts."""
 
 import copy
+import dataclasses
 import time
 from pathlib import Path
 
@@ -58,6 +59,7 @@ def test_forward_backward_on_a_mixed_batch(tiny_model, tmp_path):
     batch = make_batch(tiny_model, make_samples(tmp_path, tiny_model.config.num_bins))
     assert batch.batch.pixel_values.shape[0] == 3 and batch.seg_masks.shape[0] == 1
     assert batch.det_targets.image_has_targets.tolist() == [True, True, False]
+    assert batch.is_chat.tolist() == [False, False, True, True]  # where the KL to the base model applies
     out = tiny_model(**batch.model_inputs())
     for name in ("loss", "lm_loss", "det_loss", "mask_loss", "pointer_loss"):
         assert torch.isfinite(getattr(out, name)), name
@@ -69,6 +71,13 @@ def test_forward_backward_on_a_mixed_batch(tiny_model, tmp_path):
     assert lora_grads and all(g is not None for g in lora_grads)
     assert all(p.grad is None for n, p in tiny_model.named_parameters() if "vision_tower" in n)
     assert out.logits.shape[:2] == batch.batch.input_ids.shape and out.mask_logits.shape[0] == 1
+
+
+def test_grounded_chat_is_chat_for_the_kl_to_the_base(tiny_model, tmp_path):
+    """A `chat` answer that grounds its objects keeps the KL to the base model (E27: it was dropped)."""
+    grounded, _, plain, _ = make_samples(tmp_path, tiny_model.config.num_bins)
+    grounded_chat = dataclasses.replace(grounded, task="chat")
+    assert make_batch(tiny_model, [grounded_chat, grounded, plain]).is_chat.tolist() == [True, False, True]
 
 
 def test_overfitting_two_samples_drives_every_loss_down(tiny_model, tmp_path):

@@ -85,7 +85,7 @@ class EncodedSample:
 
     encoded: EncodedConversation
     has_det_targets: bool
-    is_chat: bool  # plain chat (no grounding targets): where the KL to the base model applies
+    is_chat: bool  # chat (the `chat` task, grounded or not, or no grounding targets): where the KL to the base applies
     class_ids: torch.Tensor  # (n,)
     boxes_norm: torch.Tensor  # (n, 4) xywh fractions of the canvas
     seg_masks: torch.Tensor  # (m, 4g, 4g)
@@ -164,7 +164,7 @@ class GroundedDataset(Dataset):
         return EncodedSample(
             encoded=encoded,
             has_det_targets=sample.has_det_targets and meta is not None,
-            is_chat=not sample.has_det_targets,
+            is_chat=sample.task == "chat" or not sample.has_det_targets,
             class_ids=torch.tensor([self.class_of[c] for c in sample.det_categories], dtype=torch.long),
             boxes_norm=boxes_norm,
             seg_masks=torch.stack(masks)
