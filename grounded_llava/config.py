@@ -135,7 +135,9 @@ class GroundedLlavaConfig:
     heads: HeadSettings = field(default_factory=HeadSettings)
     loss: LossWeights = field(default_factory=LossWeights)
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-    load_in_4bit: bool = False
+    quantization: Literal["none", "4bit", "8bit"] = "none"
+    """The base LLM's weights through bitsandbytes (CUDA only), as the original LLaVA builder's `load_4bit` /
+    `load_8bit`: "4bit" NF4 (QLoRA), "8bit" LLM.int8; the vision tower, projector and LM head stay unquantised."""
     gradient_checkpointing: bool = False
     image_token_pool: int = 1
     """k > 1: the LLM reads the projected patch grid average-pooled k x k ((g/k)^2 image tokens, e.g. the
@@ -162,8 +164,15 @@ class GroundedLlavaConfig:
             raise ConfigError(f"image_token_pool must be >= 1, got {self.image_token_pool}")
         if self.region_feedback and not self.region_tokens:
             raise ConfigError("region_feedback needs region_tokens (it feeds a region token back)")
-        if self.load_in_4bit and self.dtype == "float32":
-            raise ConfigError("load_in_4bit needs dtype bfloat16 or float16 for the compute")
+        if self.quantization != "none" and self.base == TINY_BASE:
+            raise ConfigError(
+                f"quantization {self.quantization} needs a pretrained base (bitsandbytes quantises weights as "
+                "they load); the tiny preset is built in float"
+            )
+        if self.quantization != "none" and self.dtype == "float32":
+            raise ConfigError(
+                f"quantization {self.quantization} needs dtype bfloat16 or float16 for the compute"
+            )
 
     @property
     def num_region_tokens(self) -> int:
@@ -176,6 +185,11 @@ class GroundedLlavaConfig:
 
     @classmethod
     def from_dict(cls, data: dict) -> GroundedLlavaConfig:
+        """Also reads checkpoints written before `quantization` existed (their `load_in_4bit` flag)."""
+        if "load_in_4bit" in data:
+            data = {k: v for k, v in data.items() if k != "load_in_4bit"} | {
+                "quantization": "4bit" if data["load_in_4bit"] else data.get("quantization", "none")
+            }
         return from_dict(cls, data)
 
     @classmethod

@@ -11,6 +11,7 @@ import torch
 
 from grounded_llava import GroundedLlavaConfig, GroundedLlavaForConditionalGeneration
 from grounded_llava.codec import encode_phrase
+from grounded_llava.config_io import ConfigError
 from grounded_llava.data.dataset import GroundedCollator, GroundedDataset
 from grounded_llava.data.sample import GroundedSample
 from grounded_llava.modeling import CheckpointError
@@ -212,11 +213,17 @@ def test_local_llava_directory_as_base_loads_through_transformers(local_llava_di
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU refusal of GPU-only options")
 def test_gpu_only_options_raise_on_cpu(local_llava_dir):
     base = tiny_test_config().to_dict() | {"base": str(local_llava_dir)}
-    with pytest.raises(RuntimeError, match="load_in_4bit needs a CUDA GPU"):
-        GroundedLlavaForConditionalGeneration.from_config(
-            GroundedLlavaConfig.from_dict(base | {"load_in_4bit": True, "dtype": "bfloat16"})
-        )
-    with pytest.raises(RuntimeError, match="float16 needs a GPU"):
+    for bits in ("4bit", "8bit"):
+        config = GroundedLlavaConfig.from_dict(base | {"quantization": bits, "dtype": "bfloat16"})
+        with pytest.raises(ConfigError, match=f"model.quantization={bits} needs a CUDA GPU"):
+            GroundedLlavaForConditionalGeneration.from_config(config)
+    legacy = GroundedLlavaConfig.from_dict(base | {"load_in_4bit": True, "dtype": "bfloat16"})
+    assert legacy.quantization == "4bit"  # checkpoints written before `quantization` existed
+    with pytest.raises(ConfigError, match="quantization 8bit needs dtype bfloat16 or float16"):
+        GroundedLlavaConfig.from_dict(base | {"quantization": "8bit"})
+    with pytest.raises(ConfigError, match="quantization 8bit needs a pretrained base"):
+        GroundedLlavaConfig.from_dict(base | {"base": "tiny", "quantization": "8bit", "dtype": "bfloat16"})
+    with pytest.raises(ConfigError, match="float16 needs a GPU"):
         GroundedLlavaForConditionalGeneration.from_config(
             GroundedLlavaConfig.from_dict(base | {"dtype": "float16"})
         )
@@ -228,7 +235,11 @@ def test_7b_config_parses_and_stops_at_loading_weights(tmp_path, monkeypatch):
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     config = TrainConfig.from_yaml(Path(__file__).resolve().parents[1] / "configs" / "llava15_7b_coco.yaml")
-    assert config.model.load_in_4bit and config.model.gradient_checkpointing and config.train.grad_accum == 4
+    assert (
+        config.model.quantization == "4bit"
+        and config.model.gradient_checkpointing
+        and config.train.grad_accum == 4
+    )
     assert [s.kind for s in config.stages] == ["align", "ground"] and config.model.lora.r == 64
     with pytest.raises(BaseModelUnavailableError, match="llava-hf/llava-1.5-7b-hf"):
         Trainer(config, tmp_path).run()  # conftest's fresh_accelerator_state resets its bf16 Accelerator

@@ -24,6 +24,7 @@ from transformers import (
 )
 
 from ..config import GroundedLlavaConfig, TinyBaseConfig
+from ..config_io import ConfigError
 from ..errors import BaseModelUnavailableError
 from ..processor import CLIP_MEAN, CLIP_STD
 from ..tokenizer import IMAGE_TOKEN, GroundingTokenIds, add_grounding_tokens, train_tiny_tokenizer
@@ -120,16 +121,8 @@ def load_pretrained_base(
     """
     is_local = Path(source).is_dir()
     kwargs: dict = {"dtype": DTYPES[config.dtype], "local_files_only": _offline() and not is_local}
-    if config.load_in_4bit:
-        from transformers import BitsAndBytesConfig
-
-        kwargs["quantization_config"] = BitsAndBytesConfig(
-            load_in_4bit=True,
-            bnb_4bit_quant_type="nf4",
-            bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=DTYPES[config.dtype],
-            llm_int8_skip_modules=["vision_tower", "multi_modal_projector", "lm_head"],
-        )
+    if config.quantization != "none":
+        kwargs["quantization_config"] = _bitsandbytes_config(config)
     try:
         tokenizer = AutoTokenizer.from_pretrained(
             tokenizer_source or source, local_files_only=kwargs["local_files_only"]
@@ -169,16 +162,34 @@ def load_pretrained_base(
     )
 
 
+def _bitsandbytes_config(config: GroundedLlavaConfig):
+    """`config.quantization` as transformers' `BitsAndBytesConfig`: NF4 with double quantisation, or LLM.int8;
+    the vision tower, the projector and the LM head stay in `config.dtype`."""
+    from transformers import BitsAndBytesConfig
+
+    skip = ["vision_tower", "multi_modal_projector", "lm_head"]
+    if config.quantization == "8bit":
+        return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=skip)
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=DTYPES[config.dtype],
+        llm_int8_skip_modules=skip,
+    )
+
+
 def _check_device_support(config: GroundedLlavaConfig) -> None:
     """GPU-only options fail clearly on a CPU machine (checked once the weights are known to be available)."""
     if torch.cuda.is_available():
         return
-    if config.load_in_4bit:
-        raise RuntimeError(
-            "load_in_4bit needs a CUDA GPU (bitsandbytes); set model.load_in_4bit=false on CPU"
+    if config.quantization != "none":
+        raise ConfigError(
+            f"model.quantization={config.quantization} needs a CUDA GPU (bitsandbytes); "
+            "set model.quantization=none on this CPU-only machine"
         )
     if config.dtype == "float16":
-        raise RuntimeError("dtype float16 needs a GPU; use float32 or bfloat16 on CPU")
+        raise ConfigError("model.dtype=float16 needs a GPU; use float32 or bfloat16 on CPU")
 
 
 def _check_token_ids(ids: GroundingTokenIds, model: LlavaForConditionalGeneration) -> None:
@@ -218,7 +229,7 @@ def peft_wrapping() -> Iterator[None]:
 def wrap_with_lora(
     config: GroundedLlavaConfig, model: LlavaForConditionalGeneration, token_ids: list[int]
 ) -> PeftModel:
-    if config.load_in_4bit:
+    if config.quantization != "none":
         from peft import prepare_model_for_kbit_training
 
         model = prepare_model_for_kbit_training(
