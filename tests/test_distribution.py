@@ -40,5 +40,5 @@ def test_train_under_fsdp_exits_2_with_one_line_before_writing(tmp_path, monkeyp
     monkeypatch.setattr(trainer_module, "Accelerator", FsdpAccelerator)
     assert train_from_cli(str(CONFIG), str(tmp_path / "run"), ["max_steps=1"]) == 2
     error = capsys.readouterr().err.strip().splitlines()
-    assert len(error) == 1 and error[0].startswith("error: accelerate distributed_type FSDP: ")
+    assert len(error) == 1 and error[0].startswith("train.py: error: accelerate distributed_type FSDP: ")
     assert not (tmp_path / "run").exists()

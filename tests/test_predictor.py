@@ -8,7 +8,7 @@ from PIL import Image
 from grounded_llava.codec import encode_phrase
 from grounded_llava.inference import Detections, GroundedAnswer, GroundedLlava, checkpoint_paths
 from grounded_llava.inference.decoding import DecodedAnswers
-from grounded_llava.inference.reconcile import pairwise_iou
+from grounded_llava.inference.reconciliation import pairwise_iou
 from grounded_llava.modeling import CheckpointError
 from grounded_llava.modeling.base import BaseModelUnavailableError
 

@@ -8,7 +8,7 @@ import torch
 
 from grounded_llava.codec import GroundedSpan, encode_grounded, parse_grounded
 from grounded_llava.inference import Detections, GroundedAnswer, pairwise_iou, phrase_category, reconcile
-from grounded_llava.inference.reconcile import named_categories
+from grounded_llava.inference.reconciliation import named_categories
 
 W, H = 100, 100
 NAMES = ["circle", "square", "hot dog", "dog", "person", "bus"]

@@ -58,11 +58,9 @@ QUESTIONS: dict[str, tuple[str, ...]] = {
 DETECT_ANSWERS = ("The image contains {g}.", "I can see {g}.", "Here are the objects: {g}.")
 DETECT_EMPTY = ("I don't see any of the known objects in this image.", "There are no known objects here.")
 FIND_ANSWERS = ("{g}", "Here they are: {g}.", "I found {g}.")
-# Counts list the objects first, then their number ("I count <p>stars</p><box>..</box><box>..</box>: 2."): the
-# LM writes one box per object as in `find`, then counts its boxes; the phrase is the question's plural
-# whatever the count, so no word before the boxes decides one against many (docs/EXPERIMENTS.md E27).
-COUNT = ("I count {g}: {n}.", "I see {g}: {n} in all.")
-COUNT_NONE = ("I count no {names}.", "I count 0 {names}: there are none in the image.")
+COUNT_ONE = ("There is 1 {g}.", "I count 1 {g}.")
+COUNT_MANY = ("There are {n} {g}.", "I count {n} {g}.")
+COUNT_NONE = ("There are no {names}.", "I count 0 {names}: there are none in the image.")
 EXISTS_YES = ("Yes, there is {g}.", "Yes: {g}.")
 EXISTS_NO = ("No, there is no {name}.", "No, I don't see any {names} in the image.")
 REFER_ANSWERS = ("{g}", "It is here: {g}.", "{g} is here.")

@@ -129,18 +129,10 @@ def referring_expressions(
     return result
 
 
-def _count_answer(objects: Sequence[SceneObject], noun: str, ground: Ground | None) -> str:
-    """How many `objects` there are. Plain: "I count 2 stars." / "I count 1 star." / "I count no stars.": the
-    number is the first word that depends on the image ("There is 1" / "There are 2" made greedy decoding
-    choose one against many at "is"/"are", before the number: docs/EXPERIMENTS.md E27). Grounded: the
-    objects first, then their number: "I count <p>stars</p><box>..</box><box>..</box>: 2." (the phrase is
-    the question's plural whatever the count; the LM lists the objects as in `find`, then counts its boxes)."""
-    n = len(objects)
+def _count_answer(n: int, noun: str) -> str:
     if n == 0:
-        return f"I count no {pluralize(noun)}."
-    if ground is not None:
-        return f"I count {ground(pluralize(noun), objects)}: {n}."
-    return f"I count 1 {noun}." if n == 1 else f"I count {n} {pluralize(noun)}."
+        return f"There are no {pluralize(noun)}."
+    return f"There is 1 {noun}." if n == 1 else f"There are {n} {pluralize(noun)}."
 
 
 def describe_scene(objects: Sequence[SceneObject], background: str) -> str:
@@ -152,12 +144,11 @@ def describe_scene(objects: Sequence[SceneObject], background: str) -> str:
     return f"The image shows {listing} (from left to right) on a {background} background."
 
 
-Ground = Callable[[str, Sequence[SceneObject]], str]
-"""Renders a phrase about objects in an answer: grounded ("<p>crosses</p><box>..</box><box>..</box>", one box
-per object) or plain."""
+Ground = Callable[[str, SceneObject], str]
+"""Renders a phrase about an object in an answer: `grounded_phrase` ("<p>cross</p><box>..</box>") or plain."""
 
 
-def _plain(words: str, objects: Sequence[SceneObject]) -> str:
+def _plain(words: str, obj: SceneObject) -> str:
     return words
 
 
@@ -179,7 +170,7 @@ def _position_question(
         ):
             if holds(a, b):
                 ground = ground or _plain
-                return question, f"The {ground(a_words, [a])} is {answer_words} the {ground(b_words, [b])}."
+                return question, f"The {ground(a_words, a)} is {answer_words} the {ground(b_words, b)}."
     return None
 
 
@@ -210,33 +201,29 @@ def chat_turns(
 
     `background` None leaves the description out; `absent_prob` (see `_subject`) balances the subjects of
     the shape and colour counts between present and absent ones (None: uniform over `shapes`/`colors`);
-    `ground` grounds the objects that count, colour and position answers name ("I count <p>crosses</p><box>..
-    </box><box>..</box>: 2.", "The <p>cross</p><box>..</box> is green."; the feedback of their region then
-    lets the LM read them, docs/EXPERIMENTS.md E26-E27).
+    `ground` grounds the objects that colour and position answers name ("The <p>cross</p><box>..</box>
+    is green."; the feedback of their region then lets the LM read them, docs/EXPERIMENTS.md E26).
     """
-    qa = [("How many shapes are there in the image?", _count_answer(objects, "shape", ground))]
+    qa = [("How many shapes are there in the image?", _count_answer(len(objects), "shape"))]
     shape = _subject(shapes, {o.shape for o in objects}, rng, absent_prob)
     qa.append(
         (
             f"How many {pluralize(shape)} are there?",
-            _count_answer([o for o in objects if o.shape == shape], shape, ground),
+            _count_answer(sum(o.shape == shape for o in objects), shape),
         )
     )
     color = _subject(colors, {o.color for o in objects}, rng, absent_prob)
     qa.append(
         (
             f"How many {color} objects are there?",
-            _count_answer([o for o in objects if o.color == color], f"{color} object", ground),
+            _count_answer(sum(o.color == color for o in objects), f"{color} object"),
         )
     )
     lone = [o for o in objects if sum(p.shape == o.shape for p in objects) == 1]
     if lone:
         obj = rng.choice(lone)
         qa.append(
-            (
-                f"What colour is the {obj.shape}?",
-                f"The {(ground or _plain)(obj.shape, [obj])} is {obj.color}.",
-            )
+            (f"What colour is the {obj.shape}?", f"The {(ground or _plain)(obj.shape, obj)} is {obj.color}.")
         )
     position = _position_question(objects, rng, ground)
     if position is not None:

@@ -226,9 +226,10 @@ def _count(s: _Scene) -> GroundedSample | None:
         return s.sample("count", question, s.pick(en.COUNT_NONE).format(names=en.pluralize(name)))
     name = s.pick(s.clean)
     instances = s.by_category[name]
-    grounded = s.grounded(en.pluralize(name), s.capped(instances))  # the question's plural: see `en.COUNT`
+    grounded = s.grounded(_name_for(name, len(instances)), s.capped(instances))
+    templates = en.COUNT_ONE if len(instances) == 1 else en.COUNT_MANY
     question = s.pick(en.QUESTIONS["count"]).format(names=en.pluralize(name))
-    return s.sample("count", question, s.pick(en.COUNT).format(n=len(instances), g=grounded))
+    return s.sample("count", question, s.pick(templates).format(n=len(instances), g=grounded))
 
 
 def _exists(s: _Scene) -> GroundedSample | None:
@@ -291,9 +292,7 @@ def _chat(s: _Scene) -> GroundedSample | None:
     ]  # fmt: skip
     instance_of = {id(o): i for o, i in zip(objects, instances, strict=True)}
     ground = (
-        (lambda words, objs: s.grounded(words, s.capped([instance_of[id(o)] for o in objs])))
-        if s.config.chat_grounded
-        else None
+        (lambda words, obj: s.grounded(words, [instance_of[id(obj)]])) if s.config.chat_grounded else None
     )
     turns: dict[str, str] = {}
     for _ in range(s.config.chat_draws):

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from grounded_llava.evaluation.coco_metrics import ap_for_categories
-from grounded_llava.evaluation.forgetting import backward_transfer
+from grounded_llava.evaluation.forgetting_metrics import backward_transfer
 
 MANIFEST = "stages.json"
 

@@ -25,7 +25,7 @@ from grounded_llava.evaluation.coco_metrics import IouType, coco_detection_metri
 from grounded_llava.evaluation.grounding_metrics import rec_metrics, res_metrics, text_head_agreement
 from grounded_llava.evaluation.report import coco_report_entries
 from grounded_llava.inference.detections import Detections
-from grounded_llava.inference.reconcile import phrase_category
+from grounded_llava.inference.reconciliation import phrase_category
 from grounded_llava.inference.results import GroundedAnswer
 
 # Prompts the task generator (`grounded_llava/data/tasks.py`) trains with, so the model sees familiar

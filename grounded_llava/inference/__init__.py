@@ -12,13 +12,13 @@ _EXPORTS = {
     "GroundedAnswer": ".results",
     "GroundedLlava": ".predictor",
     "GroundedSpanResult": ".results",
-    "Reconciliation": ".reconcile",
+    "Reconciliation": ".reconciliation",
     "draw_overlay": ".overlay",
     "load_image": ".images",
     "mask_to_rle": ".rle",
-    "pairwise_iou": ".reconcile",
-    "phrase_category": ".reconcile",
-    "reconcile": ".reconcile",
+    "pairwise_iou": ".reconciliation",
+    "phrase_category": ".reconciliation",
+    "reconcile": ".reconciliation",
     "rle_to_mask": ".rle",
 }
 

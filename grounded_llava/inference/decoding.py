@@ -41,7 +41,7 @@ from grounded_llava.modeling import GroundedLlavaForConditionalGeneration
 from grounded_llava.modeling.pointer import Proposals, pointer_decision
 
 from .copy_prior import CopyPrior
-from .reconcile import named_categories
+from .reconciliation import named_categories
 
 
 @dataclass

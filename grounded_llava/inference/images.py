@@ -14,7 +14,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 from grounded_llava.image_io import to_rgb
 from grounded_llava.inference.overlay import to_rgb_array
@@ -33,7 +33,8 @@ def _opened(path: Path) -> Iterator[Image.Image]:
         with Image.open(path) as image:
             yield image
     except (OSError, ValueError, SyntaxError, ImportError, Image.DecompressionBombError) as err:
-        reason = "cannot identify image file" if isinstance(err, ImportError) else str(err)
+        unidentified = isinstance(err, ImportError | UnidentifiedImageError)  # PIL's message repeats the path
+        reason = "cannot identify image file" if unidentified else str(err)
         raise ValueError(f"cannot read image {path}: {reason}") from None
     finally:
         ultralytics_log.setLevel(level)

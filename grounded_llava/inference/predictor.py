@@ -39,7 +39,7 @@ from grounded_llava.inference.grounding import (
     teacher_forcing_inputs,
 )
 from grounded_llava.inference.images import ImageInput, load_image
-from grounded_llava.inference.reconcile import phrase_category_index, reconcile
+from grounded_llava.inference.reconciliation import phrase_category_index, reconcile
 from grounded_llava.inference.results import GroundedAnswer
 from grounded_llava.modeling import GroundedLlavaForConditionalGeneration
 from grounded_llava.processor import EncodedConversation

@@ -3,10 +3,7 @@
 After the pooled patch grid, the LLM reads one token per class-agnostic proposal of the detection head
 (the same top-K, best first, that a `<box>` points at): the neck features roi-aligned in the box, the
 box geometry and the head's score, projected to the LLM's hidden size and layer-normalised (no affine:
-every element ~ unit variance), plus the region's colour (the map's last `colour_channels` channels, the
-canvas pixels, roi-aligned and projected on their own, normalised alike: among ~100 neck channels the
-three colour ones were drowned, a linear probe read the colour of 0.63 of the tokens, docs/EXPERIMENTS.md
-E27), plus a learned embedding of the head's class for the box weighted by its
+every element ~ unit variance), plus a learned embedding of the head's class for the box weighted by its
 score, initialised at the same scale. Unnormalised, the projected appearance grew to ~50x the label's
 norm (docs/EXPERIMENTS.md E25). The LLM then sees objects, not only patches: what is
 there (the detector's label, which a small LM cannot infer from appearance alone), how many, where.
@@ -27,16 +24,14 @@ proposal's label is as loud as its appearance and geometry together."""
 
 
 class RegionTokenEncoder(nn.Module):
-    """(I, C, h, w) map (its last `colour_channels` channels: the canvas pixels) + K proposals per image ->
-    (I, K, D_text) region tokens for the LLM input."""
+    """(I, C, h, w) map + K proposals per image -> (I, K, D_text) region tokens for the LLM input."""
 
     def __init__(
         self, *, channels: int, text_hidden_size: int, canvas_size: int, stride: float, num_classes: int,
-        pool: int = 4, dim: int = 256, colour_channels: int = 3,
+        pool: int = 4, dim: int = 256,
     ) -> None:  # fmt: skip
         super().__init__()
         self.canvas_size = canvas_size
-        self.colour_channels = colour_channels
         self.stride = stride
         self.pool = pool
         self.appearance = nn.Sequential(
@@ -47,10 +42,6 @@ class RegionTokenEncoder(nn.Module):
         )
         self.geometry = nn.Sequential(nn.Linear(9, dim), nn.GELU(), nn.Linear(dim, text_hidden_size))
         self.content_norm = nn.LayerNorm(text_hidden_size, elementwise_affine=False)
-        self.colour = nn.Sequential(
-            nn.Linear(colour_channels * pool * pool, dim), nn.GELU(), nn.Linear(dim, text_hidden_size),
-            nn.LayerNorm(text_hidden_size, elementwise_affine=False),
-        )  # fmt: skip
         self.labels = nn.Embedding(num_classes, text_hidden_size)
         nn.init.normal_(self.labels.weight, std=LABEL_INIT_STD)
         self.empty = nn.Parameter(torch.zeros(text_hidden_size))
@@ -73,10 +64,7 @@ class RegionTokenEncoder(nn.Module):
         pooled, geometry = region_inputs(
             feature_map, proposals, pool=self.pool, stride=self.stride, canvas_size=self.canvas_size
         )
-        count, k = pooled.shape[:2]
-        colour = pooled.view(count, k, -1, self.pool * self.pool)[:, :, -self.colour_channels :]
         tokens = self.content_norm(self.appearance(pooled) + self.geometry(geometry))
-        tokens = tokens + self.colour(colour.flatten(2))
         if proposals.class_ids is not None:
             tokens = tokens + proposals.scores[..., None].to(tokens.dtype) * self.labels(proposals.class_ids)
         return torch.where(proposals.valid[..., None], tokens, self.empty.to(tokens.dtype))
