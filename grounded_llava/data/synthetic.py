@@ -27,9 +27,9 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw
-from pycocotools import mask as mask_utils
 
 from grounded_llava.data.synthetic_language import SceneObject, chat_turns, referring_expressions
+from grounded_llava.rle import mask_to_rle
 
 SHAPES = ("circle", "square", "triangle", "star", "hexagon", "cross", "ellipse", "diamond")
 SHAPE_IDS = {name: index + 1 for index, name in enumerate(SHAPES)}
@@ -209,11 +209,6 @@ def render_scene(
     return image, objects, masks, background
 
 
-def _rle(mask: np.ndarray) -> dict:
-    rle = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
-    return {"size": [int(v) for v in rle["size"]], "counts": rle["counts"].decode("ascii")}
-
-
 def generate_world(
     out_dir: str | Path,
     *,
@@ -264,7 +259,7 @@ def generate_world(
                     "bbox": [int(x0), int(y0), int(x1 - x0), int(y1 - y0)],
                     "area": obj.area,
                     "iscrowd": 0,
-                    "segmentation": _rle(mask),
+                    "segmentation": mask_to_rle(mask),
                     "attributes": {"color": obj.color, "size": obj.size, "shape": obj.shape},
                     "referring_expressions": exprs,
                 }

@@ -32,21 +32,13 @@ from pycocotools.cocoeval import COCOeval
 
 from grounded_llava.data.bad_data import InvalidItem
 from grounded_llava.data.coco_geometry import check_area, check_segmentation, is_finite
+from grounded_llava.rle import mask_to_rle
 
 IouType = Literal["bbox", "segm"]
 
 # Order of `COCOeval.stats` for bbox/segm (pycocotools `summarize()._summarizeDets`).
 _STAT_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
 _ALWAYS_DEFINED = ("AP", "AP50", "AP75", "AR1", "AR10", "AR100")
-
-
-def mask_to_rle(mask: np.ndarray) -> dict[str, Any]:
-    """Compressed COCO RLE of one bool mask (H, W) at original image size; `counts` is a str (JSON-ready)."""
-    mask = np.asarray(mask)
-    if mask.ndim != 2:
-        raise ValueError(f"mask must be 2-D (H, W), got shape {mask.shape}")
-    rle = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
-    return {"size": [int(v) for v in rle["size"]], "counts": rle["counts"].decode("ascii")}
 
 
 def detections_to_coco_results(

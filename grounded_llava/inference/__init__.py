@@ -15,11 +15,11 @@ _EXPORTS = {
     "Reconciliation": ".reconciliation",
     "draw_overlay": ".overlay",
     "load_image": ".images",
-    "mask_to_rle": ".rle",
+    "mask_to_rle": "grounded_llava.rle",
     "pairwise_iou": ".reconciliation",
     "phrase_category": ".reconciliation",
     "reconcile": ".reconciliation",
-    "rle_to_mask": ".rle",
+    "rle_to_mask": "grounded_llava.rle",
 }
 
 __all__ = sorted(_EXPORTS)

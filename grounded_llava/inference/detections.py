@@ -1,7 +1,7 @@
 """The detection head's results on one image: `Detections` (boxes, scores, classes, optional masks).
 
 Frames: every box is xyxy in ORIGINAL image pixels; masks are bool at original image size;
-`image_size` is (W, H). In JSON, masks are COCO RLE (`grounded_llava.inference.rle`).
+`image_size` is (W, H). In JSON, masks are COCO RLE (`grounded_llava.rle`).
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import torch
 from PIL import Image
 
 from grounded_llava.inference.overlay import ImageLike, color_for, draw_overlay, to_rgb_array
-from grounded_llava.inference.rle import mask_to_rle
+from grounded_llava.rle import mask_to_rle
 
 Array = torch.Tensor | np.ndarray
 Index = int | slice | Sequence[int] | Sequence[bool] | np.ndarray | torch.Tensor

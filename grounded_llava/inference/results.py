@@ -1,7 +1,7 @@
 """A grounded chat answer: its `GroundedSpanResult`s (phrase, box, mask, score) and the `GroundedAnswer`.
 
 Frames: every box is xyxy in ORIGINAL image pixels; masks are bool at original image size;
-`image_size` is (W, H). In JSON, masks are COCO RLE (`grounded_llava.inference.rle`).
+`image_size` is (W, H). In JSON, masks are COCO RLE (`grounded_llava.rle`).
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import torch
 from grounded_llava.evaluation.grounding_metrics import box_iou_pairs
 from grounded_llava.inference.detections import Detections, check_image_size, load_image_of_size, save_png
 from grounded_llava.inference.overlay import ImageLike, color_for, draw_overlay
-from grounded_llava.inference.rle import mask_to_rle
+from grounded_llava.rle import mask_to_rle
 
 DRAW_DEDUP_IOU = 0.6  # a head detection overlapping an already drawn box this much is the same object
 

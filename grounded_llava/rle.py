@@ -1,4 +1,5 @@
-"""Boolean masks <-> COCO run-length encoding (RLE), through pycocotools.
+"""Boolean masks <-> COCO run-length encoding (RLE), through pycocotools: the one encoder of the package
+(synthetic worlds, detections and answers in JSON, COCO results for evaluation).
 
 JSON form: `{"size": [H, W], "counts": str}` (compressed RLE, counts as an ASCII string so it is
 json-serialisable). This is the form COCO result files and `COCO.loadRes` accept.
