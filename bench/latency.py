@@ -21,9 +21,9 @@ from PIL import Image
 from transformers import LlavaForConditionalGeneration
 
 from grounded_llava import GroundedLlavaConfig, GroundedLlavaForConditionalGeneration
+from grounded_llava.conversation import human_turn
 from grounded_llava.inference.predictor import GroundedLlava
 from grounded_llava.modeling.base import base_state_dict
-from grounded_llava.tokenizer import IMAGE_TOKEN
 
 from .timing import interleaved
 
@@ -87,7 +87,7 @@ def chat_latency(*, config: GroundedLlavaConfig, new_tokens: int, repeats: int, 
 
     @torch.inference_mode()
     def plain_generate() -> int:
-        turns = [{"from": "human", "value": f"{IMAGE_TOKEN}\n{PROMPT}"}]
+        turns = [human_turn(PROMPT, first=True)]
         encoded = processor.encode_conversation(turns, image, add_generation_prompt=True)
         input_ids = encoded.input_ids[None]
         sequences = plain.generate(

@@ -9,8 +9,8 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 from .codec import BOX_CLOSE, BOX_OPEN, P_CLOSE, P_OPEN, SEG, grounding_tokens, loc_token
+from .conversation import IMAGE_TOKEN  # noqa: F401  (re-exported: the token the tokenizer adds)
 
-IMAGE_TOKEN = "<image>"
 TINY_SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<pad>", IMAGE_TOKEN]
 
 # The tiny preset's BPE corpus: the conversation template, the vocabulary of the synthetic world and

@@ -19,6 +19,7 @@ import random
 from pathlib import Path
 
 from grounded_llava.codec import DEFAULT_NUM_BINS, SEG, parse_grounded
+from grounded_llava.conversation import IMAGE_TOKEN, human_turn
 from grounded_llava.data.bad_data import (
     BadDataPolicy,
     BadDataReport,
@@ -31,7 +32,6 @@ from grounded_llava.data.bad_data import (
 )
 from grounded_llava.data.sample import GroundedSample
 
-IMAGE_TOKEN = "<image>"
 CAPTION_QUESTIONS = (
     "Describe the image briefly.",
     "What is in this picture? Answer in one sentence.",
@@ -200,7 +200,7 @@ def load_coco_captions(
         path, size = images[ann["image_id"]]
         question = random.Random(f"{seed}/{ann['id']}").choice(CAPTION_QUESTIONS)
         conversation = [
-            {"from": "human", "value": f"{IMAGE_TOKEN}\n{question}"},
+            human_turn(question, first=True),
             {"from": "gpt", "value": ann["caption"].strip()},
         ]
         samples.append(

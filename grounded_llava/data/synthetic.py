@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
+from grounded_llava.conversation import conversation
 from grounded_llava.data.synthetic_language import SceneObject, chat_turns, referring_expressions
 from grounded_llava.rle import mask_to_rle
 
@@ -265,11 +266,7 @@ def generate_world(
                 }
             )
         turns = chat_turns(objects, background=background, shapes=shapes, colors=list(COLORS), rng=words_rng)
-        conversation = []
-        for turn, (question, answer) in enumerate(turns):
-            conversation.append({"from": "human", "value": ("<image>\n" if turn == 0 else "") + question})
-            conversation.append({"from": "gpt", "value": answer})
-        chats.append({"id": f"{image_id:06d}", "image": file_name, "conversations": conversation})
+        chats.append({"id": f"{image_id:06d}", "image": file_name, "conversations": conversation(turns)})
     categories_json = [{"id": SHAPE_IDS[s], "name": s, "supercategory": "shape"} for s in shapes]
     coco = {"images": images, "annotations": annotations, "categories": categories_json}
     (out_dir / "annotations.json").write_text(json.dumps(coco))

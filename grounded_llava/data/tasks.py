@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from grounded_llava.codec import DEFAULT_NUM_BINS, P_CLOSE, P_OPEN, SEG, encode_box, encode_phrase
+from grounded_llava.conversation import conversation as make_conversation
 from grounded_llava.data import phrasing as en
 from grounded_llava.data.coco import CocoInstances, ImageRecord, InstanceRecord
 from grounded_llava.data.sample import GroundedSample
@@ -150,10 +151,7 @@ class _Scene:
         """A sample of (question, answer) turns about the image (`<image>` opens the first question)."""
         instances = self.record.non_crowd()
         boxes = np.array([i.box_xyxy for i in instances], dtype=np.float32).reshape(-1, 4)
-        conversation = []
-        for index, (question, answer) in enumerate(turns):
-            conversation.append({"from": "human", "value": ("<image>\n" if index == 0 else "") + question})
-            conversation.append({"from": "gpt", "value": answer})
+        conversation = make_conversation(turns)
         return GroundedSample(
             image_path=self.record.path,
             conversation=conversation,

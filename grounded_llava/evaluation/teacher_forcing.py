@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from grounded_llava.conversation import IMAGE_TOKEN, human_turn
 from grounded_llava.evaluation.chat_metrics import mean_token_kl
 from grounded_llava.evaluation.tasks import TextBox
 from grounded_llava.image_meta import ImageMeta
@@ -20,7 +21,6 @@ from grounded_llava.inference.grounding import answer_box_groups, group_probabil
 from grounded_llava.inference.images import load_image
 from grounded_llava.inference.predictor import GroundedLlava
 from grounded_llava.processor import IGNORE_INDEX
-from grounded_llava.tokenizer import IMAGE_TOKEN
 
 
 @dataclass
@@ -54,7 +54,7 @@ def forced_pass(
     encoded = [
         processor.encode_conversation(
             [
-                {"from": "human", "value": f"{IMAGE_TOKEN}\n{prompt}"},
+                human_turn(prompt, first=True),
                 {"from": "gpt", "value": answer.replace(IMAGE_TOKEN, "")},
             ],
             load_image(image),

@@ -28,6 +28,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from grounded_llava.conversation import human_turn
 from grounded_llava.image_meta import ImageMeta
 from grounded_llava.inference import decoding
 from grounded_llava.inference.checkpoint_paths import resolve_checkpoint
@@ -43,7 +44,6 @@ from grounded_llava.inference.reconciliation import phrase_category_index, recon
 from grounded_llava.inference.results import GroundedAnswer
 from grounded_llava.modeling import GroundedLlavaForConditionalGeneration
 from grounded_llava.processor import EncodedConversation
-from grounded_llava.tokenizer import IMAGE_TOKEN
 
 History = Sequence[tuple[str, "str | GroundedAnswer"]]
 
@@ -167,7 +167,7 @@ class GroundedLlava:
         for index, (question, answer) in enumerate([*history, (prompt, None)]):
             if not isinstance(question, str) or not question.strip():
                 raise ValueError(f"empty prompt (turn {index})" if history else "empty prompt")
-            turns.append({"from": "human", "value": (f"{IMAGE_TOKEN}\n" if index == 0 else "") + question})
+            turns.append(human_turn(question, first=index == 0))
             if answer is not None:
                 turns.append(
                     {
