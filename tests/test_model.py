@@ -248,7 +248,7 @@ def test_7b_config_parses_and_stops_at_loading_weights(tmp_path, monkeypatch):
 def test_bfloat16_with_gradient_checkpointing_trains_on_cpu(tmp_path):
     config = tiny_test_config().to_dict() | {"dtype": "bfloat16", "gradient_checkpointing": True}
     model = GroundedLlavaForConditionalGeneration.from_config(GroundedLlavaConfig.from_dict(config))
-    assert model.base_llava.is_gradient_checkpointing
+    assert model.base_llava.is_activation_checkpointing
     assert (
         model.base_llava.dtype == torch.bfloat16 and next(model.mask_head.parameters()).dtype == torch.float32
     )

@@ -238,8 +238,8 @@ def wrap_with_lora(
     with peft_wrapping():
         peft_model = get_peft_model(model, lora_config_for(config, model, token_ids))
     if config.gradient_checkpointing:
-        peft_model.get_base_model().gradient_checkpointing_enable(
-            gradient_checkpointing_kwargs={"use_reentrant": False}
+        peft_model.get_base_model().activation_checkpointing_enable(
+            activation_checkpointing_kwargs={"use_reentrant": False}
         )
         peft_model.enable_input_require_grads()
     return peft_model
