@@ -17,6 +17,7 @@ import torch
 from PIL import Image
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
+from .checkpoint_layout import PROCESSOR_FILE
 from .codec import ParsedAnswer, parse_grounded
 from .image_meta import ImageMeta, pad_to_square_and_resize
 from .tokenizer import IMAGE_TOKEN, GroundingTokenIds
@@ -24,7 +25,6 @@ from .tokenizer import IMAGE_TOKEN, GroundingTokenIds
 IGNORE_INDEX = -100
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-PROCESSOR_FILE = "grounded_processor.json"
 Conversation = Sequence[dict[str, str]]
 
 

@@ -6,17 +6,10 @@ import re
 from pathlib import Path
 
 import grounded_llava
-from grounded_llava.modeling import CheckpointError
-from grounded_llava.modeling.base import BaseModelUnavailableError
+from grounded_llava.checkpoint_layout import REQUIRED
+from grounded_llava.errors import BaseModelUnavailableError, CheckpointError
 
 DEFAULT_CHECKPOINT = Path(grounded_llava.__file__).resolve().parents[1] / "checkpoints" / "tiny-shapes"
-CHECKPOINT_FILES = (
-    "grounded_config.json",
-    "grounded_processor.json",
-    "tokenizer_config.json",
-    "adapter",
-    "heads.safetensors",
-)
 _HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
 
 
@@ -35,7 +28,7 @@ def resolve_checkpoint(dir_or_id: str | Path | None) -> Path:
             directory = _download(str(dir_or_id))
         elif not directory.is_dir():
             raise FileNotFoundError(f"model directory {directory} does not exist")
-    missing = [name for name in CHECKPOINT_FILES if not (directory / name).exists()]
+    missing = [name for name in REQUIRED if not (directory / name).exists()]
     if missing:
         raise CheckpointError(
             f"{directory / missing[0]} is missing: {directory} is not a complete grounded-llava checkpoint "

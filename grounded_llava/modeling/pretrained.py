@@ -24,6 +24,7 @@ from safetensors import SafetensorError
 from safetensors.torch import save_file
 from transformers import LlavaForConditionalGeneration
 
+from ..checkpoint_layout import ADAPTER_DIR, BASE_DIR, CONFIG_FILE, HEADS_FILE
 from ..config import GroundedLlavaConfig
 from ..processor import GroundedProcessor
 from ..tokenizer import GroundingTokenIds
@@ -41,10 +42,6 @@ from .grounded_llava import GroundedLlavaForConditionalGeneration
 from .state_files import CheckpointError, check_shapes, read_safetensors, verify_safetensors
 
 FORMAT_VERSION = 1
-CONFIG_FILE = "grounded_config.json"
-HEADS_FILE = "heads.safetensors"
-ADAPTER_DIR = "adapter"
-BASE_DIR = "base"
 
 
 def _assemble(
