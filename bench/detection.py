@@ -143,8 +143,8 @@ def predict_ours(checkpoint: Path, val_dir: Path) -> list[dict]:
         for (image_id, _), found in zip(chunk, predictor.detect([path for _, path in chunk]), strict=True):
             results += detections_to_coco_results(
                 image_id=image_id,
-                boxes=found.boxes.numpy(),
-                scores=found.scores.numpy(),
+                boxes=found.boxes,
+                scores=found.scores,
                 category_ids=[category_ids[int(c)] for c in found.class_ids],
             )
     return results

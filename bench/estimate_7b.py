@@ -17,7 +17,7 @@ from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForCon
 
 from grounded_llava import GroundedLlavaConfig
 from grounded_llava.codec import grounding_tokens
-from grounded_llava.modeling.base import lora_config_for
+from grounded_llava.modeling.base import lora_config_for, peft_wrapping
 from grounded_llava.modeling.heads import build_heads
 from grounded_llava.training.config import TrainConfig
 
@@ -74,7 +74,8 @@ def estimate_llava15_7b(config_file: Path = CONFIG) -> dict:
         }
         # The Linear weights of the decoder layers: what bitsandbytes quantises (lm_head is skipped).
         quantised = _count(llava.model.language_model.layers, lambda n: n.endswith("proj.weight"))
-        peft_model = get_peft_model(llava, lora_config_for(model_config, llava, new_token_ids))
+        with peft_wrapping():
+            peft_model = get_peft_model(llava, lora_config_for(model_config, llava, new_token_ids))
         lora = _count(peft_model, lambda n: "lora_" in n)
         token_rows = _count(peft_model, lambda n: "trainable_tokens_delta" in n)
     heads = (  # small, and the Detect head's bias init needs real storage: on the CPU

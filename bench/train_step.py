@@ -18,7 +18,7 @@ from peft import get_peft_model
 from grounded_llava import GroundedLlavaConfig, GroundedLlavaForConditionalGeneration
 from grounded_llava.data import TaskConfig, build_task_samples, generate_world, load_coco_instances
 from grounded_llava.data.dataset import GroundedCollator, GroundedDataset, TrainingBatch
-from grounded_llava.modeling.base import lora_config_for
+from grounded_llava.modeling.base import lora_config_for, peft_wrapping
 from grounded_llava.training.stages import set_trainable
 
 from .latency import plain_llava_like
@@ -55,10 +55,11 @@ def train_step(
     config.heads.categories = list(CATEGORIES)
     torch.manual_seed(0)
     grounded = GroundedLlavaForConditionalGeneration.from_config(config)
-    plain = get_peft_model(
-        plain_llava_like(grounded),
-        lora_config_for(config, grounded.base_llava, grounded.token_ids.all_ids),
-    )
+    with peft_wrapping():
+        plain = get_peft_model(
+            plain_llava_like(grounded),
+            lora_config_for(config, grounded.base_llava, grounded.token_ids.all_ids),
+        )
     batch = segmentation_batch(grounded, work_dir / "train_step_world", batch_size=batch_size)
     inputs = batch.model_inputs()
 

@@ -48,7 +48,8 @@ def save_png(array: np.ndarray, path: str | Path) -> Path:
 class Detections:
     """Every instance the detection head found in one image (ultralytics Results / detectron2 Instances style).
 
-    Holds torch tensors (`.numpy()` gives the same class holding numpy arrays). Indexing with an int,
+    Holds numpy arrays or torch tensors (`.numpy()` / `.cpu()` convert; the predictor returns numpy, as
+    ultralytics' `Results.numpy()` and the spans' boxes). Indexing with an int,
     slice, bool mask or index array filters every per-instance field together (an int keeps the
     leading dimension, as ultralytics does).
 

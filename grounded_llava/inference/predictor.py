@@ -370,9 +370,9 @@ class GroundedLlava:
         mask_arrays = self._box_only_masks(pyramid, kept, metas) if masks else None
         return [
             Detections(
-                boxes=boxes.cpu(),
-                scores=pred[:, 4].cpu(),
-                class_ids=pred[:, 5].long().cpu(),
+                boxes=boxes.cpu().numpy(),  # numpy out, as ultralytics' Results.numpy() (spans' boxes too)
+                scores=pred[:, 4].cpu().numpy(),
+                class_ids=pred[:, 5].long().cpu().numpy(),
                 category_names=self.categories,
                 image_size=meta.original_size,
                 masks=None if mask_arrays is None else mask_arrays[i],
