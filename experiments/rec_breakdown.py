@@ -10,10 +10,11 @@ import sys
 
 import numpy as np
 
+from grounded_llava.box_iou import pairwise_iou
 from grounded_llava.data.coco import load_coco_instances
 from grounded_llava.evaluation.tasks import referring_targets
 from grounded_llava.inference.predictor import GroundedLlava
-from grounded_llava.inference.reconciliation import pairwise_iou, phrase_category
+from grounded_llava.inference.reconciliation import phrase_category
 
 
 def phrase_kind(phrase: str | None, expression: str, target_class: str, names: list[str]) -> str:

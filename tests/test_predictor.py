@@ -5,10 +5,10 @@ import pytest
 import torch
 from PIL import Image
 
+from grounded_llava.box_iou import pairwise_iou
 from grounded_llava.codec import encode_phrase
 from grounded_llava.inference import Detections, GroundedAnswer, GroundedLlava, checkpoint_paths
 from grounded_llava.inference.decoding import DecodedAnswers
-from grounded_llava.inference.reconciliation import pairwise_iou
 from grounded_llava.modeling import CheckpointError
 from grounded_llava.modeling.base import BaseModelUnavailableError
 

@@ -11,7 +11,7 @@ _EXPORTS = {
     "OPTIONAL_METRIC_KEYS": ".report",
     "ap_for_categories": ".coco_metrics",
     "backward_transfer": ".forgetting_metrics",
-    "box_iou_pairs": ".grounding_metrics",
+    "box_iou_pairs": "grounded_llava.box_iou",
     "chat_exact_match": ".chat_metrics",
     "coco_detection_metrics": ".coco_metrics",
     "coco_report_entries": ".report",

@@ -16,7 +16,7 @@ _EXPORTS = {
     "draw_overlay": ".overlay",
     "load_image": ".images",
     "mask_to_rle": "grounded_llava.rle",
-    "pairwise_iou": ".reconciliation",
+    "pairwise_iou": "grounded_llava.box_iou",
     "phrase_category": ".reconciliation",
     "reconcile": ".reconciliation",
     "rle_to_mask": "grounded_llava.rle",

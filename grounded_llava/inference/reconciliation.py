@@ -15,9 +15,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
-import torch
-from torchvision.ops import box_iou
 
+from grounded_llava.box_iou import pairwise_iou
 from grounded_llava.codec import GroundedSpan
 from grounded_llava.inference.detections import Detections
 from grounded_llava.inference.results import GroundedSpanResult
@@ -94,13 +93,6 @@ def phrase_category_index(phrase: str, category_names: Sequence[str]) -> int | N
     """The index in `category_names` of the category `phrase` names (`phrase_category`), or None."""
     named = phrase_category(phrase, category_names)
     return None if named is None else list(category_names).index(named)
-
-
-def pairwise_iou(boxes_a: np.ndarray, boxes_b: np.ndarray) -> np.ndarray:
-    """IoU of every pair: (N, 4) and (M, 4) xyxy boxes (same frame) -> (N, M) float64."""
-    a = torch.as_tensor(np.asarray(boxes_a, dtype=np.float64).reshape(-1, 4))
-    b = torch.as_tensor(np.asarray(boxes_b, dtype=np.float64).reshape(-1, 4))
-    return box_iou(a, b).numpy()
 
 
 def reconcile(

@@ -13,7 +13,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-from grounded_llava.evaluation.grounding_metrics import box_iou_pairs
+from grounded_llava.box_iou import box_iou_pairs
 from grounded_llava.inference.detections import Detections, check_image_size, load_image_of_size, save_png
 from grounded_llava.inference.overlay import ImageLike, color_for, draw_overlay
 from grounded_llava.rle import mask_to_rle
