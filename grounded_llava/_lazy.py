@@ -7,7 +7,8 @@ from typing import Any
 
 
 def lazy_getattr(package: str, exports: dict[str, str]) -> Callable[[str], Any]:
-    """A module `__getattr__` for `package` that imports `exports[name]` (a relative submodule) on access."""
+    """A module `__getattr__` for `package` that imports `exports[name]` on access: a submodule relative to
+    `package` (".results") or the absolute name of the module that owns the object ("grounded_llava.rle")."""
 
     def __getattr__(name: str) -> Any:
         if name not in exports:

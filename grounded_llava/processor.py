@@ -19,8 +19,9 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from .checkpoint_layout import PROCESSOR_FILE
 from .codec import ParsedAnswer, parse_grounded
+from .conversation import IMAGE_TOKEN
 from .image_meta import ImageMeta, pad_to_square_and_resize
-from .tokenizer import IMAGE_TOKEN, GroundingTokenIds
+from .tokenizer import GroundingTokenIds
 
 IGNORE_INDEX = -100
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)

@@ -9,7 +9,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 from .codec import BOX_CLOSE, BOX_OPEN, P_CLOSE, P_OPEN, SEG, grounding_tokens, loc_token
-from .conversation import IMAGE_TOKEN  # noqa: F401  (re-exported: the token the tokenizer adds)
+from .conversation import IMAGE_TOKEN
 
 TINY_SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<pad>", IMAGE_TOKEN]
 

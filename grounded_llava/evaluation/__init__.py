@@ -18,7 +18,7 @@ _EXPORTS = {
     "detections_to_coco_results": ".coco_metrics",
     "empty_metrics": ".report",
     "forgetting": ".forgetting_metrics",
-    "mask_to_rle": ".coco_metrics",
+    "mask_to_rle": "grounded_llava.rle",
     "mean_token_kl": ".chat_metrics",
     "metrics_markdown": ".report",
     "rec_metrics": ".grounding_metrics",

@@ -31,6 +31,7 @@ from tqdm import tqdm
 
 from grounded_llava.codec import parse_grounded
 from grounded_llava.console import progress_shown
+from grounded_llava.conversation import IMAGE_TOKEN
 from grounded_llava.data.chat import load_llava_chat
 from grounded_llava.evaluation.chat_accuracy import chat_accuracy_entries
 from grounded_llava.evaluation.chat_metrics import chat_exact_match
@@ -55,7 +56,6 @@ from grounded_llava.evaluation.teacher_forcing import chat_kl, text_box_probabil
 from grounded_llava.inference.detections import Detections
 from grounded_llava.inference.predictor import GroundedLlava
 from grounded_llava.output_paths import check_directory_option, refuse_overwrites
-from grounded_llava.tokenizer import IMAGE_TOKEN
 
 STAGE_MATRIX_FILE = "stage_ap_matrix.json"
 

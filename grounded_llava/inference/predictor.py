@@ -391,9 +391,9 @@ class GroundedLlava:
         features = self.model.mask_features(pyramid)
         logits, _ = self.model.mask_head(features, index.to(self.device), boxes, seg_hidden=None)
         return [
-            np.stack([meta.mask_from_canvas(m, box=b.tolist()) for m, b in zip(image_logits, boxes, strict=True)])
+            np.stack([meta.mask_from_canvas(m, box=b.tolist()) for m, b in zip(image_logits, original, strict=True)])
             if len(image_logits) else np.zeros((0, meta.original_size[1], meta.original_size[0]), dtype=bool)
-            for image_logits, (_, boxes), meta in zip(
+            for image_logits, (_, original), meta in zip(
                 logits.split([len(b) for b in boxes_canvas]), kept, metas, strict=True
             )
         ]  # fmt: skip

@@ -25,9 +25,10 @@ from transformers import (
 
 from ..config import GroundedLlavaConfig, TinyBaseConfig
 from ..config_io import ConfigError
+from ..conversation import IMAGE_TOKEN
 from ..errors import BaseModelUnavailableError
 from ..processor import CLIP_MEAN, CLIP_STD
-from ..tokenizer import IMAGE_TOKEN, GroundingTokenIds, add_grounding_tokens, train_tiny_tokenizer
+from ..tokenizer import GroundingTokenIds, add_grounding_tokens, train_tiny_tokenizer
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
