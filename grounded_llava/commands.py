@@ -1,5 +1,6 @@
-"""`grounded-llava train|infer|evaluate ARGS`: the console script; each subcommand is the same command as
-`python train.py`, `python infer.py` and `python -m grounded_llava.evaluate` (same options and exit codes)."""
+"""`grounded-llava train|infer|evaluate|demo ARGS`: the console script; each subcommand is the same command
+as `python train.py`, `python infer.py`, `python -m grounded_llava.evaluate` and `python -m grounded_llava.demo`
+(same options and exit codes)."""
 
 from __future__ import annotations
 
@@ -10,8 +11,9 @@ COMMANDS = {
     "train": "grounded_llava.training.command",
     "infer": "grounded_llava.inference.command",
     "evaluate": "grounded_llava.evaluate",
+    "demo": "grounded_llava.demo.command",
 }
-USAGE = "usage: grounded-llava {train,infer,evaluate} [--help] ARGS"
+USAGE = "usage: grounded-llava {train,infer,evaluate,demo} [--help] ARGS"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from grounded_llava.image_io import to_rgb
+from grounded_llava.image_io import displayed_size, to_rgb
 from grounded_llava.inference.overlay import to_rgb_array
 
 ImageInput = Image.Image | np.ndarray | str | Path
@@ -46,15 +46,21 @@ def check_image_file(path: str | Path) -> None:
         image.verify()
 
 
-def load_image(image: ImageInput) -> Image.Image:
+def load_image(image: ImageInput, *, max_pixels: int | None = None) -> Image.Image:
     """A PIL RGB image from a PIL image, a path or an (H, W[, 3|4]) uint8 array.
 
     Raises FileNotFoundError for a missing path and ValueError (naming the file) for one that cannot
-    be decoded. Paths and PIL images are in displayed orientation, 16-bit scaled to 8 (`image_io.to_rgb`),
+    be decoded, or, given `max_pixels`, whose width x height exceeds it (read from the header, before
+    decoding). Paths and PIL images are in displayed orientation, 16-bit scaled to 8 (`image_io.to_rgb`),
     as in training and as the overlay reads them.
     """
     if isinstance(image, str | Path):
         with _opened(Path(image)) as opened:
+            width, height = displayed_size(opened)
+            if max_pixels is not None and width * height > max_pixels:
+                raise ValueError(
+                    f"image {image} is {width}x{height} pixels, more than the {max_pixels:,} allowed"
+                )
             return to_rgb(opened)
     if isinstance(image, Image.Image):
         return to_rgb(image)
