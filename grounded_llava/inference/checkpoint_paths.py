@@ -2,13 +2,20 @@
 
 from __future__ import annotations
 
+import json
+import logging
 import re
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import grounded_llava
 from grounded_llava.checkpoint_layout import REQUIRED
 from grounded_llava.errors import BaseModelUnavailableError, CheckpointError
 
+if TYPE_CHECKING:
+    from grounded_llava.modeling import GroundedLlavaForConditionalGeneration
+
+logger = logging.getLogger(__name__)
 DEFAULT_CHECKPOINT = Path(grounded_llava.__file__).resolve().parents[1] / "checkpoints" / "tiny-shapes"
 _HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
 
@@ -48,3 +55,31 @@ def _download(repo_id: str) -> Path:
             f"model {repo_id!r} is not a local directory and cannot be fetched from the Hugging Face hub"
             f"{offline}: {err.__class__.__name__}; pass a checkpoint directory"
         ) from None
+
+
+def llava_base_directory(dir_or_id: str | Path | None) -> Path | None:
+    """`dir_or_id` when it is a local LLaVA that is not a grounded-llava checkpoint: an original LLaVA
+    (haotian-liu/LLaVA layout, `grounded_llava.convert`) or a transformers `LlavaForConditionalGeneration`."""
+    if dir_or_id is None or not Path(dir_or_id).is_dir() or (Path(dir_or_id) / REQUIRED[0]).exists():
+        return None
+    config_file = Path(dir_or_id) / "config.json"
+    try:
+        config = json.loads(config_file.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    if config.get("model_type") == "llava" or "mm_vision_tower" in config:
+        return Path(dir_or_id)
+    return None
+
+
+def load_grounded_model(dir_or_id: str | Path | None) -> GroundedLlavaForConditionalGeneration:
+    """A grounded-llava checkpoint (`resolve_checkpoint`), or a LLaVA base directory (`llava_base_directory`)
+    wrapped with new LoRA adapters and untrained grounding heads: it chats, its boxes mean nothing yet."""
+    from grounded_llava.config import GroundedLlavaConfig
+    from grounded_llava.modeling import GroundedLlavaForConditionalGeneration
+
+    base = llava_base_directory(dir_or_id)
+    if base is None:
+        return GroundedLlavaForConditionalGeneration.from_pretrained(resolve_checkpoint(dir_or_id))
+    logger.warning("%s is a LLaVA without grounding heads: they start untrained (train them with train.py)", base)
+    return GroundedLlavaForConditionalGeneration.from_config(GroundedLlavaConfig(base=str(base)))

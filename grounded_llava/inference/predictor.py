@@ -31,7 +31,7 @@ from PIL import Image
 from grounded_llava.conversation import human_turn
 from grounded_llava.image_meta import ImageMeta
 from grounded_llava.inference import decoding
-from grounded_llava.inference.checkpoint_paths import resolve_checkpoint
+from grounded_llava.inference.checkpoint_paths import load_grounded_model
 from grounded_llava.inference.detections import Detections
 from grounded_llava.inference.grounding import (
     align_boxes,
@@ -76,9 +76,9 @@ class GroundedLlava:
     def from_pretrained(
         cls, dir_or_id: str | Path | None = None, *, device: str | torch.device | None = None
     ) -> GroundedLlava:
-        """Load a checkpoint (None: the shipped default `checkpoints/tiny-shapes/`) onto `device` (default: cuda if any)."""
-        directory = resolve_checkpoint(dir_or_id)
-        model = GroundedLlavaForConditionalGeneration.from_pretrained(directory)
+        """Load a checkpoint (None: the shipped default `checkpoints/tiny-shapes/`) onto `device` (default: cuda
+        if any). A LLaVA directory (original or transformers layout) gets untrained grounding heads."""
+        model = load_grounded_model(dir_or_id)
         return cls(model, device=device or ("cuda" if torch.cuda.is_available() else "cpu"))
 
     @property

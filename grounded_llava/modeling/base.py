@@ -26,6 +26,7 @@ from transformers import (
 from ..config import GroundedLlavaConfig, TinyBaseConfig
 from ..config_io import ConfigError
 from ..conversation import IMAGE_TOKEN
+from ..convert.original_llava import is_original_llava
 from ..errors import BaseModelUnavailableError
 from ..processor import CLIP_MEAN, CLIP_STD
 from ..tokenizer import GroundingTokenIds, add_grounding_tokens, train_tiny_tokenizer
@@ -121,6 +122,9 @@ def load_pretrained_base(
     is not in the local cache fails at once with `BaseModelUnavailableError` saying how to provide it.
     """
     is_local = Path(source).is_dir()
+    if is_local and is_original_llava(source):
+        model, tokenizer, mean, std = _converted_original(source, config, tokenizer_source)
+        return _with_grounding_tokens(model, tokenizer, mean, std, config)
     kwargs: dict = {"dtype": DTYPES[config.dtype], "local_files_only": _offline() and not is_local}
     if config.quantization != "none":
         kwargs["quantization_config"] = _bitsandbytes_config(config)
@@ -146,6 +150,35 @@ def load_pretrained_base(
             f"model.base=/path/to/{Path(source).name} (or copy it into HF_HOME's cache)."
         )
         raise BaseModelUnavailableError(hint) from None
+    return _with_grounding_tokens(model, tokenizer, mean, std, config)
+
+
+def _converted_original(
+    source: str, config: GroundedLlavaConfig, tokenizer_source: str | Path | None
+) -> tuple[LlavaForConditionalGeneration, PreTrainedTokenizerBase, tuple, tuple]:
+    """An original LLaVA directory (haotian-liu/LLaVA layout) converted in memory (`grounded_llava.convert`)."""
+    from ..convert.merges import is_lora_run
+    from ..convert.original_llava import convert_original_llava
+
+    if is_lora_run(source) or config.quantization != "none":
+        what = "a LoRA run: merge it into its base" if is_lora_run(source) else "quantised: convert it"
+        raise ConfigError(
+            f"model.base={source} is an original LLaVA checkpoint and {what} first: "
+            f"python -m grounded_llava.convert --from-llava {source} --out OUT [--base BASE], then model.base=OUT"
+        )
+    converted = convert_original_llava(source, tokenizer_source=tokenizer_source)
+    processor = converted.image_processor
+    return converted.model.to(DTYPES[config.dtype]), converted.tokenizer, processor.image_mean, processor.image_std
+
+
+def _with_grounding_tokens(
+    model: LlavaForConditionalGeneration,
+    tokenizer: PreTrainedTokenizerBase,
+    mean: tuple,
+    std: tuple,
+    config: GroundedLlavaConfig,
+) -> tuple[LlavaForConditionalGeneration, PreTrainedTokenizerBase, ImageSettings]:
+    """The base with the grounding tokens added to its tokenizer and embeddings, and its image settings."""
     ids = add_grounding_tokens(tokenizer, config.num_bins)
     if model.get_input_embeddings().weight.shape[0] < len(tokenizer):
         model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
