@@ -1,6 +1,6 @@
-"""`grounded-llava train|infer|evaluate|demo ARGS`: the console script; each subcommand is the same command
-as `python train.py`, `python infer.py`, `python -m grounded_llava.evaluate` and `python -m grounded_llava.demo`
-(same options and exit codes)."""
+"""`grounded-llava train|infer|evaluate|demo|convert ARGS`: the console script; each subcommand is the same
+command as `python train.py`, `python infer.py` or `python -m grounded_llava.evaluate|demo|convert` (same
+options and exit codes)."""
 
 from __future__ import annotations
 
@@ -12,8 +12,9 @@ COMMANDS = {
     "infer": "grounded_llava.inference.command",
     "evaluate": "grounded_llava.evaluate",
     "demo": "grounded_llava.demo.command",
+    "convert": "grounded_llava.convert.command",
 }
-USAGE = "usage: grounded-llava {train,infer,evaluate,demo} [--help] ARGS"
+USAGE = "usage: grounded-llava {train,infer,evaluate,demo,convert} [--help] ARGS"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,4 +1,4 @@
-"""The command lines: one console script over train/infer/evaluate, and answers to --help and argument
+"""The command lines: one console script over train/infer/evaluate/demo/convert, and answers to --help and argument
 mistakes that come before the model stack (torch, transformers) is imported."""
 
 import subprocess
@@ -28,6 +28,9 @@ def imported_modules(*command: str) -> set[str]:
         ("infer.py", "--help"),
         ("train.py", "--help"),
         ("-m", "grounded_llava.evaluate", "--help"),
+        ("-m", "grounded_llava.demo", "--help"),
+        ("-m", "grounded_llava.convert", "--help"),
+        ("-m", "grounded_llava.convert", "--from-llava", "no-such-dir", "--out", "o"),
         ("infer.py", "--image", "no-such-image.png", "--prompt", "Where?"),
         ("-m", "grounded_llava.commands", "infer", "--image", "no-such-image.png", "--prompt", "Where?"),
     ],
@@ -35,7 +38,7 @@ def imported_modules(*command: str) -> set[str]:
 def test_help_and_argument_mistakes_answer_without_loading_torch(command):
     modules = imported_modules(*command)
     assert modules and "argparse" in modules
-    assert not {"torch", "transformers", "ultralytics", "peft"} & modules
+    assert not {"torch", "transformers", "ultralytics", "peft", "gradio"} & modules
 
 
 def test_the_console_script_dispatches_to_each_command(capsys):

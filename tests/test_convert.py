@@ -23,8 +23,8 @@ from transformers import (
 )
 
 from grounded_llava.convert.command import main as convert_main
+from grounded_llava.convert.layout import is_original_llava
 from grounded_llava.convert.merges import apply_delta
-from grounded_llava.convert.original_llava import is_original_llava
 from grounded_llava.convert.weights import ConversionError, read_tensor_file
 
 IMAGE = 112

@@ -20,6 +20,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from grounded_llava.convert.layout import is_lora_run
 from grounded_llava.errors import exit_on_user_error
 
 
@@ -38,8 +39,6 @@ def build_parser(prog: str = "python -m grounded_llava.convert") -> argparse.Arg
 
 
 def _check_paths(args: argparse.Namespace) -> None:
-    from grounded_llava.convert.merges import is_lora_run
-
     for option, path in (
         ("--from-llava", args.from_llava),
         ("--base", args.base),
@@ -56,7 +55,7 @@ def _check_paths(args: argparse.Namespace) -> None:
 
 def run(args: argparse.Namespace) -> int:
     _check_paths(args)
-    from grounded_llava.convert.merges import apply_delta, is_lora_run, merge_lora_run
+    from grounded_llava.convert.merges import apply_delta, merge_lora_run
     from grounded_llava.convert.original_llava import convert_original_llava
     from grounded_llava.convert.weights import read_weights
 

@@ -17,16 +17,11 @@ from pathlib import Path
 
 import torch
 
+from grounded_llava.convert.layout import ADAPTER_CONFIG, NON_LORA_TRAINABLES
 from grounded_llava.convert.weights import ConversionError, read_tensor_file, read_weights
 
-ADAPTER_CONFIG = "adapter_config.json"
-NON_LORA_TRAINABLES = "non_lora_trainables.bin"
 PEFT_PREFIX = "base_model.model."
 GROWN_BY_ADDED_TOKENS = ("model.embed_tokens.weight", "lm_head.weight")
-
-
-def is_lora_run(directory: str | Path) -> bool:
-    return (Path(directory) / ADAPTER_CONFIG).is_file()
 
 
 def _adapter_settings(path: Path) -> tuple[float, set[str]]:

@@ -36,7 +36,6 @@ from grounded_llava.conversation import IMAGE_TOKEN
 from grounded_llava.convert.weights import ConversionError, read_weights
 from grounded_llava.errors import BaseModelUnavailableError
 
-ORIGINAL_ARCHITECTURES = ("LlavaLlamaForCausalLM",)
 PROJECTOR_PREFIX = "model.mm_projector."
 TOWER_PREFIX = "model.vision_tower.vision_tower."
 SELECT_FEATURE = {"patch": "default", "cls_patch": "full"}
@@ -78,20 +77,6 @@ def read_config(directory: Path) -> dict:
         raise ConversionError(f"{path} is missing: {directory} is not a LLaVA checkpoint") from None
     except json.JSONDecodeError as err:
         raise ConversionError(f"{path} is not valid JSON: {err}") from None
-
-
-def is_original_llava(directory: str | Path) -> bool:
-    """Whether `directory` holds a checkpoint in the original LLaVA layout (its config names a CLIP tower)."""
-    path = Path(directory) / "config.json"
-    if not path.is_file():
-        return False
-    try:
-        config = json.loads(path.read_text())
-    except json.JSONDecodeError:
-        return False
-    return "mm_vision_tower" in config or any(
-        a in ORIGINAL_ARCHITECTURES for a in config.get("architectures") or []
-    )
 
 
 def _field(config: dict, name: str, path: Path, allowed: tuple = ()) -> object:
@@ -164,7 +149,9 @@ def _load_strict(
 def _tokenizer_with_image_token(source: Path) -> tuple[PreTrainedTokenizerBase, int]:
     """The checkpoint's tokenizer with `<image>` (and a pad token where none) added; the vocabulary size before."""
     try:
-        tokenizer = AutoTokenizer.from_pretrained(source, config=LlamaConfig())  # not the llava_llama config.json
+        tokenizer = AutoTokenizer.from_pretrained(
+            source, config=LlamaConfig()
+        )  # not the llava_llama config.json
     except (OSError, ValueError) as err:
         raise ConversionError(
             f"{source}: no tokenizer files can be read ({err.__class__.__name__})"

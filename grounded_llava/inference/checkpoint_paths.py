@@ -81,5 +81,7 @@ def load_grounded_model(dir_or_id: str | Path | None) -> GroundedLlavaForConditi
     base = llava_base_directory(dir_or_id)
     if base is None:
         return GroundedLlavaForConditionalGeneration.from_pretrained(resolve_checkpoint(dir_or_id))
-    logger.warning("%s is a LLaVA without grounding heads: they start untrained (train them with train.py)", base)
+    logger.warning(
+        "%s is a LLaVA without grounding heads: they start untrained (train them with train.py)", base
+    )
     return GroundedLlavaForConditionalGeneration.from_config(GroundedLlavaConfig(base=str(base)))

@@ -26,7 +26,7 @@ from transformers import (
 from ..config import GroundedLlavaConfig, TinyBaseConfig
 from ..config_io import ConfigError
 from ..conversation import IMAGE_TOKEN
-from ..convert.original_llava import is_original_llava
+from ..convert.layout import is_lora_run, is_original_llava
 from ..errors import BaseModelUnavailableError
 from ..processor import CLIP_MEAN, CLIP_STD
 from ..tokenizer import GroundingTokenIds, add_grounding_tokens, train_tiny_tokenizer
@@ -157,7 +157,6 @@ def _converted_original(
     source: str, config: GroundedLlavaConfig, tokenizer_source: str | Path | None
 ) -> tuple[LlavaForConditionalGeneration, PreTrainedTokenizerBase, tuple, tuple]:
     """An original LLaVA directory (haotian-liu/LLaVA layout) converted in memory (`grounded_llava.convert`)."""
-    from ..convert.merges import is_lora_run
     from ..convert.original_llava import convert_original_llava
 
     if is_lora_run(source) or config.quantization != "none":
@@ -168,7 +167,12 @@ def _converted_original(
         )
     converted = convert_original_llava(source, tokenizer_source=tokenizer_source)
     processor = converted.image_processor
-    return converted.model.to(DTYPES[config.dtype]), converted.tokenizer, processor.image_mean, processor.image_std
+    return (
+        converted.model.to(DTYPES[config.dtype]),
+        converted.tokenizer,
+        processor.image_mean,
+        processor.image_std,
+    )
 
 
 def _with_grounding_tokens(
