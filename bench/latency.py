@@ -2,8 +2,9 @@
 
 Both sides answer the same prompt about the same image with exactly `new_tokens` new tokens
 (`min_new_tokens = max_new_tokens`: eos cannot end an answer early), greedy decoding:
-- grounded: the public `GroundedLlava.chat` (preprocessing, vision tower once, generate with LoRA,
-  the teacher-forced grounding pass through the Detect head and SAM decoder, parsing, reconciliation).
+- grounded: the public `GroundedLlava.chat` (preprocessing, vision tower once, generate with LoRA and
+  the pointer, then grounding from what generation kept: detections, a SAM mask per `<seg>`, parsing,
+  reconciliation).
   `chat` has no `min_new_tokens` argument; the model's `generation_config.min_new_tokens` (which
   `generate` falls back to for unset arguments) is set for the duration of the benchmark.
 - plain: a `LlavaForConditionalGeneration` built from the same transformers config with the same base

@@ -131,6 +131,10 @@ class GroundedProcessor:
     def _ids(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False).input_ids
 
+    def encode_answer(self, answer: str) -> list[int]:
+        """An assistant answer's ids as a conversation holds them after "ASSISTANT:" (without the eos)."""
+        return self._ids(" " + answer.strip())
+
     def _human_ids(self, text: str, has_image: bool) -> list[int]:
         parts = text.split(IMAGE_TOKEN)
         if len(parts) - 1 != (1 if has_image else 0):
@@ -186,7 +190,7 @@ class GroundedProcessor:
                 labels += [IGNORE_INDEX] * len(turn_ids)
                 prefix = ""
             else:
-                answer_ids = self._ids(" " + value.strip()) + [self.tokenizer.eos_token_id]
+                answer_ids = self.encode_answer(value) + [self.tokenizer.eos_token_id]
                 ids += answer_ids
                 labels += answer_ids
         if conversation[-1]["from"] == "human" and not add_generation_prompt:

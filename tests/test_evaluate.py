@@ -34,7 +34,6 @@ from grounded_llava.evaluation.tasks import (
 )
 from grounded_llava.evaluation.teacher_forcing import chat_kl, text_box_probabilities
 from grounded_llava.inference import Detections, GroundedAnswer, GroundedLlava, GroundedSpanResult
-from grounded_llava.inference.decoding import DecodedAnswers
 from grounded_llava.modeling import GroundedLlavaForConditionalGeneration
 
 from .conftest import tiny_test_config
@@ -161,8 +160,8 @@ def test_agreement_pools_text_boxes_over_answers(data):
 
 # ---------------------------------------------------------------------------- teacher-forced passes
 def test_text_box_probabilities_are_the_predictors_own_scores(predictor, checkpoint, data):
-    """Answers written from the ground truth: their boxes come back (to the bin), scored as `_ground` scores
-    unmatched text boxes, and score text AP50 = 1 through the evaluator's aggregation."""
+    """Answers written from the ground truth: their boxes come back (to the bin), scored as `GroundedLlava.score`
+    scores unmatched text boxes, and score text AP50 = 1 through the evaluator's aggregation."""
     num_bins = predictor.processor.num_bins
     answers = []
     for record in data.records:
@@ -182,11 +181,7 @@ def test_text_box_probabilities_are_the_predictors_own_scores(predictor, checkpo
     # The same answer grounded by the predictor, whose head detects nothing at 0.99: same token probability.
     strict = GroundedLlava.from_pretrained(checkpoint, device="cpu")
     strict.model.config.heads.conf_threshold = 0.99
-    request = strict._request(data.image_paths[0], DETECT_PROMPT, [])
-    ids = strict.processor.tokenizer(" " + answers[0], add_special_tokens=False).input_ids
-    features, pyramid = strict._encode([request])
-    given = DecodedAnswers(ids=[ids], choices=[[]])  # no pointer choice: the boxes are the text's
-    grounded = strict._ground([request], features, pyramid, given, masks_for_detections=False)[0]
+    grounded = strict.score(data.image_paths[0], DETECT_PROMPT, answers[0])
     assert [s.source for s in grounded.spans] == ["text"] * len(boxes[0])
     np.testing.assert_allclose([s.score for s in grounded.spans], [b.score for b in boxes[0]], rtol=1e-4)
 

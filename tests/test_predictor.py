@@ -1,5 +1,7 @@
 """`GroundedLlava` predictor on a tiny random-init checkpoint (real transformers/peft/ultralytics/SAM parts)."""
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -8,10 +10,12 @@ from PIL import Image
 from grounded_llava.box_iou import pairwise_iou
 from grounded_llava.codec import encode_phrase
 from grounded_llava.inference import Detections, GroundedAnswer, GroundedLlava, checkpoint_paths
-from grounded_llava.inference.decoding import DecodedAnswers
+from grounded_llava.inference.forced import forced_answers
+from grounded_llava.inference.grounding import find_box_groups
 from grounded_llava.modeling import CheckpointError
 from grounded_llava.modeling.base import BaseModelUnavailableError
 
+REPO = Path(__file__).resolve().parents[1]
 SPAN_KEYS = {"phrase", "box", "score", "category", "mask_rle"}
 TOKENS = 12
 
@@ -91,20 +95,19 @@ def test_detect_is_the_chat_head_with_boxes_inside_the_image(predictor):
     np.testing.assert_array_equal(chat.masks, dets.masks)
 
 
-def test_forced_answer_gets_box_mask_and_token_probability(predictor):
-    """The grounding step on given answer ids: `<p>circle</p><box>..</box><seg>` -> box, mask, score."""
+def test_a_given_answer_gets_box_mask_and_token_probability(predictor):
+    """`score` grounds a given answer `<p>circle</p><box>..</box><seg>` -> box, mask, score."""
     processor, model = predictor.processor, predictor.model
     image, size, box = noise_image(160, 120, seed=5), (160, 120), (20.0, 30.0, 90.0, 100.0)
     grounded = encode_phrase("circle", [box], size, num_bins=processor.num_bins, seg=True)
     # A stray <seg> and an <image> token, as a random model may emit: tolerated, the stray one counted.
     answer_text = f"Here: {grounded}, and <seg> <image> more."
-    answer_ids = processor.tokenizer(" " + answer_text, add_special_tokens=False).input_ids
+    answer_ids = processor.encode_answer(answer_text)
     assert answer_ids.count(model.image_token_id) == 1 and answer_ids.count(model.token_ids.seg) == 2
 
     request = predictor._request(image, "Segment the circle.", [])
     features, pyramid = predictor._encode([request])
-    given = DecodedAnswers(ids=[answer_ids], choices=[[]])  # no pointer choice: every box is the LM's
-    answer = predictor._ground([request], features, pyramid, given, masks_for_detections=False)[0]
+    answer = predictor.score(image, "Segment the circle.", answer_text)
     assert answer.text.startswith("Here: circle") and answer.num_dropped_groups == 1
     assert len(answer.spans) == 1
     span = answer.spans[0]
@@ -120,21 +123,30 @@ def test_forced_answer_gets_box_mask_and_token_probability(predictor):
     assert span.mask.shape == (120, 160) and span.mask.dtype == bool
     assert 0.0 <= span.score <= 1.0
 
-    # Grounded in a right-padded batch after a longer sample: the same span.
+    # Forced in a right-padded batch after a longer sample: the same log-probabilities and `<seg>` state.
     other = predictor._request(noise_image(50, 70, seed=8), "Describe the image in detail, please.", [])
     other_features, other_pyramid = predictor._encode([other])
-    pair = predictor._ground(
-        [other, request],
-        torch.cat([other_features, features]),
-        [torch.cat(levels) for levels in zip(other_pyramid, pyramid, strict=True)],
-        DecodedAnswers(ids=[answer_ids[:3], answer_ids], choices=[[], []]),
-        masks_for_detections=False,
+    requests = [other, request]
+    pair = forced_answers(
+        model,
+        [r.encoded.input_ids.tolist() for r in requests],
+        [answer_ids[:3], answer_ids],
+        features=torch.cat([other_features, features]),
+        pyramid=[torch.cat(levels) for levels in zip(other_pyramid, pyramid, strict=True)],
+        pixel_values=torch.stack([r.encoded.pixel_values for r in requests]),
+        original_sizes=torch.tensor([r.meta.original_size for r in requests]),
+        pad_token_id=processor.tokenizer.pad_token_id,
     )
-    batched_span = pair[1].spans[0]
-    assert len(other.encoded.input_ids) > len(request.encoded.input_ids) and pair[1].text == answer.text
-    np.testing.assert_array_equal(batched_span.mask, span.mask)
-    assert batched_span.score == pytest.approx(span.score, abs=1e-4)
-    np.testing.assert_allclose(batched_span.box, span.box, atol=1e-4)
+    alone = forced_answers(
+        model, [request.encoded.input_ids.tolist()], [answer_ids], features=features, pyramid=pyramid,
+        pixel_values=request.encoded.pixel_values[None], original_sizes=torch.tensor([size]),
+        pad_token_id=processor.tokenizer.pad_token_id,
+    )  # fmt: skip
+    assert len(other.encoded.input_ids) > len(request.encoded.input_ids)
+    np.testing.assert_allclose(pair.log_probs[1], alone.log_probs[0], atol=1e-4)
+    assert pair.seg_states[1].keys() == alone.seg_states[0].keys() and len(alone.seg_states[0]) == 1
+    for position, state in alone.seg_states[0].items():
+        torch.testing.assert_close(pair.seg_states[1][position], state, atol=1e-4, rtol=1e-4)
 
     # Recompute mask and token probability by hand from one forward over the same tokens.
     prompt_ids = request.encoded.input_ids.tolist()
@@ -146,6 +158,7 @@ def test_forced_answer_gets_box_mask_and_token_probability(predictor):
             attention_mask=torch.ones_like(ids),
             image_features=features,
             pyramid=pyramid,
+            pixel_values=request.encoded.pixel_values[None],
             image_sample_index=torch.tensor([0]),
             original_sizes=torch.tensor([size]),
         )
@@ -198,3 +211,36 @@ def test_errors_are_clear(predictor, checkpoint, tmp_path, monkeypatch):
         predictor.predict([tmp_path / "missing.png"], "Where?")
     with pytest.raises(ValueError, match="2 images but 3 prompts"):
         predictor.predict([image, image], ["a", "b", "c"])
+
+
+def test_generation_keeps_what_a_second_pass_would_compute():
+    """On the shipped model (it writes box groups and `<seg>`s): the log-probabilities of every box's loc
+    tokens and the state that emits every `<seg>`, kept during generation, equal those of a teacher-forced
+    pass over the same answer; so `chat` needs no second pass, and `score` grounds an answer as `chat` does."""
+    shipped = GroundedLlava.from_pretrained(device="cpu")
+    image, pad = REPO / "examples" / "shapes_1.png", shipped.processor.tokenizer.pad_token_id
+    segs = 0
+    for prompt in ("Segment every circle.", "Where is the red square?"):
+        request = shipped._request(image, prompt, [])
+        features, pyramid = shipped._encode([request])
+        generated = shipped._generate([request], features, pyramid, max_new_tokens=48, temperature=0.0)
+        forced = forced_answers(
+            shipped.model, [request.encoded.input_ids.tolist()], generated.ids, features=features,
+            pyramid=pyramid, pixel_values=request.encoded.pixel_values[None],
+            original_sizes=torch.tensor([request.meta.original_size]), pad_token_id=pad,
+        )  # fmt: skip
+        groups = find_box_groups(generated.ids[0], shipped.model.token_ids)
+        assert groups, shipped.processor.decode(generated.ids[0])
+        for group in groups:
+            loc = slice(group.start + 1, group.start + 5)
+            np.testing.assert_allclose(generated.log_probs[0][loc], forced.log_probs[0][loc], atol=1e-4)
+            if group.seg:
+                segs += 1
+                kept, recomputed = (
+                    generated.seg_states[0][group.seg_position],
+                    forced.seg_states[0][group.seg_position],
+                )
+                torch.testing.assert_close(kept, recomputed, atol=1e-4, rtol=1e-4)
+        chat = shipped.chat(image, prompt, max_new_tokens=48)
+        assert chat.raw_text == shipped.processor.decode(generated.ids[0])
+    assert segs >= 2

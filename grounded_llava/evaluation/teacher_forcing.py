@@ -17,7 +17,7 @@ from grounded_llava.conversation import IMAGE_TOKEN, human_turn
 from grounded_llava.evaluation.chat_metrics import mean_token_kl
 from grounded_llava.evaluation.tasks import TextBox
 from grounded_llava.image_meta import ImageMeta
-from grounded_llava.inference.grounding import answer_box_groups, group_probability
+from grounded_llava.inference.grounding import answer_box_groups, group_probability, token_log_probs
 from grounded_llava.inference.images import load_image
 from grounded_llava.inference.predictor import GroundedLlava
 from grounded_llava.processor import IGNORE_INDEX
@@ -97,6 +97,7 @@ def text_box_probabilities(
         out = forced_pass(predictor, images[chunk], [prompt] * len(images[chunk]), answers[chunk])
         for row, (answer, meta) in enumerate(zip(answers[chunk], out.metas, strict=True)):
             ids = out.input_ids[row].tolist()
+            log_probs = token_log_probs(out.logits[row], ids)
             answer_start = int(out.answer_targets[row].nonzero()[0]) + 1
             spans = processor.parse(answer, meta).spans
             groups = answer_box_groups(
@@ -112,7 +113,7 @@ def text_box_probabilities(
                     TextBox(
                         box=tuple(float(v) for v in box),
                         phrase=span.phrase,
-                        score=0.0 if group is None else group_probability(out.logits[row], ids, group),
+                        score=0.0 if group is None else group_probability(log_probs, group),
                     )
                     for span, span_groups in zip(spans, groups, strict=True)
                     for box, group in zip(span.boxes, span_groups, strict=True)

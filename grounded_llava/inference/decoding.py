@@ -58,10 +58,17 @@ class PointerChoice:
 
 @dataclass
 class DecodedAnswers:
-    """Per request: the answer's token ids (no eos) and the pointer's choices, in reading order."""
+    """Per request: the answer's token ids (no eos), the pointer's choices in reading order, each token's
+    log-probability under the logits it was chosen from (`log_probs[r][t]` for `ids[r][t]`), and the last
+    hidden state (D,) that emitted each `<seg>` (by its position in `ids[r]`: the mask decoder's prompt,
+    as in training); `head_outputs`: the Detect head's raw predictions for the batch's images. All that
+    grounding needs, kept from generation: no second pass over the answers."""
 
     ids: list[list[int]]
     choices: list[list[PointerChoice]]
+    log_probs: list[list[float]]
+    seg_states: list[dict[int, torch.Tensor]]
+    head_outputs: object
 
 
 def _choose(logits: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -249,7 +256,8 @@ def decode_grounded(
     llava, ids = model.base_llava, model.token_ids
     num_bins = len(ids.loc)
     batch = input_ids.shape[0]
-    proposals: Proposals = model.proposals(model.detection_head(pyramid))
+    head_outputs = model.detection_head(pyramid)
+    proposals: Proposals = model.proposals(head_outputs)
     masked_names = None  # per row, the name tokens a phrase may not start (fixed for the whole answer)
     if name_mask is not None:
         absent = _absent_categories(proposals, len(name_mask.starts), min_score)
@@ -274,6 +282,8 @@ def decode_grounded(
     cache, hidden = out.cache, out.last_hidden_state[:, -1]
     next_position = position_ids[:, -1] + 1
     answers: list[list[int]] = [[] for _ in range(batch)]
+    log_probs: list[list[float]] = [[] for _ in range(batch)]
+    seg_states: list[dict[int, torch.Tensor]] = [{} for _ in range(batch)]
     choices: list[list[PointerChoice]] = [[] for _ in range(batch)]
     forced: list[list[int]] = [[] for _ in range(batch)]
     taken = torch.zeros_like(proposals.valid)  # (B, K): cited earlier in the answer
@@ -281,8 +291,9 @@ def decode_grounded(
     box_open = torch.tensor([ids.box_open], device=input_ids.device)
     phrase = _PhraseStates(batch, hidden, ids)
     listed = [0] * batch  # box groups written since the last `</p>`
-    previous = None  # the logits the last tokens were chosen from
+    previous, previous_hidden = None, None  # the logits the last tokens were chosen from, and their states
     for _ in range(max_new_tokens):
+        step_hidden = hidden
         phrase.read(hidden)
         logits_now = llava.lm_head(hidden)
         for r in range(batch) if copy_prior is not None else ():
@@ -336,15 +347,23 @@ def decode_grounded(
         for r in range(batch):
             if forced[r]:
                 tokens[r] = forced[r].pop(0)
+        step_log_probs = logits_now.float().log_softmax(-1)
+        states = hidden.clone()  # per row, the state its token is chosen from (the previous one if retracted)
         for r in retracted:  # take the `<box>` back: masked in the cache, its position reused
             answers[r].pop()
+            log_probs[r].pop()
             attention_mask[r, -1] = 0
             next_position[r] -= 1
-            tokens[r] = _choose(previous[r : r + 1].index_fill(-1, box_open, float("-inf")), temperature)[0]
+            instead = previous[r : r + 1].index_fill(-1, box_open, float("-inf"))
+            tokens[r] = _choose(instead, temperature)[0]
+            step_log_probs[r], states[r] = instead[0].float().log_softmax(-1), previous_hidden[r]
         tokens = torch.where(finished, torch.full_like(tokens, pad_token_id), tokens)
         for r, token in enumerate(tokens.tolist()):
             if not finished[r] and token != eos_token_id:
                 answers[r].append(token)
+                log_probs[r].append(float(step_log_probs[r, token]))
+                if token == ids.seg:
+                    seg_states[r][len(answers[r]) - 1] = states[r]
                 phrase.wrote(r, token)
                 if token == ids.p_close:
                     listed[r] = 0
@@ -363,5 +382,5 @@ def decode_grounded(
         )
         cache, hidden = out.cache, out.last_hidden_state[:, -1]
         next_position = next_position + 1
-        previous = logits_now
-    return DecodedAnswers(ids=answers, choices=choices)
+        previous, previous_hidden = logits_now, step_hidden
+    return DecodedAnswers(answers, choices, log_probs, seg_states, head_outputs)

@@ -2,13 +2,13 @@
 
 The grammar is read by `grounded_llava.grammar` for both the decoded *text* (the codec) and the
 *token ids* (here, and the model's `<seg>` prompts: the box of the group right before `<seg>`).
-This module scores the groups from teacher-forced logits, prepares ids the model accepts (stray
-tokens masked out) and pairs the text's parsed boxes with their token groups. Positions index the
-id sequence.
+This module scores the groups from their tokens' log-probabilities (as generated, or teacher-forced)
+and pairs the text's parsed boxes with their token groups. Positions index the id sequence.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -23,7 +23,7 @@ __all__ = [
     "answer_box_groups",
     "find_box_groups",
     "group_probability",
-    "teacher_forcing_inputs",
+    "token_log_probs",
 ]
 
 
@@ -36,44 +36,25 @@ def find_box_groups(ids: Sequence[int], token_ids: GroundingTokenIds, *, start: 
     return parse(lex_ids(ids, token_ids, start=start)).groups
 
 
-def teacher_forcing_inputs(
-    ids: Sequence[int],
-    *,
-    answer_start: int,
-    token_ids: GroundingTokenIds,
-    image_token_id: int,
-    pad_token_id: int,
-) -> tuple[list[int], list[int]]:
-    """Ids (and attention) for the teacher-forced pass over prompt + answer, in a form the model accepts.
-
-    The model rejects a `<seg>` that does not follow a box group and image tokens beyond the
-    prompt's; generated text may hold both. Such tokens are replaced by the pad token with
-    attention 0 (later tokens do not see them); the codec drops them too when parsing the text.
-
-    Returns:
-        (ids, attention_mask), both lists of len(ids).
-    """
-    ids = [int(t) for t in ids]
-    attention = [1] * len(ids)
-    valid_seg = {g.seg_position for g in find_box_groups(ids, token_ids) if g.seg}
-    for position, token in enumerate(ids):
-        stray_seg = token == token_ids.seg and position not in valid_seg
-        stray_image = token == image_token_id and position >= answer_start
-        if stray_seg or stray_image:
-            ids[position], attention[position] = pad_token_id, 0
-    return ids, attention
-
-
-def group_probability(logits: torch.Tensor, ids: Sequence[int], group: BoxGroup) -> float:
-    """Geometric mean of the probabilities of a group's four `<loc_k>` tokens, in [0, 1].
+def token_log_probs(logits: torch.Tensor, ids: Sequence[int]) -> list[float]:
+    """log P(ids[t] | ids[:t]) for every position t of a teacher-forced sequence (0.0 at t = 0).
 
     Args:
         logits: (T, V) teacher-forced logits of the sequence `ids`; row t scores token t + 1.
     """
-    positions = list(range(group.start + 1, group.start + 5))
-    log_probs = logits[[p - 1 for p in positions]].float().log_softmax(-1)  # (4, V)
-    targets = torch.as_tensor([int(ids[p]) for p in positions], device=logits.device)
-    return float(log_probs.gather(1, targets[:, None]).mean().exp())
+    targets = torch.as_tensor([int(i) for i in ids[1:]], device=logits.device)
+    scored = logits[:-1].float().log_softmax(-1).gather(1, targets[:, None])[:, 0]
+    return [0.0, *scored.tolist()]
+
+
+def group_probability(log_probs: Sequence[float], group: BoxGroup) -> float:
+    """Geometric mean of the probabilities of a group's four `<loc_k>` tokens, in [0, 1].
+
+    Args:
+        log_probs: per position of the sequence `group` indexes, the log-probability of its token (as
+            generated: `DecodedAnswers.log_probs`; teacher-forced: `token_log_probs`).
+    """
+    return math.exp(sum(log_probs[group.start + 1 : group.start + 5]) / 4)
 
 
 def align_boxes(

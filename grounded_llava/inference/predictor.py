@@ -8,13 +8,13 @@ every request in three steps:
    features enter through `mm_encoder_outputs`): phrases name only classes the head reports; every
    `<box>` picks, through the pointer, one of the head's reported proposals of the class the phrase
    names; its box is forced as the loc tokens.
-3. `_ground`: ONE teacher-forced `forward` over prompt + answer gives the Detect head's boxes and a
-   mask for every `<seg>` (masks and their box prompts come from the training code path).
-   The same logits score the text boxes: a box's score is the geometric mean of the probabilities
-   of its four `<loc_k>` tokens (full-vocabulary softmax, temperature 1: the model's probability,
-   not the sampling distribution): `_ground` works from answer ids alone (any given answer can be grounded
-   and scored). Boxes the pointer chose keep the proposal's exact box and score pointer probability x head
-   score. Text boxes are then reconciled with the head's detections (`reconcile`).
+3. `_ground`: no second pass over the answer: generation kept what grounding needs (`DecodedAnswers`:
+   each token's log-probability, the hidden state that emitted each `<seg>`, the Detect head's outputs).
+   Each `<seg>` gets a mask prompted as in training (the box group before it and that state). A text box's
+   score is the geometric mean of the probabilities of its four `<loc_k>` tokens (full-vocabulary
+   softmax, temperature 1: the model's probability, not the sampling distribution). Boxes the pointer
+   chose keep the proposal's exact box and score pointer probability x head score. Text boxes are then
+   reconciled with the head's detections (`reconcile`).
 Frames: boxes in results are xyxy ORIGINAL image pixels; masks are bool at original image size.
 """
 
@@ -33,16 +33,18 @@ from grounded_llava.image_meta import ImageMeta
 from grounded_llava.inference import decoding
 from grounded_llava.inference.checkpoint_paths import load_grounded_model
 from grounded_llava.inference.detections import Detections
+from grounded_llava.inference.forced import forced_answers
 from grounded_llava.inference.grounding import (
     align_boxes,
     find_box_groups,
     group_probability,
-    teacher_forcing_inputs,
 )
+from grounded_llava.inference.head_results import category_names, head_detections
 from grounded_llava.inference.images import ImageInput, load_image
 from grounded_llava.inference.reconciliation import phrase_category_index, reconcile
 from grounded_llava.inference.results import GroundedAnswer
 from grounded_llava.modeling import GroundedLlavaForConditionalGeneration
+from grounded_llava.modeling.prompts import bins_to_canvas
 from grounded_llava.processor import EncodedConversation
 
 History = Sequence[tuple[str, "str | GroundedAnswer"]]
@@ -84,7 +86,7 @@ class GroundedLlava:
     @property
     def categories(self) -> list[str]:
         """The detection label space (class id = index)."""
-        return list(self.model.config.heads.categories) or ["object"]
+        return category_names(self.model)
 
     def chat(
         self,
@@ -140,6 +142,35 @@ class GroundedLlava:
         return answers
 
     @torch.inference_mode()
+    def score(
+        self,
+        image: ImageInput,
+        prompt: str,
+        answer: str,
+        history: History | None = None,
+        *,
+        masks_for_detections: bool = False,
+    ) -> GroundedAnswer:
+        """Ground a given `answer` to `prompt` (text with its grounding tokens: a reference, another model's
+        or an edited answer) as `chat` grounds its own: one teacher-forced pass scores each box by the
+        probability of its four `<loc_k>` tokens under this model and masks each `<seg>`."""
+        request = self._request(image, prompt, history or [])
+        features, pyramid = self._encode([request])
+        decoded = forced_answers(
+            self.model,
+            [request.encoded.input_ids.tolist()],
+            [self.processor.encode_answer(answer)],
+            features=features,
+            pyramid=pyramid,
+            pixel_values=request.encoded.pixel_values[None],
+            original_sizes=torch.tensor([request.meta.original_size]),
+            pad_token_id=self.processor.tokenizer.pad_token_id,
+        )
+        return self._ground([request], features, pyramid, decoded, masks_for_detections=masks_for_detections)[
+            0
+        ]
+
+    @torch.inference_mode()
     def detect(
         self,
         images: Sequence[ImageInput] | ImageInput,
@@ -159,7 +190,9 @@ class GroundedLlava:
         features = self.model.encode_images(pixel_values)
         pyramid = self.model.image_pyramid(features, pixel_values)
         predictions = self.model.detection_head(pyramid)
-        return self._detections(predictions, pyramid, list(metas), masks=masks, conf_threshold=conf_threshold)
+        return head_detections(
+            self.model, predictions, pyramid, list(metas), masks=masks, conf_threshold=conf_threshold
+        )
 
     # ------------------------------------------------------------------ steps
     def _request(self, image: ImageInput, prompt: str, history: History) -> _Request:
@@ -236,63 +269,64 @@ class GroundedLlava:
         *,
         masks_for_detections: bool,
     ) -> list[GroundedAnswer]:
-        """Teacher-forced pass over prompt + answer: detections, `<seg>` masks, box scores, reconciliation.
-        `features`: (I, N, D) the requests' image features; `decoded`: answer ids (no eos) and pointer choices.
-        """
-        answer_ids = decoded.ids
-        pad = self.processor.tokenizer.pad_token_id
-        rows = [
-            teacher_forcing_inputs(
-                [*request.encoded.input_ids.tolist(), *answer],
-                answer_start=len(request.encoded.input_ids),
-                token_ids=self.model.token_ids,
-                image_token_id=self.model.image_token_id,
-                pad_token_id=pad,
-            )
-            for request, answer in zip(requests, answer_ids, strict=True)
-        ]
-        # Right padding: every row keeps positions 0..n-1, as when it is run alone.
-        input_ids = torch.full((len(rows), max(len(ids) for ids, _ in rows)), pad, dtype=torch.long)
-        attention_mask = torch.zeros_like(input_ids)
-        for r, (ids, attention) in enumerate(rows):
-            input_ids[r, : len(ids)] = torch.tensor(ids)
-            attention_mask[r, : len(ids)] = torch.tensor(attention)
+        """Detections, `<seg>` masks, box scores and reconciliation, from what generation kept (`decoded`:
+        answer ids, token log-probabilities, pointer choices, `<seg>` states, the Detect head's outputs).
+        `features`: (I, N, D) the requests' image features, `pyramid` the neck's maps of them."""
         metas = [request.meta for request in requests]
-        out = self.model(
-            input_ids=input_ids.to(self.device),
-            attention_mask=attention_mask.to(self.device),
-            image_features=features,
-            pyramid=pyramid,
-            image_sample_index=torch.arange(len(rows), device=self.device),
-            original_sizes=torch.tensor([m.original_size for m in metas], device=self.device),
-            compute_masks=True,
+        detections = head_detections(
+            self.model, decoded.head_outputs, pyramid, metas, masks=masks_for_detections
         )
-        detections = self._detections(out.detections, pyramid, metas, masks=masks_for_detections)
-        # The model returns one mask per <seg> in row-major reading order.
-        seg_mask_logits: list[dict[int, torch.Tensor]] = [{} for _ in rows]
-        for k, (r, c) in enumerate((input_ids == self.model.token_ids.seg).nonzero().tolist()):
-            seg_mask_logits[r][c] = out.mask_logits[k]
+        seg_mask_logits = self._seg_masks(pyramid, decoded, metas)
         return [
             self._grounded_answer(
-                answer_ids=answer,
-                ids=rows[r][0],
-                answer_start=len(request.encoded.input_ids),
-                logits=out.logits[r],
+                answer_ids=decoded.ids[r],
+                log_probs=decoded.log_probs[r],
                 seg_mask_logits=seg_mask_logits[r],
                 detections=detections[r],
-                meta=request.meta,
+                meta=metas[r],
                 choices=decoded.choices[r],
             )
-            for r, (request, answer) in enumerate(zip(requests, answer_ids, strict=True))
+            for r in range(len(requests))
         ]
+
+    def _seg_masks(
+        self, pyramid: list[torch.Tensor], decoded: decoding.DecodedAnswers, metas: list[ImageMeta]
+    ) -> list[dict[int, torch.Tensor]]:
+        """Per answer, the (r, r) canvas mask logits of each `<seg>` (by its position in the answer), prompted
+        as in training: the box group right before it and the hidden state that emitted it."""
+        prompts = [
+            (r, group.seg_position, group.bins)
+            for r, answer in enumerate(decoded.ids)
+            for group in find_box_groups(answer, self.model.token_ids)
+            if group.seg
+        ]
+        masks: list[dict[int, torch.Tensor]] = [{} for _ in decoded.ids]
+        if not prompts:
+            return masks
+        images = torch.tensor([r for r, _, _ in prompts])
+        boxes = bins_to_canvas(
+            torch.tensor([bins for _, _, bins in prompts]),
+            images,
+            torch.tensor([m.original_size for m in metas]),
+            num_bins=len(self.model.token_ids.loc),
+            canvas_size=self.model.canvas_size,
+        )
+        states = torch.stack([decoded.seg_states[r][position] for r, position, _ in prompts])
+        logits, _ = self.model.mask_head(
+            self.model.mask_features(pyramid),
+            images.to(self.device),
+            boxes.to(self.device, self.model.heads_dtype),
+            states,
+        )
+        for (r, position, _), mask in zip(prompts, logits, strict=True):
+            masks[r][position] = mask
+        return masks
 
     def _grounded_answer(
         self,
         *,
         answer_ids: Sequence[int],
-        ids: list[int],
-        answer_start: int,
-        logits: torch.Tensor,
+        log_probs: Sequence[float],
         seg_mask_logits: dict[int, torch.Tensor],
         detections: Detections,
         meta: ImageMeta,
@@ -304,19 +338,19 @@ class GroundedLlava:
         score is pointer probability x head score; a box the LM wrote is scored by its loc tokens.
 
         Args:
-            answer_ids: the generated ids; ids: the teacher-forced sequence (prompt + answer) of `logits` (T, V).
-            seg_mask_logits: position of each `<seg>` in `ids` -> its (r, r) canvas mask logits.
+            answer_ids: the generated ids; log_probs: each one's log-probability as generated.
+            seg_mask_logits: position of each `<seg>` in `answer_ids` -> its (r, r) canvas mask logits.
             choices: the pointer's decisions, by `<box>` position in `answer_ids`.
         """
-        chosen = {answer_start + c.position: c for c in choices if c.proposal is not None}
+        chosen = {c.position: c for c in choices if c.proposal is not None}
         raw_text = self.processor.decode(answer_ids)
         parsed = self.processor.parse(raw_text, meta)
-        groups = [g for g in find_box_groups(ids, self.model.token_ids) if g.start >= answer_start]
+        groups = find_box_groups(answer_ids, self.model.token_ids)
         aligned = align_boxes(
             parsed.spans, groups, image_size=meta.original_size, num_bins=self.processor.num_bins
         )
         # A parsed box without its token group (cannot happen for text decoded from these ids) gets score 0, no mask.
-        scores = [[0.0 if k is None else group_probability(logits, ids, groups[k]) for k in row]
+        scores = [[0.0 if k is None else group_probability(log_probs, groups[k]) for k in row]
                   for row in aligned]  # fmt: skip
         for i, row in enumerate(aligned):
             for j, k in enumerate(row):
@@ -344,56 +378,3 @@ class GroundedLlava:
             agreement=matched.agreement,
             num_dropped_groups=parsed.num_dropped,
         )
-
-    # ------------------------------------------------------------------ detection head
-    def _detections(
-        self,
-        predictions: dict,
-        pyramid: list[torch.Tensor],
-        metas: list[ImageMeta],
-        *,
-        masks: bool,
-        conf_threshold: float | None = None,
-    ) -> list[Detections]:
-        """Raw Detect predictions -> per image `Detections` (original pixels; boxes left empty by clipping dropped)."""
-        heads = self.model.config.heads
-        threshold = heads.conf_threshold if conf_threshold is None else conf_threshold
-        raw = self.model.detection_head.postprocess(
-            predictions, conf_threshold=threshold, iou_threshold=heads.nms_iou
-        )
-        kept = []
-        for pred, meta in zip(raw, metas, strict=True):
-            pred = pred.float()
-            boxes = meta.boxes_from_canvas(pred[:, :4])
-            keep = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
-            kept.append((pred[keep], boxes[keep]))
-        mask_arrays = self._box_only_masks(pyramid, kept, metas) if masks else None
-        return [
-            Detections(
-                boxes=boxes.cpu().numpy(),  # numpy out, as ultralytics' Results.numpy() (spans' boxes too)
-                scores=pred[:, 4].cpu().numpy(),
-                class_ids=pred[:, 5].long().cpu().numpy(),
-                category_names=self.categories,
-                image_size=meta.original_size,
-                masks=None if mask_arrays is None else mask_arrays[i],
-            )
-            for i, ((pred, boxes), meta) in enumerate(zip(kept, metas, strict=True))
-        ]
-
-    def _box_only_masks(
-        self, pyramid: list[torch.Tensor], kept: list[tuple[torch.Tensor, ...]], metas: list[ImageMeta]
-    ) -> list[np.ndarray]:
-        """SAM masks prompted by boxes alone (the decoder's box-only embedding): per image (n, H, W) bool.
-        `kept`: per image, its detections (n, 6) (xyxy canvas px first) and their (n, 4) original-frame boxes."""
-        boxes_canvas = [pred[:, :4] for pred, _ in kept]
-        index = torch.cat([torch.full((len(b),), i, dtype=torch.long) for i, b in enumerate(boxes_canvas)])
-        boxes = torch.cat(boxes_canvas).to(self.device, self.model.heads_dtype)
-        features = self.model.mask_features(pyramid)
-        logits, _ = self.model.mask_head(features, index.to(self.device), boxes, seg_hidden=None)
-        return [
-            np.stack([meta.mask_from_canvas(m, box=b.tolist()) for m, b in zip(image_logits, original, strict=True)])
-            if len(image_logits) else np.zeros((0, meta.original_size[1], meta.original_size[0]), dtype=bool)
-            for image_logits, (_, original), meta in zip(
-                logits.split([len(b) for b in boxes_canvas]), kept, metas, strict=True
-            )
-        ]  # fmt: skip
