@@ -44,6 +44,7 @@ from grounded_llava.inference.images import ImageInput, load_image
 from grounded_llava.inference.reconciliation import phrase_category_index, reconcile
 from grounded_llava.inference.results import GroundedAnswer
 from grounded_llava.modeling import GroundedLlavaForConditionalGeneration
+from grounded_llava.modeling.base import merge_adapters
 from grounded_llava.modeling.prompts import bins_to_canvas
 from grounded_llava.processor import EncodedConversation
 
@@ -62,7 +63,9 @@ class _Request:
 class GroundedLlava:
     """Answers questions about images with grounded phrases, boxes, masks and scores.
 
-    Build it with `GroundedLlava.from_pretrained(dir_or_id)`; `model` is the wrapped nn.Module.
+    Build it with `GroundedLlava.from_pretrained(dir_or_id)`; `model` is the wrapped nn.Module. For
+    inference the LoRA adapters are merged into the base weights (`modeling.base.merge_adapters`; not for
+    a quantised base): train the model again only after `unmerge_adapters(model.llava)`.
     """
 
     def __init__(self, model: GroundedLlavaForConditionalGeneration, *, device: str | torch.device) -> None:
@@ -70,6 +73,8 @@ class GroundedLlava:
             raise ValueError("the model has no processor: load it with from_pretrained/from_config")
         self.device = torch.device(device)
         self.model = model.to(self.device).eval()
+        if model.config.quantization == "none":  # one matmul per layer; checkpoints still store them apart
+            merge_adapters(model.llava)
         self.processor = model.processor
         bias = model.config.copy_bias  # the copy prior reads the whole vocabulary once
         self.copy_prior = decoding.CopyPrior(self.processor.tokenizer, bias) if bias else None

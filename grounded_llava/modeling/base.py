@@ -283,6 +283,27 @@ def wrap_with_lora(
     return peft_model
 
 
+def adapters_merged(peft_model: PeftModel) -> bool:
+    """Whether the adapters are folded into the base weights (`merged_adapters`)."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    return any(m.merged for m in peft_model.modules() if isinstance(m, BaseTunerLayer))
+
+
+def merge_adapters(peft_model: PeftModel) -> None:
+    """Fold the LoRA and the trainable token rows into the base weights, for inference: decoding then runs
+    one matmul per linear layer. The adapters stay separable (`unmerge_adapters`; checkpoints store them
+    unmerged). Not for training: a merged layer gives its LoRA no gradient."""
+    with peft_wrapping():
+        peft_model.merge_adapter()
+
+
+def unmerge_adapters(peft_model: PeftModel) -> None:
+    """Undo `merge_adapters` (the base weights back to their own values, up to rounding)."""
+    with peft_wrapping():
+        peft_model.unmerge_adapter()
+
+
 def extend_trainable_rows(peft_model: PeftModel, token_ids: list[int]) -> None:
     """Make more token rows trainable (category names added by an increment: a small base LM never saw
     their words, and their rows were only ever pushed down by its softmax). The rows start from their

@@ -17,7 +17,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling
 from ..config import GroundedLlavaConfig
 from ..grammar import box_groups_in_ids
 from ..tokenizer import GroundingTokenIds
-from .base import extend_trainable_rows
+from .base import adapters_merged, extend_trainable_rows, merge_adapters, unmerge_adapters
 from .detection import DetectionTargets
 from .heads import build_heads
 from .heads_step import heads_losses
@@ -104,7 +104,13 @@ class GroundedLlavaForConditionalGeneration(nn.Module):
 
         if self.processor is None:
             raise ValueError("the model has no processor: build it with from_config/from_pretrained")
-        return save_pretrained(self, self.processor, directory)
+        if not adapters_merged(self.llava):
+            return save_pretrained(self, self.processor, directory)
+        unmerge_adapters(self.llava)  # a predictor merged them: the checkpoint stores base and adapters apart
+        try:
+            return save_pretrained(self, self.processor, directory)
+        finally:
+            merge_adapters(self.llava)
 
     def add_chooser(self) -> ProposalPointer:
         """A fresh choice pointer (replacing any): decoding then takes "none" from `pointer`, the proposal from it."""
