@@ -24,7 +24,7 @@ from transformers import LlavaForConditionalGeneration
 from grounded_llava import GroundedLlavaConfig, GroundedLlavaForConditionalGeneration
 from grounded_llava.conversation import human_turn
 from grounded_llava.inference.predictor import GroundedLlava
-from grounded_llava.modeling.base import base_state_dict
+from grounded_llava.modeling.base import base_state_dict, merge_adapters
 
 from .timing import interleaved
 
@@ -68,8 +68,9 @@ def chat_latency(*, config: GroundedLlavaConfig, new_tokens: int, repeats: int, 
         raise ValueError(f"new_tokens must be >= 1, got {new_tokens}")
     torch.manual_seed(0)
     model = GroundedLlavaForConditionalGeneration.from_config(config)
-    predictor = GroundedLlava(model, device="cpu")
     plain = plain_llava_like(model)
+    merge_adapters(model.llava)  # as `GroundedLlava.from_pretrained` does for inference
+    predictor = GroundedLlava(model, device="cpu")
     processor = predictor.processor
     tokenizer = processor.tokenizer
     image = benchmark_image()

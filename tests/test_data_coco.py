@@ -297,7 +297,7 @@ def test_header_check_misses_truncation_that_decode_catches(tmp_path):
     _truncate(tmp_path)
     ann_file = _save(tmp_path, data)
     assert len(load_coco_instances(ann_file, tmp_path / "images", image_check="none").images) == 3
-    with pytest.raises(DataError, match="cannot be read"):
+    with pytest.raises(DataError, match="cannot read image"):
         load_coco_instances(ann_file, tmp_path / "images", image_check="decode")
 
 

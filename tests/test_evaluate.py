@@ -35,6 +35,7 @@ from grounded_llava.evaluation.tasks import (
 from grounded_llava.evaluation.teacher_forcing import chat_kl, text_box_probabilities
 from grounded_llava.inference import Detections, GroundedAnswer, GroundedLlava, GroundedSpanResult
 from grounded_llava.modeling import GroundedLlavaForConditionalGeneration
+from grounded_llava.modeling.base import unmerge_adapters
 
 from .conftest import tiny_test_config
 
@@ -196,6 +197,7 @@ def test_chat_kl_is_zero_against_itself_and_positive_against_a_changed_model(pre
     answers = ["A <p>circle</p> and a square.", "Two shapes."]
     assert chat_kl(predictor, predictor, images, prompts, answers, batch_size=2) == 0.0
     changed = copy.deepcopy(predictor.model)
+    unmerge_adapters(changed.llava)  # `from_pretrained` merged them for inference
     torch.manual_seed(0)
     with torch.no_grad():  # as if training had moved the LoRA adapters (zero-initialised: no change yet)
         for name, parameter in changed.named_parameters():

@@ -246,7 +246,7 @@ def test_generation_keeps_what_a_second_pass_would_compute():
     assert segs >= 2
 
 
-def test_the_predictor_merges_the_adapters_and_checkpoints_keep_them_apart(checkpoint, tmp_path):
+def test_from_pretrained_merges_the_adapters_and_checkpoints_keep_them_apart(checkpoint, tmp_path):
     from grounded_llava.modeling import GroundedLlavaForConditionalGeneration
     from grounded_llava.modeling.base import adapters_merged, merge_adapters, unmerge_adapters
 
@@ -255,20 +255,24 @@ def test_the_predictor_merges_the_adapters_and_checkpoints_keep_them_apart(check
     for name, param in model.llava.named_parameters():
         if "lora_B" in name:  # a random checkpoint's LoRA starts at zero: merging it would change nothing
             param.data.normal_(std=0.05)
+    model.save_pretrained(tmp_path / "trained")
+    assert not adapters_merged(GroundedLlava(model, device="cpu").model.llava)  # a given model stays as it is
     before = {name: tensor.clone() for name, tensor in model.state_dict().items()}
-    predictor = GroundedLlava(model, device="cpu")
-    assert adapters_merged(model.llava)
-    assert any(not torch.equal(before[n], t) for n, t in model.state_dict().items())  # base weights changed
+
+    predictor = GroundedLlava.from_pretrained(tmp_path / "trained", device="cpu")
+    merged_model = predictor.model
+    assert adapters_merged(merged_model.llava)
+    assert any(not torch.equal(before[n], t) for n, t in merged_model.state_dict().items())  # base weights
     image = noise_image(64, 48, seed=9)
     merged = predictor.chat(image, "Find the star.", max_new_tokens=TOKENS)
-    unmerge_adapters(model.llava)
+    unmerge_adapters(merged_model.llava)
     unmerged = predictor.chat(image, "Find the star.", max_new_tokens=TOKENS)
     assert merged.raw_text == unmerged.raw_text  # the same function, merged or not
     np.testing.assert_allclose([s.score for s in merged.spans], [s.score for s in unmerged.spans], rtol=1e-4)
 
-    merge_adapters(model.llava)
-    model.save_pretrained(tmp_path / "saved")  # written unmerged, and merged again after
-    assert adapters_merged(model.llava)
+    merge_adapters(merged_model.llava)
+    merged_model.save_pretrained(tmp_path / "saved")  # written unmerged, and merged again after
+    assert adapters_merged(merged_model.llava)
     reloaded = GroundedLlavaForConditionalGeneration.from_pretrained(tmp_path / "saved")
     assert not adapters_merged(reloaded.llava) and reloaded.state_dict().keys() == before.keys()
     for name, saved in reloaded.state_dict().items():

@@ -19,9 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from PIL import Image, UnidentifiedImageError
-
-from grounded_llava.image_io import displayed_size
+from grounded_llava.image_io import ImageReadError, displayed_size, opened_image
 
 BadDataPolicy = Literal["strict", "skip"]
 ImageCheck = Literal["decode", "header", "none"]
@@ -149,16 +147,12 @@ def inspect_image(
     if not path.is_file():
         raise InvalidItem("missing_image_file", field_name, f"image file {path} does not exist")
     try:
-        with Image.open(path) as image:
+        with opened_image(path) as image:
             image.verify()  # must come first: reading the EXIF of a PNG moves past what verify checks
-        with Image.open(path) as image:
+        with opened_image(path) as image:
             size = displayed_size(image)
             if image_check == "decode":
                 image.load()
-    # ImportError: ultralytics patches `Image.open` to import pi-heif when PIL cannot identify a file,
-    # so with ultralytics imported an unidentifiable file surfaces as ModuleNotFoundError.
-    except (OSError, UnidentifiedImageError, SyntaxError, ValueError, ImportError) as error:
-        raise InvalidItem(
-            "corrupt_image", field_name, f"image file {path} cannot be read: {error}"
-        ) from error
+    except ImageReadError as error:
+        raise InvalidItem("corrupt_image", field_name, str(error)) from None
     return size

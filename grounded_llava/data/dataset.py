@@ -13,12 +13,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from torch.utils.data import Dataset
 
 from ..codec import BOX_CLOSE, BOX_OPEN, SEG, loc_token
 from ..grammar import lex_text, parse
-from ..image_io import to_rgb
+from ..image_io import ImageReadError, read_rgb
 from ..modeling.detection import DetectionTargets
 from ..processor import EncodedConversation, GroundedBatch, GroundedProcessor
 from .bad_data import BadDataPolicy, UnreadableImageError
@@ -60,23 +60,18 @@ def flip_sample(
 
 
 def load_image(path: Path, *, source: str = "") -> Image.Image:
-    """Open an image as 8-bit RGB in displayed orientation (`image_io.to_rgb`).
+    """Open an image as 8-bit RGB in displayed orientation (`image_io.read_rgb`, the one reader).
 
     Raises `UnreadableImageError` naming the file (and the sample's source) when it is missing or cannot
     be decoded (a truncated JPEG passes the readers' header check and fails only here).
     """
     where = f" (from {source})" if source else ""
-    if not path.is_file():
-        raise UnreadableImageError(f"image file {path} does not exist{where}")
     try:
-        with Image.open(path) as handle:
-            image = to_rgb(handle)
-    # ImportError: ultralytics' `Image.open` wrapper, for a file PIL cannot identify (see bad_data.py)
-    except (OSError, UnidentifiedImageError, SyntaxError, ValueError, ImportError) as err:
+        return read_rgb(path)
+    except FileNotFoundError:
+        raise UnreadableImageError(f"image file {path} does not exist{where}") from None
+    except ImageReadError as err:
         raise UnreadableImageError(f"image file {path} is unreadable or corrupt{where}: {err}") from None
-    if image.size[0] == 0 or image.size[1] == 0:
-        raise ValueError(f"image file {path} is empty{where}")
-    return image
 
 
 @dataclass

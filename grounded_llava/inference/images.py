@@ -1,48 +1,22 @@
-"""Reading user images, with one clear error for any file that is missing or cannot be decoded.
-
-ultralytics (imported with the model) wraps `PIL.Image.open`: for a file PIL cannot identify it
-logs an "AutoUpdate" attempt for the pi-heif plugin and then raises ModuleNotFoundError when the
-plugin is absent. Here such a file is simply unreadable: its log lines are muted and the error
-becomes the same ValueError as for any other undecodable file.
-"""
+"""User images for inference: a path, a PIL image or an array, as the model reads them (`image_io.read_rgb`:
+one clear error for a file that is missing or cannot be decoded)."""
 
 from __future__ import annotations
 
-import logging
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
-from grounded_llava.image_io import displayed_size, to_rgb
+from grounded_llava.image_io import opened_image, read_rgb, to_rgb
 from grounded_llava.inference.overlay import to_rgb_array
 
 ImageInput = Image.Image | np.ndarray | str | Path
 
 
-@contextmanager
-def _opened(path: Path) -> Iterator[Image.Image]:
-    if not path.is_file():
-        raise FileNotFoundError(f"image {path} does not exist")
-    ultralytics_log = logging.getLogger("ultralytics")
-    level = ultralytics_log.level
-    ultralytics_log.setLevel(logging.CRITICAL + 1)
-    try:
-        with Image.open(path) as image:
-            yield image
-    except (OSError, ValueError, SyntaxError, ImportError, Image.DecompressionBombError) as err:
-        unidentified = isinstance(err, ImportError | UnidentifiedImageError)  # PIL's message repeats the path
-        reason = "cannot identify image file" if unidentified else str(err)
-        raise ValueError(f"cannot read image {path}: {reason}") from None
-    finally:
-        ultralytics_log.setLevel(level)
-
-
 def check_image_file(path: str | Path) -> None:
     """Cheap check (header and structure, no full decode) that `path` is a readable image file."""
-    with _opened(Path(path)) as image:
+    with opened_image(path) as image:
         image.verify()
 
 
@@ -55,13 +29,7 @@ def load_image(image: ImageInput, *, max_pixels: int | None = None) -> Image.Ima
     as in training and as the overlay reads them.
     """
     if isinstance(image, str | Path):
-        with _opened(Path(image)) as opened:
-            width, height = displayed_size(opened)
-            if max_pixels is not None and width * height > max_pixels:
-                raise ValueError(
-                    f"image {image} is {width}x{height} pixels, more than the {max_pixels:,} allowed"
-                )
-            return to_rgb(opened)
+        return read_rgb(image, max_pixels=max_pixels)
     if isinstance(image, Image.Image):
         return to_rgb(image)
     if isinstance(image, np.ndarray):

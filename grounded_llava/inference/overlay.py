@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from grounded_llava.image_io import to_rgb
+from grounded_llava.image_io import read_rgb, to_rgb
 
 # Distinct, saturated colours (RGB) that stay readable under white label text.
 PALETTE: tuple[tuple[int, int, int], ...] = (
@@ -49,8 +49,7 @@ def to_rgb_array(image: ImageLike) -> np.ndarray:
     """Load an image (PIL image, path, or (H, W) / (H, W, 3|4) uint8 array) as an (H, W, 3) uint8 RGB array;
     paths and PIL images in displayed orientation (`image_io.to_rgb`), as the model sees them."""
     if isinstance(image, str | Path):
-        with Image.open(image) as opened:
-            return np.asarray(to_rgb(opened)).copy()
+        return np.asarray(read_rgb(image)).copy()
     if isinstance(image, Image.Image):
         return np.asarray(to_rgb(image)).copy()
     array = np.asarray(image)

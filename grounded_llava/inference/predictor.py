@@ -63,9 +63,10 @@ class _Request:
 class GroundedLlava:
     """Answers questions about images with grounded phrases, boxes, masks and scores.
 
-    Build it with `GroundedLlava.from_pretrained(dir_or_id)`; `model` is the wrapped nn.Module. For
-    inference the LoRA adapters are merged into the base weights (`modeling.base.merge_adapters`; not for
-    a quantised base): train the model again only after `unmerge_adapters(model.llava)`.
+    Build it with `GroundedLlava.from_pretrained(dir_or_id)`; `model` is the wrapped nn.Module. The model
+    `from_pretrained` loads is its own, and its LoRA adapters are merged into the base weights for inference
+    (`modeling.base.merge_adapters`; not for a quantised base): edit or train it again only after
+    `unmerge_adapters(model.llava)`. A model given to `GroundedLlava(model)` is used as it is.
     """
 
     def __init__(self, model: GroundedLlavaForConditionalGeneration, *, device: str | torch.device) -> None:
@@ -73,8 +74,6 @@ class GroundedLlava:
             raise ValueError("the model has no processor: load it with from_pretrained/from_config")
         self.device = torch.device(device)
         self.model = model.to(self.device).eval()
-        if model.config.quantization == "none":  # one matmul per layer; checkpoints still store them apart
-            merge_adapters(model.llava)
         self.processor = model.processor
         bias = model.config.copy_bias  # the copy prior reads the whole vocabulary once
         self.copy_prior = decoding.CopyPrior(self.processor.tokenizer, bias) if bias else None
@@ -86,6 +85,8 @@ class GroundedLlava:
         """Load a checkpoint (None: the shipped default `checkpoints/tiny-shapes/`) onto `device` (default: cuda
         if any). A LLaVA directory (original or transformers layout) gets untrained grounding heads."""
         model = load_grounded_model(dir_or_id)
+        if model.config.quantization == "none":  # one matmul per layer; checkpoints still store them apart
+            merge_adapters(model.llava)
         return cls(model, device=device or ("cuda" if torch.cuda.is_available() else "cpu"))
 
     @property
