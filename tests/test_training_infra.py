@@ -372,3 +372,22 @@ def test_two_process_cpu_ddp_trains_on_rank_shards_with_synced_weights(tmp_path:
     checkpoint = out / "checkpoints" / "step-000003"
     assert json.loads((checkpoint / "trainer_state.json").read_text())["num_processes"] == 2
     assert (checkpoint / "rng_state_0.pt").is_file() and (checkpoint / "rng_state_1.pt").is_file()
+
+
+def test_a_world_is_read_once_per_process_and_again_when_its_file_changes(tmp_path) -> None:
+    from grounded_llava.data import generate_world
+    from grounded_llava.training.data_sources import load_instances
+
+    generate_world(tmp_path / "w", num_images=3, seed=0, image_size=64)
+    annotations, images = tmp_path / "w" / "annotations.json", tmp_path / "w" / "images"
+    first = load_instances(annotations, images, on_bad_data="strict")
+    assert load_instances(annotations, images, on_bad_data="strict") is first  # every stage shares it
+    assert load_instances(annotations, images, on_bad_data="skip") is not first
+    data = json.loads(annotations.read_text())
+    data["images"] = data["images"][:2]
+    kept = {image["id"] for image in data["images"]}
+    data["annotations"] = [a for a in data["annotations"] if a["image_id"] in kept]
+    annotations.write_text(json.dumps(data))
+    os.utime(annotations, ns=(annotations.stat().st_atime_ns, annotations.stat().st_mtime_ns + 10**9))
+    changed = load_instances(annotations, images, on_bad_data="strict")
+    assert changed is not first and len(changed.images) == 2 and len(first.images) == 3

@@ -19,13 +19,13 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from ..data.bad_data import BadDataPolicy
-from ..data.coco import ImageRecord, load_coco_instances
+from ..data.coco import ImageRecord
 from ..data.dataset import load_image
 from ..data.unreadable import SkipUnreadable
 from ..modeling.detection import DetectionTargets
 from ..processor import GroundedProcessor
 from .config import SourceConfig, TrainConfig
-from .data_sources import LoadedSource, ensure_synthetic_world, replay_policy, synthetic_dir
+from .data_sources import LoadedSource, ensure_synthetic_world, load_instances, replay_policy, synthetic_dir
 
 
 @dataclass
@@ -64,7 +64,7 @@ def load_heads_records(
         annotations, images = directory / "annotations.json", directory / "images"
     else:
         annotations, images = config.resolve(source.annotations), config.resolve(source.images)
-    dataset = load_coco_instances(annotations, images, on_bad_data=source.on_bad_data, image_check="header")
+    dataset = load_instances(annotations, images, on_bad_data=source.on_bad_data)
     records = [r for r in dataset.images if r.non_crowd()]
     if source.limit is not None:
         records = records[: source.limit]
