@@ -348,8 +348,10 @@ def decode_grounded(
             if forced[r]:
                 tokens[r] = forced[r].pop(0)
         step_log_probs = logits_now.float().log_softmax(-1)
-        states = hidden.clone()  # per row, the state its token is chosen from (the previous one if retracted)
-        for r in retracted:  # take the `<box>` back: masked in the cache, its position reused
+        states = hidden.clone() if retracted else hidden  # per row, the state its token is chosen from
+        for (
+            r
+        ) in retracted:  # take the `<box>` back (masked in the cache, its position reused): the state before
             answers[r].pop()
             log_probs[r].pop()
             attention_mask[r, -1] = 0
