@@ -166,7 +166,7 @@ def test_disk_full_is_one_line_and_keeps_the_previous_checkpoint(tmp_path, monke
     monkeypatch.setattr(checkpointing.torch, "save", full) if failing == "torch.save" else None
     with pytest.raises(CheckpointError, match="step-000002: the checkpoint could not be written") as error:
         _save(tmp_path, 2, keep_last=1)
-    assert "\n" not in str(error.value) and "previous checkpoints are kept" in str(error.value)
+    assert "\n" not in str(error.value) and "the previous one is kept" in str(error.value)
     monkeypatch.undo()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["step-000001"]
     model, optimizer = _setup()
@@ -174,7 +174,7 @@ def test_disk_full_is_one_line_and_keeps_the_previous_checkpoint(tmp_path, monke
 
 
 def test_disk_full_in_save_pretrained_replaces_nothing(random_checkpoint, tmp_path, monkeypatch):
-    from grounded_llava.modeling import pretrained
+    from grounded_llava.modeling import checkpoint
 
     target = tmp_path / "final"
     shutil.copytree(random_checkpoint, target)
@@ -184,7 +184,7 @@ def test_disk_full_in_save_pretrained_replaces_nothing(random_checkpoint, tmp_pa
     def full(*args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(pretrained, "save_file", full)
+    monkeypatch.setattr(checkpoint, "save_file", full)
     with pytest.raises(
         CheckpointError, match=r"final: the checkpoint could not be written \(.*No space left"
     ):

@@ -54,7 +54,13 @@ def _strict_json_lines(path: Path) -> list[dict]:
 
 
 def _tensors(checkpoint: Path) -> dict[str, torch.Tensor]:
-    return load_file(checkpoint / "trainable.safetensors")
+    """Every weight of a training checkpoint: they are stored once, in its `model/`."""
+    assert not (checkpoint / "trainable.safetensors").exists()
+    return {
+        f"{path.relative_to(checkpoint)}:{key}": tensor
+        for path in sorted((checkpoint / "model").rglob("*.safetensors"))
+        for key, tensor in load_file(path).items()
+    }
 
 
 def test_nonfinite_losses_are_skipped_logged_as_null_and_stop_the_run_with_exit_2(tmp_path, capsys):

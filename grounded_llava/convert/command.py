@@ -15,9 +15,6 @@ cannot be mapped stops the conversion with its name; the output appears only whe
 from __future__ import annotations
 
 import argparse
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 from grounded_llava.convert.layout import is_lora_run
@@ -55,6 +52,7 @@ def _check_paths(args: argparse.Namespace) -> None:
 
 def run(args: argparse.Namespace) -> int:
     _check_paths(args)
+    from grounded_llava.atomic_dir import atomic_directory
     from grounded_llava.convert.merges import apply_delta, merge_lora_run
     from grounded_llava.convert.original_llava import convert_original_llava
     from grounded_llava.convert.weights import read_weights
@@ -71,15 +69,8 @@ def run(args: argparse.Namespace) -> int:
     converted = convert_original_llava(
         args.from_llava, weights=weights, vision_tower=args.vision_tower, tokenizer_source=tokenizer_source
     )
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{args.out.name}.", dir=args.out.parent))
-    try:
+    with atomic_directory(args.out) as staging:  # an existing `--out` is empty (checked above)
         converted.save_pretrained(staging)
-        if args.out.exists():
-            args.out.rmdir()  # empty, checked above
-        os.replace(staging, args.out)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     print(
         f"{args.from_llava} -> {args.out}: use it as model.base={args.out} or GroundedLlava.from_pretrained"
     )

@@ -1,11 +1,11 @@
 """The grounded model: LLaVA + LoRA composed with a vision neck, a YOLO Detect head and SAM's mask decoder."""
 
+from .checkpoint import CheckpointError
 from .detection import DetectionHead, DetectionTargets
 from .grounded_llava import GroundedLlavaForConditionalGeneration
 from .masks import MaskHead
 from .neck import VisionNeck
 from .outputs import GroundedLlavaOutput
-from .pretrained import CheckpointError
 
 __all__ = [
     "CheckpointError",

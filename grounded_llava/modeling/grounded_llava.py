@@ -81,7 +81,7 @@ class GroundedLlavaForConditionalGeneration(nn.Module):
     @classmethod
     def from_config(cls, config: GroundedLlavaConfig) -> GroundedLlavaForConditionalGeneration:
         """A new model (base, LoRA, fresh heads); its processor is `model.processor`."""
-        from .pretrained import build_model
+        from .checkpoint import build_model
 
         model, processor = build_model(config)
         model.processor = processor
@@ -92,7 +92,7 @@ class GroundedLlavaForConditionalGeneration(nn.Module):
         cls, directory: str | Path, *, is_trainable: bool = False
     ) -> GroundedLlavaForConditionalGeneration:
         """Load a checkpoint directory written by `save_pretrained`; its processor is `model.processor`."""
-        from .pretrained import load_pretrained
+        from .checkpoint import load_pretrained
 
         model, processor = load_pretrained(directory, is_trainable=is_trainable)
         model.processor = processor
@@ -100,7 +100,7 @@ class GroundedLlavaForConditionalGeneration(nn.Module):
 
     def save_pretrained(self, directory: str | Path) -> Path:
         """Write config, tokenizer/processor, adapter, heads (and base weights for the tiny base), atomically."""
-        from .pretrained import save_pretrained
+        from .checkpoint import save_pretrained
 
         if self.processor is None:
             raise ValueError("the model has no processor: build it with from_config/from_pretrained")

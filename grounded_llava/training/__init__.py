@@ -7,7 +7,6 @@ from grounded_llava._lazy import lazy_getattr
 
 _EXPORTS = {
     "FORMAT_VERSION": ".checkpointing",
-    "CheckpointFormatError": ".checkpointing",
     "MetricsLogger": ".metrics_log",
     "NonFiniteError": ".nonfinite",
     "ResumableSampler": ".sampler",

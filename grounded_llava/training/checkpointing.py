@@ -2,15 +2,16 @@
 
 Layout of `checkpoints_dir/step-000123/`:
     trainable.safetensors   trainable parameters (and the buffers of modules that own one, e.g. the
-                            running statistics of a trained BatchNorm), CPU tensors
+                            running statistics of a trained BatchNorm), CPU tensors; absent when
+                            `write_files` saves the model itself (the trainer's `model/`: weights once)
     optimizer.pt            `optimizer.state_dict()` (torch.save; loaded with `weights_only=True`)
     scheduler.pt            `scheduler.state_dict()` (same)
     rng_state_<rank>.pt     python `random`, numpy, torch CPU (and CUDA) RNG states of every rank
     trainer_state.json      format_version, step, number of processes, sampler position, `extra`
     ...                     whatever `write_files(tmp_dir)` adds (e.g. a peft adapter, a config)
 
-Crash safety: everything is written into `checkpoints_dir/.tmp-step-000123`, every file and the
-directory are fsync'ed, and only then is the directory renamed to `step-000123` (atomic on POSIX).
+Crash safety (`atomic_dir.py`): everything is written into `checkpoints_dir/.tmp-step-000123`, every
+file and the directory are fsync'ed, and only then is the directory renamed to `step-000123`.
 A failed write (disk full, ...) deletes the temporary directory and raises a one-line
 `CheckpointError`; the published checkpoints are untouched. Damaged files raise one-line
 `CheckpointError`s naming them when loaded; `resume.py` then falls back to the previous checkpoint.
@@ -31,23 +32,21 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import pickle
 import re
 import shutil
 import time
 import warnings
-from collections.abc import Callable, Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
-from safetensors import SafetensorError
 from safetensors.torch import save_file
 from torch import nn
 
+from ..atomic_dir import TMP_PREFIX, fresh_staging, publish, removed_on_failure, retire, staging_path
 from ..modeling.state_files import CheckpointError, check_shapes, read_safetensors
 from .nonfinite import check_finite, optimizer_tensors
 from .rng_state import capture_rng_state, restore_rng_state
@@ -60,12 +59,7 @@ TRAINER_STATE_FILE = "trainer_state.json"
 TRAINABLE_FILE = "trainable.safetensors"
 OPTIMIZER_FILE = "optimizer.pt"
 SCHEDULER_FILE = "scheduler.pt"
-TMP_PREFIX = ".tmp-"
 _STEP_DIR_RE = re.compile(r"^step-(\d+)$")
-
-
-class CheckpointFormatError(CheckpointError):
-    """A checkpoint written by an incompatible version of this code, or a file that cannot be read."""
 
 
 @dataclass
@@ -132,64 +126,18 @@ def load_trainable_state_dict(model: nn.Module, state: Mapping[str, torch.Tensor
 # --------------------------------------------------------------------------------------------- files
 
 
-def _fsync_file(path: Path) -> None:
-    with open(path, "rb") as f:
-        os.fsync(f.fileno())
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_tree(root: Path) -> None:
-    for dirpath, _, filenames in os.walk(root):
-        for name in filenames:
-            _fsync_file(Path(dirpath) / name)
-        _fsync_dir(Path(dirpath))
-
-
-@contextmanager
-def _removed_on_failure(tmp: Path, final: Path) -> Iterator[None]:
-    """Delete the half-written `tmp` when writing fails; a write error (disk full, ...) becomes one line.
-    torch.save reports a failed write as RuntimeError, safetensors as SafetensorError."""
-    try:
-        yield
-    except CheckpointError:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    except (OSError, RuntimeError, SafetensorError) as error:
-        shutil.rmtree(tmp, ignore_errors=True)
-        reason = " ".join(str(error).split())
-        raise CheckpointError(
-            f"{final}: the checkpoint could not be written ({reason}); the previous checkpoints are kept"
-        ) from None
-
-
-def _retire_dir(path: Path) -> Path:
-    """Rename `path` to a `.tmp-delete-*` name (atomic), so no partly deleted `step-*` is ever visible."""
-    retired = path.with_name(f"{TMP_PREFIX}delete-{path.name}")
-    if retired.exists():  # left by a run killed while deleting
-        shutil.rmtree(retired)
-    os.replace(path, retired)
-    return retired
-
-
 def load_torch_file(path: Path) -> Any:
     """`torch.load(weights_only=True)`; a refused pickle or a damaged file is a one-line error naming it."""
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError:
-        raise CheckpointFormatError(
+        raise CheckpointError(
             f"{path}: refused: it holds Python objects beyond tensors and plain data, which are never "
             "unpickled (not written by grounded_llava, or altered)"
         ) from None
     except (RuntimeError, EOFError, OSError, ValueError) as error:
         reason = " ".join(str(error).split())
-        raise CheckpointFormatError(f"{path}: cannot be read (truncated or corrupt?): {reason}") from None
+        raise CheckpointError(f"{path}: cannot be read (truncated or corrupt?): {reason}") from None
 
 
 def list_checkpoints(checkpoints_dir: str | Path) -> list[tuple[int, Path]]:
@@ -213,10 +161,10 @@ def read_trainer_state(checkpoint: str | Path) -> dict[str, Any]:
     try:
         state = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise CheckpointFormatError(f"{path}: not valid JSON (truncated or corrupt?): {error}") from None
+        raise CheckpointError(f"{path}: not valid JSON (truncated or corrupt?): {error}") from None
     found = state.get("format_version") if isinstance(state, dict) else None
     if found != FORMAT_VERSION:
-        raise CheckpointFormatError(
+        raise CheckpointError(
             f"{path}: format_version {found!r} does not match the version this code reads ({FORMAT_VERSION}); "
             "resume with the version of grounded_llava that wrote it"
         )
@@ -245,7 +193,7 @@ def save_training_state(
     checkpoints_dir: str | Path,
     *,
     step: int,
-    model_state: Mapping[str, torch.Tensor],
+    model_state: Mapping[str, torch.Tensor] | None,
     optimizer: torch.optim.Optimizer,
     scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
     sampler_state: Mapping[str, Any] | None = None,
@@ -257,7 +205,9 @@ def save_training_state(
     """Write `checkpoints_dir/step-<step>` atomically and keep only the newest `keep_last` ones.
 
     Args:
-        model_state: tensors to save, usually `trainable_state_dict(unwrapped_model)`.
+        model_state: tensors to save, usually `trainable_state_dict(unwrapped_model)`; None when
+            `write_files` writes the model's weights itself (the trainer's `model/`), so that a
+            checkpoint stores them once (the caller then checks them for NaN/inf).
         sampler_state: JSON-serialisable data position (`ResumableSampler.state_dict()`).
         extra: JSON-serialisable values returned by `load_training_state` (stage name, metrics, ...).
         keep_last: number of checkpoints kept after this one is published; None keeps all.
@@ -273,7 +223,6 @@ def save_training_state(
     num_processes = 1 if accelerator is None else accelerator.num_processes
     root = Path(checkpoints_dir)
     final = root / checkpoint_name(step)
-    tmp = root / f"{TMP_PREFIX}{final.name}"
     trainer_state = {
         "format_version": FORMAT_VERSION,
         "step": int(step),
@@ -287,41 +236,35 @@ def save_training_state(
     except (TypeError, ValueError) as error:
         raise TypeError(f"sampler_state / extra of step {step} must be JSON-serialisable: {error}") from error
     optimizer_state = optimizer.state_dict()
-    check_finite(model_state, where=str(final), what="model")
+    if model_state is not None:
+        check_finite(model_state, where=str(final), what="model")
     check_finite(optimizer_tensors(optimizer_state), where=str(final), what="optimizer state")
 
     if is_main:
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        tmp.mkdir(parents=True)
+        fresh_staging(final)
+    staging = staging_path(final)
     if accelerator is not None:
         accelerator.wait_for_everyone()
-    with _removed_on_failure(tmp, final):
-        torch.save(capture_rng_state(), tmp / _rng_file(rank))
+    with removed_on_failure(staging, final):
+        torch.save(capture_rng_state(), staging / _rng_file(rank))
         if is_main:
-            save_file(dict(model_state), tmp / TRAINABLE_FILE, metadata={"format": "pt", "step": str(step)})
-            torch.save(optimizer_state, tmp / OPTIMIZER_FILE)
+            if model_state is not None:
+                save_file(
+                    dict(model_state), staging / TRAINABLE_FILE, metadata={"format": "pt", "step": str(step)}
+                )
+            torch.save(optimizer_state, staging / OPTIMIZER_FILE)
             if scheduler is not None:
-                torch.save(scheduler.state_dict(), tmp / SCHEDULER_FILE)
+                torch.save(scheduler.state_dict(), staging / SCHEDULER_FILE)
             if write_files is not None:
-                write_files(tmp)
-            (tmp / TRAINER_STATE_FILE).write_text(trainer_state_text, encoding="utf-8")
+                write_files(staging)
+            (staging / TRAINER_STATE_FILE).write_text(trainer_state_text, encoding="utf-8")
     if accelerator is not None:
         accelerator.wait_for_everyone()
     if is_main:
-        with _removed_on_failure(tmp, final):
-            _fsync_tree(tmp)
-        # Re-saving a step (e.g. after a resume): the old copy is renamed away first, deleted last.
-        replaced = _retire_dir(final) if final.exists() else None
-        os.replace(tmp, final)
-        _fsync_dir(root)
-        if replaced is not None:
-            shutil.rmtree(replaced)
+        publish(staging, final)  # re-saving a step (after a resume): the old copy is deleted last
         if keep_last is not None:
             for _, old in list_checkpoints(root)[:-keep_last]:
-                shutil.rmtree(_retire_dir(old))
-    if accelerator is not None:
-        accelerator.wait_for_everyone()
+                shutil.rmtree(retire(old))
     return final
 
 

@@ -4,7 +4,9 @@ A checkpoint written at the end of stage i (`stage_index` i+1, `stage_step` 0) h
 uninterrupted run carries into stage i+1's setup, which draws from it (the new class rows of
 `add_categories`, ...): that state is restored before the setup. A mid-stage checkpoint holds the
 state at a step inside the loop: the stage is set up first (its new rows are then overwritten by the
-checkpoint's weights), then the model, optimizer, scheduler, sampler and RNG state are restored.
+checkpoint's weights), then the optimizer, scheduler, sampler and RNG state are restored. The weights
+themselves are stored once, in the checkpoint's `model/`, which `resume.resume_checkpoint` loaded: on a
+mid-stage resume the setup leaves them as they are (the stage's new categories are already in the model).
 """
 
 from __future__ import annotations
@@ -29,15 +31,15 @@ def restore_before_setup(checkpoint: Path, process_index: int) -> bool:
 def restore_after_setup(
     checkpoint: Path,
     *,
-    model: torch.nn.Module,
     optimizer: torch.optim.Optimizer,
     scheduler: torch.optim.lr_scheduler.LRScheduler,
     sampler: ResumableSampler,
     process_index: int,
 ) -> int:
-    """Load a mid-stage `checkpoint` into the set-up stage (and this rank's RNGs); returns its stage step."""
+    """Load a mid-stage `checkpoint`'s optimizer, scheduler, sampler and this rank's RNGs into the set-up
+    stage; returns its stage step."""
     restored = load_training_state(
-        checkpoint, model=model, optimizer=optimizer, scheduler=scheduler, process_index=process_index
+        checkpoint, optimizer=optimizer, scheduler=scheduler, process_index=process_index
     )
     sampler.load_state_dict(restored.sampler_state)
     return int(restored.extra["stage_step"])

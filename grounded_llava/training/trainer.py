@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 from ..data.dataset import GroundedCollator, GroundedDataset, TrainingBatch
 from ..modeling import GroundedLlavaForConditionalGeneration
 from ..modeling.base import sync_trainable_rows
-from .checkpointing import save_training_state, trainable_state_dict, write_replica_digest
+from .checkpointing import checkpoint_name, save_training_state, trainable_state_dict, write_replica_digest
 from .chooser_stage import cache_choice_queries, train_chooser
 from .config import StageConfig, TrainConfig
 from .data_sources import LoadedSource
@@ -137,7 +137,7 @@ class Trainer:
         stage_step = 0
         if mid_stage:
             stage_step = restore_after_setup(
-                resume_from, model=model, optimizer=optimizer, scheduler=scheduler, sampler=sampler,
+                resume_from, optimizer=optimizer, scheduler=scheduler, sampler=sampler,
                 process_index=accelerator.process_index,
             )  # fmt: skip
         # The scheduler stays unprepared: accelerate would step it once per process per call.
@@ -305,13 +305,9 @@ class Trainer:
         )
 
     def _losses(
-        self,
-        wrapped,
-        model: GroundedLlavaForConditionalGeneration,
-        batch: TrainingBatch | HeadsBatch,
-        stage: StageConfig,
-        distiller: HeadDistiller | None,
-    ) -> tuple[torch.Tensor, dict[str, torch.Tensor | None]]:
+        self, wrapped, model: GroundedLlavaForConditionalGeneration, batch: TrainingBatch | HeadsBatch,
+        stage: StageConfig, distiller: HeadDistiller | None,
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor | None]]:  # fmt: skip
         """The stage's total loss: the model's (LM + det + mask + pointer) + KL on chat samples + old-class
         distillation. A heads stage runs the heads step alone (jittered true boxes as SAM prompts)."""
         device = self.accelerator.device
@@ -362,10 +358,13 @@ class Trainer:
     def _save_checkpoint(
         self, model, optimizer, scheduler, sampler, stage_index: int, stage_step: int
     ) -> None:
+        step = self._global_step(stage_index, stage_step)
+        where = self.checkpoints_dir / checkpoint_name(step)
+        check_finite(trainable_state_dict(model), where=str(where), what="model")  # weights: once, in model/
         save_training_state(
             self.checkpoints_dir,
-            step=self._global_step(stage_index, stage_step),
-            model_state=trainable_state_dict(model),
+            step=step,
+            model_state=None,
             optimizer=optimizer,
             scheduler=scheduler,
             sampler_state=sampler.state_dict(),

@@ -1,29 +1,22 @@
-"""Build a grounded model from a config, and save/load the checkpoint directory.
+"""The checkpoint of a grounded model: build one from a config, save it, load it (the one owner of the
+layout; `checkpoint_layout.py` holds the file names, light enough for command lines to check a directory).
 
-Checkpoint layout (DESIGN.md):
-    grounded_config.json        format version, the model config, vision-tower geometry
-    tokenizer.json, ...         the tokenizer (with grounding tokens) + grounded_processor.json
-    adapter/                    peft LoRA adapter + trainable token rows (safetensors)
-    heads.safetensors           neck, Detect head, SAM decoder, <seg> MLP
-    base/                       LLaVA base weights, only when the base is not a hub/local model (tiny)
-Saving writes into a temporary sibling directory and renames it into place, so a crash never
-leaves a half-written checkpoint; a failed write (disk full) is a one-line `CheckpointError`. Loading
+The files are listed in `checkpoint_layout.py`. Saving writes into a temporary sibling directory and renames it into place (`atomic_dir.py`), so a crash
+never leaves a half-written checkpoint; a failed write (disk full) is a one-line `CheckpointError`. Loading
 checks every weight file first (`state_files.py`): a damaged one is a one-line error naming it.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import shutil
 from pathlib import Path
 
 import torch
 from peft import PeftModel
-from safetensors import SafetensorError
 from safetensors.torch import save_file
 from transformers import LlavaForConditionalGeneration
 
+from ..atomic_dir import atomic_directory
 from ..checkpoint_layout import ADAPTER_DIR, BASE_DIR, CONFIG_FILE, HEADS_FILE
 from ..config import GroundedLlavaConfig
 from ..processor import GroundedProcessor
@@ -116,31 +109,10 @@ def _write_checkpoint(
 def save_pretrained(
     model: GroundedLlavaForConditionalGeneration, processor: GroundedProcessor, directory: str | Path
 ) -> Path:
-    """Write the checkpoint atomically: into `.<name>.tmp` beside it, then rename over `directory`."""
-    directory = Path(directory)
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    staging = directory.parent / f".{directory.name}.tmp-{os.getpid()}"
-    shutil.rmtree(staging, ignore_errors=True)
-    try:
-        try:
-            _write_checkpoint(model, processor, staging)
-        except (
-            OSError,
-            RuntimeError,
-            SafetensorError,
-        ) as error:  # disk full, ...: one line, nothing replaced
-            reason = " ".join(str(error).split())
-            raise CheckpointError(f"{directory}: the checkpoint could not be written ({reason})") from None
-        if directory.exists():
-            retired = directory.parent / f".{directory.name}.old-{os.getpid()}"
-            os.replace(directory, retired)
-            os.replace(staging, directory)
-            shutil.rmtree(retired)
-        else:
-            os.replace(staging, directory)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return directory
+    """Write the checkpoint atomically (`atomic_dir.atomic_directory`): complete, or not at all."""
+    with atomic_directory(directory) as staging:
+        _write_checkpoint(model, processor, staging)
+    return Path(directory)
 
 
 def read_checkpoint_meta(directory: Path) -> dict:
