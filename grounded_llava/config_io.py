@@ -11,10 +11,12 @@ from typing import Any, TypeVar
 
 import yaml
 
+from grounded_llava.errors import UserError
+
 T = TypeVar("T")
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A config value or key is invalid; the message names the field (dotted path) and the source."""
 
 

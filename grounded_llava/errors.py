@@ -10,19 +10,29 @@ import sys
 from collections.abc import Callable
 
 
-class CheckpointError(ValueError):
+class UserError(Exception):
+    """What the user's input caused (a file, a field, an option), with a message that names it: the
+    command lines print it as one line and exit 2. Every such error derives from it (a config, data, a
+    checkpoint, an image, an upload, an option); anything else is a bug and keeps its traceback."""
+
+
+class UsageError(UserError, ValueError):
+    """A command-line option or argument that cannot be used (`--conf 2`, `--tasks nope`)."""
+
+
+class CheckpointError(UserError, ValueError):
     """A checkpoint directory is incomplete, corrupt or from another format version."""
 
 
-class BaseModelUnavailableError(RuntimeError):
+class BaseModelUnavailableError(UserError, RuntimeError):
     """The base LLaVA weights cannot be loaded (offline hub id, missing directory)."""
 
 
-def exit_on_user_error(prog: str, action: Callable[[], int], errors: tuple[type[BaseException], ...]) -> int:
-    """`action()`'s exit code, or 2 after one line `prog: error: message` on stderr for one of `errors`
-    (or a missing file, a bad checkpoint or base model): no traceback for a mistake in the input."""
+def exit_on_user_error(prog: str, action: Callable[[], int]) -> int:
+    """`action()`'s exit code, or 2 after one line `prog: error: message` on stderr for a `UserError` or a
+    missing file: no traceback for a mistake in the input."""
     try:
         return action()
-    except (FileNotFoundError, CheckpointError, BaseModelUnavailableError, *errors) as err:
+    except (FileNotFoundError, UserError) as err:
         print(f"{prog}: error: {' '.join(str(err).split())}", file=sys.stderr)
         return 2

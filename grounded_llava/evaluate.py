@@ -78,7 +78,7 @@ def run(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None, prog: str = "python -m grounded_llava.evaluate") -> int:
     args = build_parser(prog).parse_args(argv)
-    return exit_on_user_error("evaluate", lambda: run(args), errors=(ValueError,))
+    return exit_on_user_error("evaluate", lambda: run(args))
 
 
 if __name__ == "__main__":

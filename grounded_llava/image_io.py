@@ -20,6 +20,8 @@ from pathlib import Path
 import numpy as np
 from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 
+from grounded_llava.errors import UserError
+
 _TRANSPOSED_ORIENTATIONS = (5, 6, 7, 8)  # EXIF orientations that swap width and height
 
 
@@ -43,7 +45,7 @@ def displayed_size(image: Image.Image) -> tuple[int, int]:
     return (height, width) if orientation in _TRANSPOSED_ORIENTATIONS else (width, height)
 
 
-class ImageReadError(ValueError):
+class ImageReadError(UserError, ValueError):
     """An image file that cannot be decoded, or is larger than allowed (the message names the file)."""
 
 

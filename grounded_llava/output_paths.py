@@ -11,6 +11,8 @@ import os
 from collections.abc import Iterable
 from pathlib import Path
 
+from grounded_llava.errors import UsageError
+
 
 def _same_file_key(path: Path) -> str:
     return os.path.normcase(os.path.realpath(path))
@@ -22,18 +24,18 @@ def check_directory_option(path: Path, option: str) -> None:
         if ancestor.exists():
             if not ancestor.is_dir():
                 where = "" if ancestor == path else f": {ancestor}"
-                raise ValueError(f"{option} {path}{where} is a file, not a directory")
+                raise UsageError(f"{option} {path}{where} is a file, not a directory")
             return
 
 
 def check_file_option(path: Path, option: str) -> None:
     """`path` may be missing or a file, not a directory; its folder follows `check_directory_option`."""
     if path.is_dir():
-        raise ValueError(f"{option} {path} is a directory, not a file")
+        raise UsageError(f"{option} {path} is a directory, not a file")
     for ancestor in path.parents:
         if ancestor.exists():
             if not ancestor.is_dir():
-                raise ValueError(f"{option} {path}: {ancestor} is a file, not a directory")
+                raise UsageError(f"{option} {path}: {ancestor} is a file, not a directory")
             return
 
 
@@ -49,5 +51,5 @@ def refuse_overwrites(outputs: Iterable[tuple[Path, str]], inputs: Iterable[tupl
         key = _same_file_key(path)
         if key in taken:
             other_label, other = taken[key]
-            raise ValueError(f"{label} {path} would overwrite {other_label} {other}")
+            raise UsageError(f"{label} {path} would overwrite {other_label} {other}")
         taken[key] = (label, path)

@@ -52,3 +52,35 @@ def test_the_console_script_dispatches_to_each_command(capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["train", "--help"])
     assert exit_info.value.code == 0 and "usage: grounded-llava train" in capsys.readouterr().out
+
+
+def test_one_error_policy_user_errors_are_one_line_and_bugs_keep_their_traceback(capsys):
+    from grounded_llava.config_io import ConfigError
+    from grounded_llava.convert.weights import ConversionError
+    from grounded_llava.data.bad_data import DataError
+    from grounded_llava.demo.session import UploadError
+    from grounded_llava.errors import (
+        BaseModelUnavailableError,
+        CheckpointError,
+        UsageError,
+        UserError,
+        exit_on_user_error,
+    )
+    from grounded_llava.image_io import ImageReadError
+    from grounded_llava.training.nonfinite import NonFiniteError
+
+    kinds = (ConfigError, ConversionError, DataError, UploadError, BaseModelUnavailableError, CheckpointError)
+    assert all(issubclass(kind, UserError) for kind in (*kinds, UsageError, ImageReadError, NonFiniteError))
+
+    def fails(error: BaseException):
+        def action() -> int:
+            raise error
+
+        return action
+
+    assert exit_on_user_error("prog", fails(ConfigError("run.yaml: field 'train.lr': must be > 0\n"))) == 2
+    assert capsys.readouterr().err == "prog: error: run.yaml: field 'train.lr': must be > 0\n"
+    assert exit_on_user_error("prog", fails(FileNotFoundError("no image matches 'x*.png'"))) == 2
+    assert capsys.readouterr().err == "prog: error: no image matches 'x*.png'\n"
+    with pytest.raises(ValueError, match="a bug"):  # not the user's input: the traceback stays
+        exit_on_user_error("prog", fails(ValueError("a bug")))

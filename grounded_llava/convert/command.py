@@ -18,7 +18,7 @@ import argparse
 from pathlib import Path
 
 from grounded_llava.convert.layout import is_lora_run
-from grounded_llava.errors import exit_on_user_error
+from grounded_llava.errors import UsageError, exit_on_user_error
 
 
 def build_parser(prog: str = "python -m grounded_llava.convert") -> argparse.ArgumentParser:
@@ -45,9 +45,9 @@ def _check_paths(args: argparse.Namespace) -> None:
             raise FileNotFoundError(f"{option} {path} is not a directory")
     if (args.delta or is_lora_run(args.from_llava)) and args.base is None:
         kind = "a v0 delta" if args.delta else "a LoRA run (adapter_config.json)"
-        raise ValueError(f"--from-llava {args.from_llava} is {kind}: give its base model with --base DIR")
+        raise UsageError(f"--from-llava {args.from_llava} is {kind}: give its base model with --base DIR")
     if args.out.exists() and (not args.out.is_dir() or any(args.out.iterdir())):
-        raise ValueError(f"--out {args.out} exists and is not an empty directory: nothing is overwritten")
+        raise UsageError(f"--out {args.out} exists and is not an empty directory: nothing is overwritten")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -79,4 +79,4 @@ def run(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None, prog: str = "python -m grounded_llava.convert") -> int:
     args = build_parser(prog).parse_args(argv)
-    return exit_on_user_error(prog, lambda: run(args), errors=(ValueError,))
+    return exit_on_user_error(prog, lambda: run(args))

@@ -19,6 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+from grounded_llava.config_io import ConfigError
+from grounded_llava.errors import UserError
 from grounded_llava.image_io import ImageReadError, displayed_size, opened_image
 
 BadDataPolicy = Literal["strict", "skip"]
@@ -29,7 +31,7 @@ _IMAGE_CHECKS = ("decode", "header", "none")
 _LOG = logging.getLogger(__name__)
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
     """Bad input data; the message names the file, the item id and the field."""
 
 
@@ -70,7 +72,7 @@ class BadDataReport:
 
     def __post_init__(self) -> None:
         if self.policy not in _POLICIES:
-            raise ValueError(f"on_bad_data must be one of {_POLICIES}, got {self.policy!r}")
+            raise ConfigError(f"on_bad_data must be one of {_POLICIES}, got {self.policy!r}")
 
     @property
     def num_problems(self) -> int:
@@ -106,9 +108,9 @@ class BadDataReport:
 
 def check_policy(on_bad_data: str, image_check: str) -> None:
     if on_bad_data not in _POLICIES:
-        raise ValueError(f"on_bad_data must be one of {_POLICIES}, got {on_bad_data!r}")
+        raise ConfigError(f"on_bad_data must be one of {_POLICIES}, got {on_bad_data!r}")
     if image_check not in _IMAGE_CHECKS:
-        raise ValueError(f"image_check must be one of {_IMAGE_CHECKS}, got {image_check!r}")
+        raise ConfigError(f"image_check must be one of {_IMAGE_CHECKS}, got {image_check!r}")
 
 
 def resolve_image_path(image_root: Path, file_name: object, *, field_name: str = "file_name") -> Path:

@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
+from grounded_llava.config_io import ConfigError
 from grounded_llava.conversation import conversation
 from grounded_llava.data.synthetic_language import SceneObject, chat_turns, referring_expressions
 from grounded_llava.rle import mask_to_rle
@@ -223,9 +224,9 @@ def generate_world(
     shapes = list(categories) if categories else list(SHAPES)
     unknown = [s for s in shapes if s not in SHAPE_IDS]
     if unknown or len(set(shapes)) != len(shapes):
-        raise ValueError(f"categories must be distinct names from {SHAPES}, got {list(shapes)}")
+        raise ConfigError(f"categories must be distinct names from {SHAPES}, got {list(shapes)}")
     if num_images < 0 or image_size < 32 or max_objects < 0:
-        raise ValueError(
+        raise ConfigError(
             f"need num_images >= 0, image_size >= 32, max_objects >= 0; got {num_images}, {image_size}, {max_objects}"
         )
     shapes.sort(key=SHAPE_IDS.__getitem__)

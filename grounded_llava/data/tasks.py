@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from grounded_llava.codec import DEFAULT_NUM_BINS, P_CLOSE, P_OPEN, SEG, encode_box, encode_phrase
+from grounded_llava.config_io import ConfigError
 from grounded_llava.conversation import conversation as make_conversation
 from grounded_llava.data import phrasing as en
 from grounded_llava.data.coco import CocoInstances, ImageRecord, InstanceRecord
@@ -75,9 +76,9 @@ class TaskConfig:
     def __post_init__(self) -> None:
         unknown = set(self.weights) - set(TASK_NAMES)
         if unknown:
-            raise ValueError(f"unknown task names {sorted(unknown)} in weights; known: {TASK_NAMES}")
+            raise ConfigError(f"unknown task names {sorted(unknown)} in weights; known: {TASK_NAMES}")
         if any(w < 0 for w in self.weights.values()) or not any(w > 0 for w in self.weights.values()):
-            raise ValueError(f"task weights must be >= 0 with at least one > 0, got {self.weights}")
+            raise ConfigError(f"task weights must be >= 0 with at least one > 0, got {self.weights}")
         if (
             self.num_bins < 2
             or self.max_boxes < 1
@@ -85,7 +86,7 @@ class TaskConfig:
             or self.chat_draws < 1
             or not 0.0 <= self.absent_prob <= 1.0
         ):
-            raise ValueError(
+            raise ConfigError(
                 f"need num_bins >= 2, max_boxes >= 1, max_turns >= 1, chat_draws >= 1, 0 <= absent_prob <= 1; "
                 f"got {self.num_bins}, {self.max_boxes}, {self.max_turns}, {self.chat_draws}, {self.absent_prob}"
             )
@@ -344,7 +345,7 @@ def make_task_sample(
     expressions for `refer`). `category_names` is the dataset's full category list (absent ones are
     what `exists`/`count` may ask about)."""
     if task not in _BUILDERS:
-        raise ValueError(f"unknown task {task!r}; known: {TASK_NAMES}")
+        raise ConfigError(f"unknown task {task!r}; known: {TASK_NAMES}")
     return _BUILDERS[task](_Scene.of(record, category_names, rng, config))
 
 

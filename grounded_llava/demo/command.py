@@ -17,7 +17,7 @@ import os
 from pathlib import Path
 
 from grounded_llava.console import add_verbosity_options, apply_verbosity
-from grounded_llava.errors import exit_on_user_error
+from grounded_llava.errors import UsageError, exit_on_user_error
 
 EXAMPLES_DIR = Path(__file__).resolve().parents[2] / "examples"
 
@@ -41,9 +41,9 @@ def build_parser(prog: str = "python -m grounded_llava.demo") -> argparse.Argume
 
 def run(args: argparse.Namespace) -> int:
     if not 1 <= args.port <= 65535:
-        raise ValueError(f"--port must be in 1-65535, got {args.port}")
+        raise UsageError(f"--port must be in 1-65535, got {args.port}")
     if importlib.util.find_spec("gradio") is None:
-        raise ValueError('the demo needs gradio: pip install -e ".[demo]"')
+        raise UsageError('the demo needs gradio: pip install -e ".[demo]"')
     from grounded_llava.inference.cli import IMAGE_SUFFIXES
 
     examples = (
@@ -74,4 +74,4 @@ def run(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None, prog: str = "python -m grounded_llava.demo") -> int:
     args = build_parser(prog).parse_args(argv)
-    return exit_on_user_error(prog, lambda: run(args), errors=(ValueError,))
+    return exit_on_user_error(prog, lambda: run(args))

@@ -16,6 +16,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 from PIL import Image
 
+from grounded_llava.errors import UserError
+
 if TYPE_CHECKING:  # the model stack loads with the predictor, not with this module
     from grounded_llava.inference.predictor import GroundedLlava
     from grounded_llava.inference.results import GroundedAnswer
@@ -24,7 +26,7 @@ MAX_UPLOAD_PIXELS = 40_000_000  # 40 MP: a phone photo passes, a decompression b
 MAX_PROMPT_CHARS = 1000
 
 
-class UploadError(ValueError):
+class UploadError(UserError, ValueError):
     """An upload or prompt the demo cannot use; its message is shown in the page."""
 
 

@@ -30,7 +30,7 @@ from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from grounded_llava.data.bad_data import InvalidItem
+from grounded_llava.data.bad_data import DataError, InvalidItem
 from grounded_llava.data.coco_geometry import check_area, check_segmentation, is_finite
 from grounded_llava.rle import mask_to_rle
 
@@ -88,9 +88,9 @@ def detections_to_coco_results(
 
 def _check_bbox(bbox: Any, where: str) -> None:
     if not isinstance(bbox, (list, tuple)) or len(bbox) != 4:
-        raise ValueError(f"{where}: field 'bbox' must be 4 numbers [x, y, w, h], got {bbox!r}")
+        raise DataError(f"{where}: field 'bbox' must be 4 numbers [x, y, w, h], got {bbox!r}")
     if not all(isinstance(v, (int, float)) and is_finite(v) for v in bbox) or bbox[2] < 0 or bbox[3] < 0:
-        raise ValueError(f"{where}: field 'bbox' must be finite [x, y, w, h] with w, h >= 0, got {bbox!r}")
+        raise DataError(f"{where}: field 'bbox' must be finite [x, y, w, h] with w, h >= 0, got {bbox!r}")
 
 
 def _segmentation_rle(segmentation: Any, height: int, width: int, where: str) -> dict[str, Any]:
@@ -100,13 +100,13 @@ def _segmentation_rle(segmentation: Any, height: int, width: int, where: str) ->
     huge polygon coordinates and on a malformed RLE.
     """
     if isinstance(segmentation, list) and not segmentation:
-        raise ValueError(f"{where}: field 'segmentation' is an empty polygon list")
+        raise DataError(f"{where}: field 'segmentation' is an empty polygon list")
     if segmentation is None:
-        raise ValueError(f"{where}: field 'segmentation' is null")
+        raise DataError(f"{where}: field 'segmentation' is null")
     try:
         check_segmentation(segmentation, width, height)
     except InvalidItem as error:
-        raise ValueError(f"{where}: field {error.field_name!r}: {error.problem}") from error
+        raise DataError(f"{where}: field {error.field_name!r}: {error.problem}") from error
     if isinstance(segmentation, list):
         return mask_utils.merge(mask_utils.frPyObjects(segmentation, height, width))
     if isinstance(segmentation["counts"], list):
@@ -119,21 +119,21 @@ def _check_area(ann: dict[str, Any], where: str) -> None:
         try:
             check_area(ann["area"])
         except InvalidItem as error:
-            raise ValueError(f"{where}: field {error.field_name!r}: {error.problem}") from error
+            raise DataError(f"{where}: field {error.field_name!r}: {error.problem}") from error
 
 
 def _prepared_gt(gt: dict[str, Any], iou_type: IouType, source: str) -> dict[str, Any]:
     """A validated deep copy of `gt` that pycocotools can use as is."""
     for key in ("images", "annotations", "categories"):
         if not isinstance(gt.get(key), list):
-            raise ValueError(f"{source}: ground truth needs a list field '{key}'")
+            raise DataError(f"{source}: ground truth needs a list field '{key}'")
     gt = copy.deepcopy(gt)
     images = {}
     for image in gt["images"]:
         if "id" not in image:
-            raise ValueError(f"{source}: an entry of 'images' has no 'id'")
+            raise DataError(f"{source}: an entry of 'images' has no 'id'")
         if iou_type == "segm" and not ("height" in image and "width" in image):
-            raise ValueError(
+            raise DataError(
                 f"{source}: images[id={image['id']}] needs 'height' and 'width' for segm evaluation"
             )
         images[image["id"]] = image
@@ -141,17 +141,15 @@ def _prepared_gt(gt: dict[str, Any], iou_type: IouType, source: str) -> dict[str
     for index, ann in enumerate(gt["annotations"]):
         where = f"{source}: annotations[{index}] (id={ann.get('id')})"
         if ann.get("image_id") not in images:
-            raise ValueError(f"{where}: field 'image_id' {ann.get('image_id')!r} is not in 'images'")
+            raise DataError(f"{where}: field 'image_id' {ann.get('image_id')!r} is not in 'images'")
         if ann.get("category_id") not in category_ids:
-            raise ValueError(
-                f"{where}: field 'category_id' {ann.get('category_id')!r} is not in 'categories'"
-            )
+            raise DataError(f"{where}: field 'category_id' {ann.get('category_id')!r} is not in 'categories'")
         _check_bbox(ann.get("bbox"), where)
         _check_area(ann, where)
         ann.setdefault("iscrowd", 0)
         if iou_type == "segm":
             if "segmentation" not in ann:
-                raise ValueError(f"{where}: field 'segmentation' is missing (needed for segm evaluation)")
+                raise DataError(f"{where}: field 'segmentation' is missing (needed for segm evaluation)")
             image = images[ann["image_id"]]
             rle = _segmentation_rle(ann["segmentation"], image["height"], image["width"], where)
             ann.setdefault("area", float(mask_utils.area(rle)))
@@ -174,24 +172,24 @@ def _prepared_results(
         where = f"results[{index}]"
         for key in ("image_id", "category_id", "score"):
             if key not in result:
-                raise ValueError(f"{where}: field '{key}' is missing")
+                raise DataError(f"{where}: field '{key}' is missing")
         if result["image_id"] not in images:
-            raise ValueError(
+            raise DataError(
                 f"{where}: field 'image_id' {result['image_id']!r} is not in the ground truth images"
             )
         if result["category_id"] not in category_ids:
-            raise ValueError(
+            raise DataError(
                 f"{where}: field 'category_id' {result['category_id']!r} is not a ground truth category"
             )
         score = result["score"]
         if isinstance(score, bool) or not isinstance(score, numbers.Real) or not is_finite(score):
-            raise ValueError(f"{where}: field 'score' must be finite, got {result['score']!r}")
+            raise DataError(f"{where}: field 'score' must be finite, got {result['score']!r}")
         result = copy.deepcopy(dict(result))
         if iou_type == "bbox":
             _check_bbox(result.get("bbox"), where)
         else:
             if "segmentation" not in result:
-                raise ValueError(
+                raise DataError(
                     f"{where}: field 'segmentation' (RLE) is missing (needed for segm evaluation)"
                 )
             image = images[result["image_id"]]

@@ -32,7 +32,9 @@ from tqdm import tqdm
 from grounded_llava.codec import parse_grounded
 from grounded_llava.console import progress_shown
 from grounded_llava.conversation import IMAGE_TOKEN
+from grounded_llava.data.bad_data import DataError
 from grounded_llava.data.chat import load_llava_chat
+from grounded_llava.errors import UsageError
 from grounded_llava.evaluation.chat_accuracy import chat_accuracy_entries
 from grounded_llava.evaluation.chat_metrics import chat_exact_match
 from grounded_llava.evaluation.report import REPORT_FILES, empty_metrics, metrics_markdown, write_metrics
@@ -95,13 +97,13 @@ class EvaluationConfig:
 
     def __post_init__(self) -> None:
         if unknown := [t for t in self.tasks if t not in TASKS]:
-            raise ValueError(f"unknown task(s) {unknown}; known: {','.join(TASKS)}")
+            raise UsageError(f"unknown task(s) {unknown}; known: {','.join(TASKS)}")
         if self.batch_size < 1 or self.max_new_tokens < 1:
-            raise ValueError(
+            raise UsageError(
                 f"batch_size and max_new_tokens must be >= 1, got {self.batch_size} and {self.max_new_tokens}"
             )
         if self.max_images is not None and self.max_images < 1:
-            raise ValueError(f"max_images must be >= 1, got {self.max_images}")
+            raise UsageError(f"max_images must be >= 1, got {self.max_images}")
         for name in ("data", "chat_data"):
             path = getattr(self, name)
             if path is not None and not Path(path).is_file():
@@ -228,7 +230,7 @@ def chat_questions(chat_data: Path, image_root: Path, *, max_images: int | None 
     samples, _ = load_llava_chat(chat_data, image_root)
     samples = [s for s in samples if s.image_path is not None][:max_images]
     if not samples:
-        raise ValueError(f"{chat_data}: no conversation entry with an image")
+        raise DataError(f"{chat_data}: no conversation entry with an image")
     questions = ChatQuestions(images=[], prompts=[], truths=[])
     for sample in samples:
         turns = sample.conversation

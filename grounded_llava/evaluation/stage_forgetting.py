@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from grounded_llava.data.bad_data import DataError
 from grounded_llava.evaluation.coco_metrics import ap_for_categories
 from grounded_llava.evaluation.forgetting_metrics import backward_transfer
 
@@ -97,13 +98,13 @@ def read_run(run_dir: Path) -> list[dict[str, Any]]:
     try:
         entries = json.loads(manifest.read_text())
     except json.JSONDecodeError as err:
-        raise ValueError(f"{manifest} is not valid JSON: {err}") from None
+        raise DataError(f"{manifest} is not valid JSON: {err}") from None
     if not isinstance(entries, list):
-        raise ValueError(f"{manifest} must hold a JSON list of stage entries")
+        raise DataError(f"{manifest} must hold a JSON list of stage entries")
     for index, entry in enumerate(entries):
         for key in ("name", "new_categories", "categories"):
             if not isinstance(entry, dict) or key not in entry:
-                raise ValueError(f"{manifest}: entry #{index} has no field {key!r}")
+                raise DataError(f"{manifest}: entry #{index} has no field {key!r}")
     present = [e for e in entries if (Path(run_dir) / "stages" / e["name"]).is_dir()]
     if not present:
         raise FileNotFoundError(f"{run_dir}/stages/ holds no checkpoint of the stages listed in {manifest}")

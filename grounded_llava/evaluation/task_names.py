@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from grounded_llava.errors import UsageError
+
 TASKS = ("det", "seg", "rec", "res", "chat")
 
 
@@ -9,7 +11,7 @@ def parse_tasks(text: str) -> tuple[str, ...]:
     """`"det,rec"` -> `("det", "rec")` in `TASKS` order; ValueError naming unknown or missing tasks."""
     names = [name.strip() for name in text.split(",") if name.strip()]
     if unknown := [name for name in names if name not in TASKS]:
-        raise ValueError(f"unknown task(s) {unknown} in --tasks; known: {','.join(TASKS)}")
+        raise UsageError(f"unknown task(s) {unknown} in --tasks; known: {','.join(TASKS)}")
     if not names:
-        raise ValueError(f"--tasks names no task; known: {','.join(TASKS)}")
+        raise UsageError(f"--tasks names no task; known: {','.join(TASKS)}")
     return tuple(task for task in TASKS if task in names)

@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from grounded_llava.data import phrasing
+from grounded_llava.data.bad_data import DataError
 from grounded_llava.data.coco import Category, ImageRecord, InstanceRecord, load_coco_instances
 from grounded_llava.evaluation.coco_metrics import IouType, coco_detection_metrics, detections_to_coco_results
 from grounded_llava.evaluation.grounding_metrics import rec_metrics, res_metrics, text_head_agreement
@@ -65,7 +66,7 @@ def load_eval_data(annotation_file: Path, image_root: Path, *, max_images: int |
     instances = load_coco_instances(annotation_file, image_root, image_check="header")
     records = sorted(instances.images, key=lambda record: record.image_id)[:max_images]
     if not records:
-        raise ValueError(f"{annotation_file}: no image to evaluate")
+        raise DataError(f"{annotation_file}: no image to evaluate")
     gt = json.loads(Path(annotation_file).read_text())
     return EvalData(source=Path(annotation_file), gt=gt, categories=instances.categories, records=records)
 
@@ -104,7 +105,7 @@ def map_categories(
     gt_ids = {category.name: category.id for category in gt_categories}
     shared = {name: gt_ids[name] for name in model_categories if name in gt_ids}
     if not shared:
-        raise ValueError(
+        raise DataError(
             f"{source}: the model's categories {list(model_categories)} share no name with the ground truth "
             f"categories {sorted(gt_ids)}"
         )
@@ -213,7 +214,7 @@ def res_entries(answers: Sequence[GroundedAnswer], targets: Sequence[ReferringTa
     that have a mask (no span or no mask: an empty prediction)."""
     pairs = [(a, t) for a, t in zip(answers, targets, strict=True) if t.instance.has_mask]
     if not pairs:
-        raise ValueError("res: no referred instance has a segmentation")
+        raise DataError("res: no referred instance has a segmentation")
     predictions = [answer.spans[0].mask if answer.spans else None for answer, _ in pairs]
     masks = [target.instance.decode_mask(target.image.image_size) for _, target in pairs]
     return res_metrics(predictions, masks)

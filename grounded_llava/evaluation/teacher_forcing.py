@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from grounded_llava.conversation import IMAGE_TOKEN, human_turn
+from grounded_llava.errors import UsageError
 from grounded_llava.evaluation.chat_metrics import mean_token_kl
 from grounded_llava.evaluation.tasks import TextBox
 from grounded_llava.image_meta import ImageMeta
@@ -143,7 +144,7 @@ def chat_kl(
         ref = forced_pass(reference, images[chunk], prompts[chunk], reference_answers[chunk])
         out = forced_pass(model, images[chunk], prompts[chunk], reference_answers[chunk])
         if not torch.equal(ref.input_ids, out.input_ids) or ref.logits.shape != out.logits.shape:
-            raise ValueError(
+            raise UsageError(
                 "chat_kl: the model and --reference tokenize the chat prompts differently (vocabularies "
                 f"{out.logits.shape[-1]} and {ref.logits.shape[-1]}): they must share the tokenizer"
             )

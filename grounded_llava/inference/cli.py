@@ -16,6 +16,8 @@ from typing import TYPE_CHECKING, TextIO
 from tqdm import tqdm
 
 from grounded_llava.console import progress_shown
+from grounded_llava.data.bad_data import DataError
+from grounded_llava.errors import UsageError
 from grounded_llava.inference.images import check_image_file
 from grounded_llava.output_paths import check_directory_option, check_file_option, refuse_overwrites
 
@@ -48,7 +50,7 @@ def resolve_images(pattern: str) -> list[Path]:
     stems: dict[str, Path] = {}
     for p in paths:
         if p.stem in stems:
-            raise ValueError(
+            raise UsageError(
                 f"images {stems[p.stem]} and {p} share the stem {p.stem!r}: their outputs would collide"
             )
         stems[p.stem] = p
@@ -75,16 +77,16 @@ def load_category_ids(path: str | Path | None, categories: Sequence[str]) -> lis
     except OSError as err:
         raise FileNotFoundError(f"cannot read category ids {path}: {err.strerror}") from None
     except json.JSONDecodeError as err:
-        raise ValueError(f"{path} is not valid JSON: {err}") from None
+        raise DataError(f"{path} is not valid JSON: {err}") from None
     if not isinstance(mapping, dict):
-        raise ValueError(f"{path} must hold a JSON object mapping category names to ids")
+        raise DataError(f"{path} must hold a JSON object mapping category names to ids")
     missing = [name for name in categories if name not in mapping]
     if missing:
-        raise ValueError(
+        raise DataError(
             f"{path} has no id for the model's categor{'y' if len(missing) == 1 else 'ies'} {missing}"
         )
     if not all(isinstance(mapping[name], int) for name in categories):
-        raise ValueError(f"{path}: category ids must be integers")
+        raise DataError(f"{path}: category ids must be integers")
     return [mapping[name] for name in categories]
 
 

@@ -19,7 +19,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from grounded_llava.console import add_verbosity_options, apply_verbosity
-from grounded_llava.errors import exit_on_user_error
+from grounded_llava.errors import UsageError, exit_on_user_error
 
 
 def build_parser(prog: str = "infer.py") -> argparse.ArgumentParser:
@@ -80,16 +80,20 @@ def run(args: argparse.Namespace) -> int:
     )
 
     if args.prompt is not None and not args.prompt.strip():
-        raise ValueError("--prompt is empty")
+        raise UsageError("--prompt is empty")
     if args.prompt is None and not args.chat:
-        raise ValueError("--prompt is required (or use --chat)")
+        raise UsageError("--prompt is required (or use --chat)")
     if args.conf is not None and not 0.0 <= args.conf <= 1.0:
-        raise ValueError(f"--conf must be in [0, 1], got {args.conf}")
+        raise UsageError(f"--conf must be in [0, 1], got {args.conf}")
     if args.batch_size < 1:
-        raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
+        raise UsageError(f"--batch-size must be >= 1, got {args.batch_size}")
+    if args.max_new_tokens < 1:
+        raise UsageError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    if args.temperature < 0:
+        raise UsageError(f"--temperature must be >= 0 (0 = greedy), got {args.temperature}")
     images = resolve_images(args.image)
     if args.chat and len(images) != 1:
-        raise ValueError(f"--chat takes one image, {args.image!r} matches {len(images)}")
+        raise UsageError(f"--chat takes one image, {args.image!r} matches {len(images)}")
     check_outputs(images, args.out, coco_results=args.coco_results, category_ids=args.category_ids)
     apply_verbosity(args)
     from grounded_llava.inference.predictor import GroundedLlava  # the model stack loads after the checks
@@ -119,4 +123,4 @@ def run(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None, prog: str = "infer.py") -> int:
     args = build_parser(prog).parse_args(argv)
-    return exit_on_user_error(prog, lambda: run(args), errors=(ValueError,))
+    return exit_on_user_error(prog, lambda: run(args))

@@ -7,11 +7,8 @@ from pathlib import Path
 
 from transformers.utils import logging as transformers_logging
 
-from ..config_io import ConfigError
-from ..data.bad_data import DataError
 from ..errors import exit_on_user_error
 from .config import TrainConfig
-from .nonfinite import NonFiniteError
 from .trainer import Trainer
 
 
@@ -31,4 +28,4 @@ def train_from_cli(config_path: str, output_dir: str, overrides: list[str], prog
             )
         return 0
 
-    return exit_on_user_error(prog, train, errors=(ConfigError, DataError, NonFiniteError))
+    return exit_on_user_error(prog, train)

@@ -8,6 +8,7 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..config_io import ConfigError
 from ..data import (
     TaskConfig,
     build_task_samples,
@@ -16,7 +17,7 @@ from ..data import (
     load_coco_instances,
     load_llava_chat,
 )
-from ..data.bad_data import BadDataPolicy
+from ..data.bad_data import BadDataPolicy, DataError
 from ..data.coco import CocoInstances, ImageRecord
 from ..data.sample import GroundedSample
 from .config import SourceConfig, TrainConfig
@@ -59,7 +60,7 @@ def ensure_synthetic_world(source: SourceConfig, directory: Path) -> None:
     if marker.is_file():
         existing = json.loads(marker.read_text())
         if existing != params:
-            raise ValueError(f"{directory} holds a synthetic world made with {existing}, not {params}")
+            raise ConfigError(f"{directory} holds a synthetic world made with {existing}, not {params}")
         return
     logger.info("generating the synthetic world %s into %s", params, directory)
     generate_world(
@@ -123,7 +124,7 @@ def load_source(
     if source.limit is not None:
         samples = samples[: source.limit]
     if not samples:
-        raise ValueError(f"data source {source.kind} ({annotations}) produced no samples")
+        raise DataError(f"data source {source.kind} ({annotations}) produced no samples")
     description = {
         "kind": source.kind,
         "path": str(annotations),

@@ -13,11 +13,13 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from grounded_llava.errors import UserError
+
 if TYPE_CHECKING:
     from accelerate import Accelerator
 
 
-class NonFiniteError(RuntimeError):
+class NonFiniteError(UserError, RuntimeError):
     """Training produced NaN/inf: too many consecutive non-finite losses, or a non-finite tensor to save."""
 
 

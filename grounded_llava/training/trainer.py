@@ -24,6 +24,7 @@ from accelerate.utils import broadcast, set_seed
 from torch.utils.data import ConcatDataset, DataLoader
 from tqdm.auto import tqdm
 
+from ..config_io import ConfigError
 from ..data.dataset import GroundedCollator, GroundedDataset, TrainingBatch
 from ..modeling import GroundedLlavaForConditionalGeneration
 from ..modeling.base import sync_trainable_rows
@@ -218,7 +219,7 @@ class Trainer:
         0's chooser is broadcast, so that the replicas stay identical."""
         stage, steps, device = self.config.stages[index], self.stage_steps[index], self.accelerator.device
         if data.new_categories:  # the heads would not know them
-            raise ValueError(
+            raise ConfigError(
                 f"stage {stage.name!r}: a chooser stage adds no categories: {data.new_categories}"
             )
         set_trainable(model, stage.kind)  # everything frozen while caching
@@ -251,7 +252,7 @@ class Trainer:
             return None
         snapshot_dir = self._stage_start_dir(index)
         if snapshot_dir is None:
-            raise ValueError(f"stage {stage.name!r}: an increment stage needs an earlier stage or init_from")
+            raise ConfigError(f"stage {stage.name!r}: an increment stage needs an earlier stage or init_from")
         if resume_from is None:
             snapshot = model
         else:  # loading draws initial weights: the uninterrupted run did not
