@@ -84,8 +84,10 @@ class HeadSettings:
     mask_decoder_heads: int = 4
     mask_decoder_mlp_dim: int = 256
     seg_mlp_hidden: int = 256
-    spatial_prior: bool = True
-    """A conv stem on the canvas pixels beside the vision tower, fused into every neck level (ViT-Adapter)."""
+    spatial_prior: str | bool = "patchify"
+    """A conv stem on the canvas pixels beside the vision tower, fused into every neck level (ViT-Adapter):
+    "patchify" (the lighter stem), "conv" (the first models' stem; `true` in their configs), or false
+    (none). See `modeling/spatial_prior.py`."""
     mask_from_finest: bool = True
     """SAM decodes from the stride patch/2 level (masks at 8x the patch grid) instead of stride patch (4x)."""
     pointer_dim: int = 128
@@ -103,6 +105,12 @@ class HeadSettings:
     """IoU for matching a text box to a head box at inference (DESIGN: reconciliation)."""
 
     def __post_init__(self) -> None:
+        if self.spatial_prior is True:  # configs written before the stems had names
+            self.spatial_prior = "conv"
+        if self.spatial_prior not in (False, "patchify", "conv"):
+            raise ConfigError(
+                f"heads.spatial_prior must be 'patchify', 'conv' or false, got {self.spatial_prior!r}"
+            )
         if self.neck_channels % self.mask_decoder_heads:
             raise ConfigError("heads.neck_channels must divide by heads.mask_decoder_heads")
         if len(set(self.categories)) != len(self.categories):

@@ -67,6 +67,10 @@ def _coerce(value: Any, tp: Any, field_path: str) -> Any:
             _coerce(k, key_tp, field_path): _coerce(v, value_tp, f"{field_path}.{k}")
             for k, v in value.items()
         }
+    if tp is Path:
+        if not isinstance(value, str | Path):
+            raise ConfigError(f"{field_path}: expected a path, got {value!r}")
+        return Path(value)
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if tp in (int, float, str, bool) and not (

@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 
 from grounded_llava.data import generate_world
-from grounded_llava.evaluation.runner import EvaluationConfig, evaluate
+from grounded_llava.evaluation.config import EvaluationConfig
+from grounded_llava.evaluation.runner import evaluate
 from grounded_llava.inference.checkpoint_paths import DEFAULT_CHECKPOINT
 
 # Measured on this set (seed 4242, 24 images): bbox_AP 0.780, bbox_AP50 0.882, segm_AP50 0.866; an

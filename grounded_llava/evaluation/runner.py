@@ -34,12 +34,11 @@ from grounded_llava.console import progress_shown
 from grounded_llava.conversation import IMAGE_TOKEN
 from grounded_llava.data.bad_data import DataError
 from grounded_llava.data.chat import load_llava_chat
-from grounded_llava.errors import UsageError
 from grounded_llava.evaluation.chat_accuracy import chat_accuracy_entries
 from grounded_llava.evaluation.chat_metrics import chat_exact_match
-from grounded_llava.evaluation.report import REPORT_FILES, empty_metrics, metrics_markdown, write_metrics
+from grounded_llava.evaluation.config import STAGE_MATRIX_FILE, EvaluationConfig
+from grounded_llava.evaluation.report import empty_metrics, metrics_markdown, write_metrics
 from grounded_llava.evaluation.stage_forgetting import StagePlan, plan_stages, read_run, stage_forgetting
-from grounded_llava.evaluation.task_names import TASKS
 from grounded_llava.evaluation.tasks import (
     DETECT_PROMPT,
     CategoryMap,
@@ -57,73 +56,6 @@ from grounded_llava.evaluation.tasks import (
 from grounded_llava.evaluation.teacher_forcing import chat_kl, text_box_probabilities
 from grounded_llava.inference.detections import Detections
 from grounded_llava.inference.predictor import GroundedLlava
-from grounded_llava.output_paths import check_directory_option, refuse_overwrites
-
-STAGE_MATRIX_FILE = "stage_ap_matrix.json"
-
-
-@dataclass(kw_only=True)
-class EvaluationConfig:
-    """What to evaluate (the CLI options of `python -m grounded_llava.evaluate`).
-
-    Attributes:
-        model: checkpoint directory (`GroundedLlava.from_pretrained`).
-        data: COCO instances JSON; images: the folder its `file_name`s are relative to.
-        out: where `metrics.json`, `metrics.md` (and `stage_ap_matrix.json` with `stages`) go.
-        tasks: a subset of `TASKS`.
-        chat_data: LLaVA conversation JSON for `chat`; chat_images: its image folder (default `images`).
-        reference: checkpoint the chat answers are compared with (e.g. the `base`/`align` stage) for
-            `chat_exact_match` and `chat_kl`; `chat_accuracy` needs only `chat_data`.
-        stages: a training run directory: evaluate forgetting across its stages.
-        max_images: evaluate the first N images (by id) and N chat entries; None = all.
-        batch_size: images per forward / generate call.
-        max_new_tokens: the longest generated answer.
-        device: torch device (default: cuda if available, else cpu).
-    """
-
-    model: Path
-    data: Path
-    images: Path
-    out: Path
-    tasks: tuple[str, ...] = TASKS
-    chat_data: Path | None = None
-    chat_images: Path | None = None
-    reference: Path | None = None
-    stages: Path | None = None
-    max_images: int | None = None
-    batch_size: int = 8
-    max_new_tokens: int = 96
-    device: str | None = None
-
-    def __post_init__(self) -> None:
-        if unknown := [t for t in self.tasks if t not in TASKS]:
-            raise UsageError(f"unknown task(s) {unknown}; known: {','.join(TASKS)}")
-        if self.batch_size < 1 or self.max_new_tokens < 1:
-            raise UsageError(
-                f"batch_size and max_new_tokens must be >= 1, got {self.batch_size} and {self.max_new_tokens}"
-            )
-        if self.max_images is not None and self.max_images < 1:
-            raise UsageError(f"max_images must be >= 1, got {self.max_images}")
-        for name in ("data", "chat_data"):
-            path = getattr(self, name)
-            if path is not None and not Path(path).is_file():
-                raise FileNotFoundError(f"--{name.replace('_', '-')} {path} does not exist")
-        for name in ("model", "images", "chat_images", "reference", "stages"):
-            path = getattr(self, name)
-            if path is not None and not Path(path).is_dir():
-                raise FileNotFoundError(f"--{name.replace('_', '-')} {path} is not a directory")
-        self._check_outputs()
-
-    def _check_outputs(self) -> None:
-        """`out` must not be a file, nor any file written into it one of the input files (ValueError)."""
-        check_directory_option(Path(self.out), "--out")
-        inputs = [
-            (Path(p), f"the input --{n.replace('_', '-')}")
-            for n in ("data", "chat_data")
-            if (p := getattr(self, n))
-        ]
-        outputs = [(Path(self.out) / name, "output") for name in (*REPORT_FILES, STAGE_MATRIX_FILE)]
-        refuse_overwrites(outputs, inputs)
 
 
 @dataclass

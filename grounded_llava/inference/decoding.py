@@ -292,7 +292,7 @@ def decode_grounded(
     phrase = _PhraseStates(batch, hidden, ids)
     listed = [0] * batch  # box groups written since the last `</p>`
     previous, previous_hidden = None, None  # the logits the last tokens were chosen from, and their states
-    for _ in range(max_new_tokens):
+    for step in range(max_new_tokens):
         step_hidden = hidden
         phrase.read(hidden)
         logits_now = llava.lm_head(hidden)
@@ -370,7 +370,7 @@ def decode_grounded(
                 if token == ids.p_close:
                     listed[r] = 0
         finished |= tokens == eos_token_id
-        if bool(finished.all()):
+        if bool(finished.all()) or step == max_new_tokens - 1:  # no state is read after the last token
             break
         attention_mask = torch.cat(
             [attention_mask, (~finished).long()[:, None].to(attention_mask.dtype)], dim=1

@@ -37,7 +37,7 @@ def build_heads(
                 in_dim=text_hidden_size,
                 channels=channels,
                 grid_size=grid_size,
-                with_prior=heads.spatial_prior,
+                with_prior=bool(heads.spatial_prior),
             ),
             "detection_head": DetectionHead(
                 num_classes=num_classes,
@@ -60,7 +60,7 @@ def build_heads(
         }
     )
     if heads.spatial_prior:
-        parts["spatial_prior"] = SpatialPrior(channels=channels)
+        parts["spatial_prior"] = SpatialPrior(channels=channels, stem=heads.spatial_prior)
     # built last, so that its size (a query change) leaves the other heads' initialisation as it was
     parts["pointer"] = ProposalPointer(
         channels=channels + 3,  # + the canvas colour (`pointer_features`)
