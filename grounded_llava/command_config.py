@@ -65,21 +65,28 @@ def add_config_options(parser: argparse.ArgumentParser, cls: type) -> None:
 
 def config_from_args(cls: type[T], args: argparse.Namespace) -> T:
     """The dataclass `cls` from `--config`, the flags given and the overrides (in that order); a missing
-    required option or a bad value raises a `UserError` naming it."""
-    data: dict[str, Any] = load_yaml(args.config) if args.config is not None else {}
-    for field in dataclasses.fields(cls):
+    required option or a bad value raises a `UserError` naming it (and the YAML file, for its values).
+    Overrides of text and path options keep their text as written (`prompt=Is it red? yes`)."""
+    hints = typing.get_type_hints(cls)
+    fields = dataclasses.fields(cls)
+    from_file: dict[str, Any] = load_yaml(args.config) if args.config is not None else {}
+    data = dict(from_file)
+    for field in fields:
         value = getattr(args, field.name, None)
         if value is not None:
-            parse = field.metadata.get("parse")
-            value = parse(value) if parse else value
-            data[field.name] = list(value) if isinstance(value, tuple) else value
-    data = apply_overrides(data, args.overrides)
-    for field in dataclasses.fields(cls):
+            data[field.name] = value
+    text_keys = [f.name for f in fields if _scalar_type(hints[f.name]) in (str, Path)]
+    data = apply_overrides(data, args.overrides, text_keys=text_keys)
+    for field in fields:
         required = field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING
         if required and data.get(field.name) is None:
             raise UsageError(f"{_flag(field.name)} is required (or `{field.name}:` in --config)")
+        parse = field.metadata.get("parse")
+        if parse is not None and isinstance(data.get(field.name), str):
+            data[field.name] = list(parse(data[field.name]))
     try:
         return from_dict(cls, data)
     except ConfigError as err:
-        source = f"{args.config}: " if args.config is not None else ""
-        raise ConfigError(f"{source}{err}") from None
+        key = str(err).split(":")[0].removeprefix("unknown config key ").strip()
+        came_from_file = key in from_file and from_file[key] == data.get(key)
+        raise ConfigError(f"{args.config}: {err}" if came_from_file else str(err)) from None

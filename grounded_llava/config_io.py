@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import types
 import typing
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -109,14 +109,21 @@ def to_dict(obj: Any) -> Any:
     return obj
 
 
-def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
-    """Apply `a.b.c=value` overrides (values parsed as YAML) to a nested dict; returns a new dict."""
+def apply_overrides(
+    data: dict[str, Any], overrides: Sequence[str], *, text_keys: Collection[str] = ()
+) -> dict[str, Any]:
+    """Apply `a.b.c=value` overrides to a nested dict; returns a new dict. Values are parsed as YAML, except
+    for the dotted keys in `text_keys` (free text such as a prompt or a glob: kept as written)."""
     result = yaml.safe_load(yaml.safe_dump(data)) or {}
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override {item!r} is not of the form key=value")
         key, raw = item.split("=", 1)
-        value = yaml.safe_load(raw) if raw != "" else ""
+        try:
+            value = raw if key.strip() in text_keys else yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError as err:
+            reason = str(err).splitlines()[0]
+            raise ConfigError(f"override {item!r}: the value is not valid YAML ({reason})") from None
         node = result
         parts = key.strip().split(".")
         for part in parts[:-1]:

@@ -42,7 +42,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None, prog: str = "python -m grounded_llava.evaluate") -> int:
-    args = build_parser(prog).parse_args(argv)
+    args = build_parser(prog).parse_intermixed_args(argv)  # key=value overrides may sit between flags
     return exit_on_user_error("evaluate", lambda: run(args))
 
 

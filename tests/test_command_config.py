@@ -15,7 +15,7 @@ from grounded_llava.inference.command import InferConfig, build_parser
 
 
 def _infer(argv: list[str]) -> InferConfig:
-    return config_from_args(InferConfig, build_parser().parse_args(argv))
+    return config_from_args(InferConfig, build_parser().parse_intermixed_args(argv))
 
 
 def test_yaml_then_flags_then_overrides(tmp_path: Path) -> None:
@@ -26,6 +26,11 @@ def test_yaml_then_flags_then_overrides(tmp_path: Path) -> None:
     assert config.conf == 0.5  # the flag over the YAML
     assert config.batch_size == 4 and config.chat is False  # the overrides over both
     assert config.out == Path("o") and isinstance(config.out, Path)  # a path field is a Path
+
+
+def test_text_overrides_keep_their_text_and_may_sit_between_flags() -> None:
+    config = _infer(["image=*.png", "--prompt", "x", "prompt=Is #1 red? yes: it is", "--conf", "0.5"])
+    assert config.image == "*.png" and config.prompt == "Is #1 red? yes: it is" and config.conf == 0.5
 
 
 def test_flags_alone_and_defaults() -> None:
@@ -46,6 +51,7 @@ def test_flags_alone_and_defaults() -> None:
             ConfigError,
             "batch_size: expected int",
         ),
+        (["--image", "x.png", "--prompt", "Where?", "conf=[0.5"], ConfigError, "is not valid YAML"),
     ],
 )
 def test_bad_options_name_the_option(argv: list[str], error: type, message: str) -> None:
@@ -59,6 +65,9 @@ def test_a_bad_yaml_value_names_the_file_and_the_key(tmp_path: Path) -> None:
     config_file.write_text("image: a.png\nprompt: Where?\ntemperature: hot\n")
     with pytest.raises(ConfigError, match=f"{config_file}: temperature: expected float"):
         _infer(["--config", str(config_file)])
+    with pytest.raises(ConfigError) as raised:  # an override's mistake is not the file's
+        _infer(["--config", str(config_file), "temperature=0", "batch_size=two"])
+    assert str(raised.value).startswith("batch_size: expected int")
 
 
 def test_evaluation_tasks_from_the_flag_and_from_yaml(tmp_path: Path) -> None:
@@ -73,5 +82,7 @@ def test_evaluation_tasks_from_the_flag_and_from_yaml(tmp_path: Path) -> None:
     assert flag.tasks == ("det", "rec")  # the flag's text parsed, in TASKS order
     override = config_from_args(EvaluationConfig, evaluate_parser().parse_args([*common, "tasks=[seg]"]))
     assert override.tasks == ("seg",)
+    text = config_from_args(EvaluationConfig, evaluate_parser().parse_args([*common, "tasks=chat,seg"]))
+    assert text.tasks == ("seg", "chat")  # the flag's text form works as an override (and in YAML) too
     with pytest.raises(UsageError, match="unknown task"):
         config_from_args(EvaluationConfig, evaluate_parser().parse_args([*common, "--tasks", "det,nope"]))

@@ -248,7 +248,12 @@ def test_generation_keeps_what_a_second_pass_would_compute():
 
 def test_from_pretrained_merges_the_adapters_and_checkpoints_keep_them_apart(checkpoint, tmp_path):
     from grounded_llava.modeling import GroundedLlavaForConditionalGeneration
-    from grounded_llava.modeling.base import adapters_merged, merge_adapters, unmerge_adapters
+    from grounded_llava.modeling.base import (
+        adapters_disabled,
+        adapters_merged,
+        merge_adapters,
+        unmerge_adapters,
+    )
 
     model = GroundedLlavaForConditionalGeneration.from_pretrained(checkpoint)
     torch.manual_seed(0)
@@ -271,6 +276,8 @@ def test_from_pretrained_merges_the_adapters_and_checkpoints_keep_them_apart(che
     np.testing.assert_allclose([s.score for s in merged.spans], [s.score for s in unmerged.spans], rtol=1e-4)
 
     merge_adapters(merged_model.llava)
+    with pytest.raises(RuntimeError, match="unmerge_adapters"), adapters_disabled(merged_model.llava):
+        pass  # merged layers would still compute with the adapters: refused
     merged_model.save_pretrained(tmp_path / "saved")  # written unmerged, and merged again after
     assert adapters_merged(merged_model.llava)
     reloaded = GroundedLlavaForConditionalGeneration.from_pretrained(tmp_path / "saved")

@@ -134,5 +134,5 @@ def run(config: InferConfig, args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None, prog: str = "infer.py") -> int:
-    args = build_parser(prog).parse_args(argv)
+    args = build_parser(prog).parse_intermixed_args(argv)  # key=value overrides may sit between flags
     return exit_on_user_error(prog, lambda: run(config_from_args(InferConfig, args), args))

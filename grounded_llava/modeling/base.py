@@ -308,6 +308,16 @@ def merge_adapters(peft_model: PeftModel) -> None:
         layer.forward = layer.get_base_layer().forward  # an instance attribute: unmerge deletes it
 
 
+@contextmanager
+def adapters_disabled(peft_model: PeftModel) -> Iterator[None]:
+    """peft's `disable_adapter()`: within the block the model computes as its base. Refused (RuntimeError)
+    while the adapters are merged (`merge_adapters`): the merged layers would still compute with them."""
+    if adapters_merged(peft_model):
+        raise RuntimeError("disable the adapters of a merged model only after unmerge_adapters()")
+    with peft_model.disable_adapter():
+        yield
+
+
 def unmerge_adapters(peft_model: PeftModel) -> None:
     """Undo `merge_adapters` (the base weights back to their own values, up to rounding)."""
     for layer in _merged_lora_layers(peft_model):

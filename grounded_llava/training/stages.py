@@ -10,6 +10,7 @@ from torch import nn
 
 from ..evaluation.chat_metrics import token_kl
 from ..modeling import GroundedLlavaForConditionalGeneration
+from ..modeling.base import adapters_disabled
 from ..processor import IGNORE_INDEX, GroundedBatch
 
 # Parameter groups, by what their names contain (peft injects "lora_" and "trainable_tokens_delta").
@@ -112,7 +113,7 @@ def chat_kl_loss(
     if rows.numel() == 0:
         return logits.sum() * 0.0
     chat = batch.select(rows.cpu())
-    with torch.no_grad(), model.llava.disable_adapter():
+    with torch.no_grad(), adapters_disabled(model.llava):
         reference = model(
             input_ids=chat.input_ids.to(logits.device),
             attention_mask=chat.attention_mask.to(logits.device),

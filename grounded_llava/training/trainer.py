@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 from ..config_io import ConfigError
 from ..data.dataset import GroundedCollator, GroundedDataset, TrainingBatch
 from ..modeling import GroundedLlavaForConditionalGeneration
-from ..modeling.base import sync_trainable_rows
+from ..modeling.base import adapters_disabled, sync_trainable_rows
 from .checkpointing import checkpoint_name, save_training_state, trainable_state_dict, write_replica_digest
 from .chooser_stage import cache_choice_queries, train_chooser
 from .config import StageConfig, TrainConfig
@@ -327,7 +327,7 @@ class Trainer:
         else:
             # `base` trains the LLM (LoRA off: zero output, only cost); its pointer does not pull on it (E11)
             base = stage.kind == "base"
-            with model.llava.disable_adapter() if base else contextlib.nullcontext():
+            with adapters_disabled(model.llava) if base else contextlib.nullcontext():
                 out = wrapped(
                     **model_kwargs(batch, device, det_targets=stage.train_detector, pointer=not base)
                 )
