@@ -116,6 +116,7 @@ def chat_latency(*, config: GroundedLlavaConfig, new_tokens: int, repeats: int, 
     return {
         "ratio": timing.ratio("grounded_chat", "plain_generate"),
         **timing.to_dict(),
+        "tokens_per_s": {name: new_tokens / seconds for name, seconds in timing.medians.items()},
         "new_tokens": new_tokens,
         "prompt": PROMPT,
         "image_size": list(image.size),

@@ -35,6 +35,8 @@ def markdown(report: dict) -> str:
         "| --- | --- | --- | --- |",
         f"| chat, {latency['new_tokens']} new tokens (s) | {latency['median_s']['grounded_chat']:.4f} | "
         f"{latency['median_s']['plain_generate']:.4f} | {latency['repeats']} |",
+        f"| chat throughput (new tokens/s, whole turn) | {latency['tokens_per_s']['grounded_chat']:.1f} | "
+        f"{latency['tokens_per_s']['plain_generate']:.1f} | |",
         f"| train step, batch {step['batch_size']} x {step['sequence_length']} tokens (s) | "
         f"{step['median_s']['grounded_step']:.4f} | {step['median_s']['plain_lora_step']:.4f} | {step['repeats']} |",
     ]
