@@ -85,7 +85,9 @@ def test_detect_head_overfits_four_scenes(scenes):
     model = _model()
     batch = _batch(model, scenes)
     assert len(batch.det_targets.class_ids) == 11
-    history = _train(model, batch, steps=200, loss_name="det_loss", lr=4e-3)
+    # 300 steps: at 200 the 15 px square in the corner of scene 0 was still missed on another CPU's
+    # numerics (CI) and here at lr 5e-3; at 300 it is found at lr 3e-3 to 7e-3 and 1 or 2 threads.
+    history = _train(model, batch, steps=300, loss_name="det_loss", lr=4e-3)
     assert sum(history[-5:]) / 5 < 0.1 * history[0], (history[0], history[-5:])
 
     model.eval()
