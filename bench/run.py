@@ -3,6 +3,8 @@
 Benchmarks (docs/BENCHMARKS.md explains each):
     chat_latency_ratio    GroundedLlava.chat / plain LLaVA generate, same tiny model, same answer length
     train_step_ratio      grounded train step (LM + det + mask) / plain LoRA LLaVA step (LM), same batch
+    ground_step_ratio     the same, as the default recipe's `ground` stage trains: the detector stays as the
+                          `heads` stage left it (it runs for the proposals, no Detect loss, no gradient)
     det_head_vs_yolov8n   mAP50-95 of our Detect head / YOLOv8n, same data and training wall-clock budget
     peak_rss              peak RSS of a tiny training run and of one chat, each in a fresh process
     llava15_7b_estimate   parameters and memory of the 7B config, computed on the meta device
@@ -94,6 +96,13 @@ def run(out_dir: Path, *, quick: bool) -> dict:
         batch_size=sizes.step_batch_size,
         repeats=sizes.step_repeats,
     )
+    runs["ground_step"] = train_step(
+        config=GroundedLlavaConfig.from_yaml(REPO / "configs" / "tiny.yaml"),
+        work_dir=work_dir,
+        batch_size=sizes.step_batch_size,
+        repeats=sizes.step_repeats,
+        train_detector=False,
+    )
     runs["llava15_7b_estimate"] = estimate_llava15_7b()
     runs["det_head_vs_yolov8n"] = det_head_vs_yolov8n(
         DetectionSettings(
@@ -109,6 +118,7 @@ def run(out_dir: Path, *, quick: bool) -> dict:
     report["ratios"] = {
         "chat_latency_ratio": runs["chat_latency"]["ratio"],
         "train_step_ratio": runs["train_step"]["ratio"],
+        "ground_step_ratio": runs["ground_step"]["ratio"],
         "det_head_vs_yolov8n": runs["det_head_vs_yolov8n"]["ratio"],
     }
     report["peak_rss_mb"] = {"train": runs["peak_rss"]["train_mb"], "chat": runs["peak_rss"]["chat_mb"]}

@@ -13,7 +13,7 @@ from bench.detection import write_yolo_labels
 from bench.timing import interleaved
 
 REPO = Path(__file__).resolve().parents[1]
-RATIO_KEYS = {"chat_latency_ratio", "train_step_ratio", "det_head_vs_yolov8n"}
+RATIO_KEYS = {"chat_latency_ratio", "train_step_ratio", "ground_step_ratio", "det_head_vs_yolov8n"}
 
 
 def test_interleaved_alternates_order_and_drops_warmup():
@@ -63,6 +63,7 @@ def test_quick_bench_writes_every_ratio(tmp_path):
     for key, run, num, den in [
         ("chat_latency_ratio", "chat_latency", "grounded_chat", "plain_generate"),
         ("train_step_ratio", "train_step", "grounded_step", "plain_lora_step"),
+        ("ground_step_ratio", "ground_step", "grounded_step", "plain_lora_step"),
     ]:
         value, medians = report["ratios"][key], runs[run]["median_s"]
         assert math.isfinite(value) and value > 0

@@ -91,27 +91,29 @@ class MaskHead(nn.Module):
             seg_tokens = self.seg_projection(seg_hidden.to(image_embeddings.dtype))
             if box_only is not None:
                 seg_tokens = torch.where(box_only[:, None], box_only_tokens, seg_tokens)
-        seg_tokens = seg_tokens.unsqueeze(1)
-        dense_pe = self.prompt_encoder.get_dense_pe()
-        masks, scores = [], []
-        order = []
-        # The decoder repeats the image embedding per prompt: call it once per image with that image's prompts.
-        for image in image_index.unique(sorted=True).tolist():
-            rows = (image_index == image).nonzero().flatten()
-            sparse, dense = self.prompt_encoder(points=None, boxes=boxes_canvas[rows], masks=None)
-            sparse = torch.cat([sparse, seg_tokens[rows]], dim=1)
-            low_res, iou = self.mask_decoder(
-                image_embeddings=image_embeddings[image : image + 1],
-                image_pe=dense_pe,
-                sparse_prompt_embeddings=sparse,
-                dense_prompt_embeddings=dense,
-                multimask_output=False,
-            )
-            masks.append(low_res[:, 0])
-            scores.append(iou[:, 0])
-            order.append(rows)
-        inverse = torch.argsort(torch.cat(order))
-        return torch.cat(masks)[inverse], torch.cat(scores)[inverse]
+        sparse, dense = self.prompt_encoder(points=None, boxes=boxes_canvas, masks=None)
+        sparse = torch.cat([sparse, seg_tokens.unsqueeze(1)], dim=1)
+        return self._decode(image_embeddings[image_index] + dense, sparse)
+
+    def _decode(self, prompt_images: torch.Tensor, sparse: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """SAM's `MaskDecoder.predict_masks` (single-mask output) for all prompts of all images in one call.
+
+        SAM repeats one image's embedding for each of its prompts; here every prompt brings its own image
+        (`prompt_images` (M, C, g, g), the dense prompt already added), so a batch of images decodes at once.
+        sparse: (M, P, C) prompt tokens. Returns (M, 4g, 4g) logits of the first mask token and its IoU (M,).
+        """
+        decoder = self.mask_decoder
+        output_tokens = torch.cat([decoder.iou_token.weight, decoder.mask_tokens.weight], dim=0)
+        tokens = torch.cat([output_tokens.expand(sparse.shape[0], -1, -1), sparse], dim=1)
+        positions = self.prompt_encoder.get_dense_pe().expand(prompt_images.shape[0], -1, -1, -1)
+        count, channels, height, width = prompt_images.shape
+        states, image_states = decoder.transformer(prompt_images, positions, tokens)
+        upscaled = decoder.output_upscaling(
+            image_states.transpose(1, 2).reshape(count, channels, height, width)
+        )
+        hyper = decoder.output_hypernetworks_mlps[0](states[:, 1, :])  # (M, C / 8): the first mask token
+        masks = (hyper[:, None, :] @ upscaled.flatten(2)).view(count, *upscaled.shape[-2:])
+        return masks, decoder.iou_prediction_head(states[:, 0, :])[:, 0]
 
 
 def mask_loss(
