@@ -93,7 +93,10 @@ class MaskHead(nn.Module):
                 seg_tokens = torch.where(box_only[:, None], box_only_tokens, seg_tokens)
         sparse, dense = self.prompt_encoder(points=None, boxes=boxes_canvas, masks=None)
         sparse = torch.cat([sparse, seg_tokens.unsqueeze(1)], dim=1)
-        return self._decode(image_embeddings[image_index] + dense, sparse)
+        # index_select: its backward (index_add_) sums a prompt's gradient into its image in a fixed order on
+        # CPU; advanced indexing's (index_put_ with accumulate) adds atomically in parallel, so runs differ.
+        prompt_images = image_embeddings.index_select(0, image_index.to(image_embeddings.device))
+        return self._decode(prompt_images + dense, sparse)
 
     def _decode(self, prompt_images: torch.Tensor, sparse: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """SAM's `MaskDecoder.predict_masks` (single-mask output) for all prompts of all images in one call.
