@@ -49,7 +49,7 @@ def test_batched_decoding_equals_sam_per_prompt():
 def test_backward_to_the_image_embeddings_is_deterministic():
     """Several prompts of one image add their gradients into it; the sum must not depend on thread timing
     (an exact resume compares weights bit for bit: tests/test_resume_boundaries.py)."""
-    head, images, image_index, boxes, seg_states = _head_and_prompts()
+    _, images, image_index, boxes, seg_states = _head_and_prompts()
     images = images.repeat(1, 1, 2, 2).requires_grad_(True)  # 28x28: large enough for parallel kernels
     head = MaskHead(
         channels=32, grid_size=28, canvas_size=112, text_hidden_size=48,
