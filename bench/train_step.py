@@ -19,7 +19,7 @@ from grounded_llava import GroundedLlavaConfig, GroundedLlavaForConditionalGener
 from grounded_llava.data import TaskConfig, build_task_samples, generate_world, load_coco_instances
 from grounded_llava.data.dataset import GroundedCollator, GroundedDataset, TrainingBatch
 from grounded_llava.modeling.base import lora_config_for, peft_wrapping
-from grounded_llava.training.stages import set_trainable
+from grounded_llava.training.stages import adamw, set_trainable
 
 from .latency import plain_llava_like
 from .timing import interleaved
@@ -79,8 +79,11 @@ def train_step(
     trainable = set_trainable(grounded, "ground", train_detector=train_detector)
     grounded.train()
     plain.train()
-    grounded_optimizer = torch.optim.AdamW([p for p in grounded.parameters() if p.requires_grad], lr=1e-4)
-    plain_optimizer = torch.optim.AdamW([p for p in plain.parameters() if p.requires_grad], lr=1e-4)
+    # both with the trainer's optimizer (fused AdamW)
+    grounded_optimizer = adamw(
+        [p for p in grounded.parameters() if p.requires_grad], lr=1e-4, weight_decay=0.0
+    )
+    plain_optimizer = adamw([p for p in plain.parameters() if p.requires_grad], lr=1e-4, weight_decay=0.0)
 
     def grounded_step() -> None:
         out = grounded(**inputs)

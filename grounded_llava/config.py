@@ -90,6 +90,10 @@ class HeadSettings:
     (none). See `modeling/spatial_prior.py`."""
     mask_from_finest: bool = True
     """SAM decodes from the stride patch/2 level (masks at 8x the patch grid) instead of stride patch (4x)."""
+    mask_crop: int = 14
+    """SAM decodes a mask_crop x mask_crop grid sampled over each prompt's widened box (masks at 4x that over
+    the box: finer for small objects, 4x fewer tokens than the 28 x 28 map); 0 decodes the whole map, as the
+    first models did (their saved configs have no `mask_crop`). See `modeling/masks.py`."""
     pointer_dim: int = 128
     chooser: bool = False
     """A second, choice pointer beside the stop pointer (set by a `chooser` stage, docs/EXPERIMENTS.md E21):
@@ -111,6 +115,8 @@ class HeadSettings:
             raise ConfigError(
                 f"heads.spatial_prior must be 'patchify', 'conv' or false, got {self.spatial_prior!r}"
             )
+        if self.mask_crop < 0:
+            raise ConfigError(f"heads.mask_crop must be >= 0, got {self.mask_crop}")
         if self.neck_channels % self.mask_decoder_heads:
             raise ConfigError("heads.neck_channels must divide by heads.mask_decoder_heads")
         if len(set(self.categories)) != len(self.categories):
@@ -199,6 +205,15 @@ class GroundedLlavaConfig:
                 "quantization": "4bit" if data["load_in_4bit"] else data.get("quantization", "none")
             }
         return from_dict(cls, data)
+
+    @classmethod
+    def from_saved(cls, data: dict) -> GroundedLlavaConfig:
+        """A checkpoint's config: as `from_dict`, and a checkpoint saved before `heads.mask_crop` existed
+        decodes its masks from the whole map (0), as it was trained to."""
+        heads = data.get("heads")
+        if isinstance(heads, dict) and "mask_crop" not in heads:
+            data = data | {"heads": heads | {"mask_crop": 0}}
+        return cls.from_dict(data)
 
     @classmethod
     def from_yaml(cls, path: str | Path, overrides: Sequence[str] = (), *, section: str | None = "model"):

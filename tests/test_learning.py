@@ -112,9 +112,11 @@ def test_detect_head_overfits_four_scenes(scenes):
 def test_sam_head_overfits_the_instance_masks_from_jittered_boxes(scenes):
     model = _model()
     batch = _batch(model, scenes)
-    assert batch.mask_targets.shape[1:] == (56, 56)  # SAM decodes from the stride-8 level: 8x the 7x7 grid
+    assert model.mask_head.crop == 14  # SAM decodes a 14 x 14 crop of the stride-8 map over each widened box
+    assert batch.mask_targets.shape[1:] == (112, 112)  # the targets (and `forward`'s masks) are canvas-frame
     history = _train(model, batch, steps=200, loss_name="mask_loss")
-    assert sum(history[-5:]) / 5 < 0.05 * history[0], (history[0], history[-5:])
+    # the loss is taken over each crop frame, where the object is a large part: it ends near 0.16 / 1.7
+    assert sum(history[-5:]) / 5 < 0.12 * history[0], (history[0], history[-5:])
 
     model.eval()
     torch.manual_seed(1234)  # prompts the training never saw: other jitters of the true boxes

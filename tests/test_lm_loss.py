@@ -5,7 +5,7 @@ import math
 import torch
 
 from grounded_llava.grammar import box_groups_in_ids
-from grounded_llava.modeling.lm_loss import language_loss, phrase_token_weights
+from grounded_llava.modeling.lm_loss import answer_positions, language_loss, phrase_token_weights
 from grounded_llava.tokenizer import GroundingTokenIds
 
 IDS = GroundingTokenIds(
@@ -27,11 +27,18 @@ def test_phrase_weights_cover_the_phrase_and_its_close():
     assert phrase_token_weights(box_groups_in_ids(ids, IDS), ids.shape, 1.0) is None
 
 
+def _answer_logits(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """(B, T, V) -> (P, V) at the positions whose next token is supervised (what training computes)."""
+    return logits[:, :-1][answer_positions(labels)]
+
+
 def test_uniform_logits_give_log_vocab_and_weights_scale_the_phrase_tokens():
     ids = _answer_ids()
     labels = ids.clone()
     labels[0, :2] = -100  # the prompt is not supervised
-    logits = torch.zeros(1, ids.shape[1], 200)
+    assert answer_positions(labels).tolist() == [[False] + [True] * 11]  # position 0 predicts label 1
+    logits = _answer_logits(torch.zeros(1, ids.shape[1], 200), labels)
+    assert logits.shape == (11, 200)
     assert math.isclose(float(language_loss(logits, labels)), math.log(200), rel_tol=1e-6)
     weights = phrase_token_weights(box_groups_in_ids(ids, IDS), ids.shape, 3.0)
     supervised = int((labels[0, 1:] != -100).sum())  # 11 targets, 3 of them weighted 3
@@ -43,6 +50,6 @@ def test_weighted_loss_pushes_harder_on_a_wrong_phrase_token():
     ids = _answer_ids()
     logits = torch.zeros(1, ids.shape[1], 200, requires_grad=True)
     weights = phrase_token_weights(box_groups_in_ids(ids, IDS), ids.shape, 3.0)
-    language_loss(logits, ids, weights).backward()
+    language_loss(_answer_logits(logits, ids), ids, weights).backward()
     grad = logits.grad[0].abs().sum(-1)
     assert torch.isclose(grad[2], 3 * grad[0])  # position 2 predicts the phrase's first token, 0 plain text

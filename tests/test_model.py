@@ -71,7 +71,9 @@ def test_forward_backward_on_a_mixed_batch(tiny_model, tmp_path):
     lora_grads = [p.grad for n, p in tiny_model.named_parameters() if "lora_B" in n]
     assert lora_grads and all(g is not None for g in lora_grads)
     assert all(p.grad is None for n, p in tiny_model.named_parameters() if "vision_tower" in n)
-    assert out.logits.shape[:2] == batch.batch.input_ids.shape and out.mask_logits.shape[0] == 1
+    # training computes the logits only where an answer token is predicted
+    assert out.logits is None and out.answer_logits.shape[0] == int(out.answer_mask.sum())
+    assert out.answer_mask.shape == (4, batch.batch.input_ids.shape[1] - 1) and out.mask_logits.shape[0] == 1
 
 
 def test_grounded_chat_is_chat_for_the_kl_to_the_base(tiny_model, tmp_path):

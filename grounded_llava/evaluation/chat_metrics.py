@@ -43,15 +43,16 @@ def token_kl(logits_p: torch.Tensor, logits_q: torch.Tensor) -> torch.Tensor:
     0 * log 0 = NaN. Differentiable in both arguments (usable as a distillation loss).
 
     Args:
-        logits_p: (B, T, V) reference logits (base model / previous stage).
-        logits_q: (B, T, V) logits of the evaluated model.
+        logits_p: (..., V) reference logits (base model / previous stage), e.g. (B, T, V) or (P, V).
+        logits_q: the same shape: logits of the evaluated model.
 
     Returns:
-        (B, T) KL in nats, >= 0.
+        (...) KL in nats, >= 0: one per position.
     """
-    if logits_p.shape != logits_q.shape or logits_p.ndim != 3:
+    if logits_p.shape != logits_q.shape or logits_p.ndim < 2:
         raise ValueError(
-            f"logits_p and logits_q must both be (B, T, V), got {tuple(logits_p.shape)} and {tuple(logits_q.shape)}"
+            f"logits_p and logits_q must both be (..., V) of one shape, got {tuple(logits_p.shape)} and "
+            f"{tuple(logits_q.shape)}"
         )
     dtype = torch.promote_types(logits_p.dtype, torch.float32)
     log_p = torch.log_softmax(logits_p.to(dtype), dim=-1)

@@ -144,7 +144,7 @@ def load_pretrained(
     """Load a checkpoint written by `save_pretrained` (the base from `base/`, or from its hub id / path)."""
     directory = Path(directory)
     meta = read_checkpoint_meta(directory)
-    config = GroundedLlavaConfig.from_dict(meta["config"])
+    config = GroundedLlavaConfig.from_saved(meta["config"])
     for required in (ADAPTER_DIR, HEADS_FILE):
         if not (directory / required).exists():
             raise CheckpointError(f"{directory / required} is missing: incomplete checkpoint")

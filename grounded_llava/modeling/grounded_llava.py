@@ -21,8 +21,7 @@ from .base import adapters_merged, extend_trainable_rows, merge_adapters, unmerg
 from .detection import DetectionTargets
 from .heads import build_heads
 from .heads_step import heads_losses
-from .lm_loss import language_loss, phrase_token_weights
-from .masks import mask_loss
+from .lm_loss import answer_positions, language_loss, phrase_token_weights
 from .outputs import GroundedLlavaOutput
 from .pointer import ProposalPointer, Proposals
 from .prompts import answer_pointer_loss, seg_prompts
@@ -318,16 +317,25 @@ class GroundedLlavaForConditionalGeneration(nn.Module):
             use_cache=False,
         )
         out.last_hidden_state = hidden = llm_out.last_hidden_state
-        out.logits = logits = llava.lm_head(hidden)
         losses = []
         if labels is not None:
+            # The LM head and its softmax run where an answer token is predicted, not over the whole prompt
+            # (training only: evaluation and decoding read `logits` everywhere; E34).
+            out.answer_mask = answer_positions(labels)
+            if self.training:
+                out.answer_logits = llava.lm_head(hidden[:, :-1][out.answer_mask])
+            else:
+                out.logits = llava.lm_head(hidden)
+                out.answer_logits = out.logits[:, :-1][out.answer_mask]
             weights = (
                 None
                 if groups is None
                 else phrase_token_weights(groups, labels.shape, self.config.loss.lm_phrase)
             )
-            out.lm_loss = language_loss(logits, labels, weights)
+            out.lm_loss = language_loss(out.answer_logits, labels, weights)
             losses.append(self.config.loss.lm * out.lm_loss)
+        else:
+            out.logits = llava.lm_head(hidden)
         if image_features is None:
             out.loss = sum(losses) if losses else None
             return out
@@ -367,17 +375,16 @@ class GroundedLlavaForConditionalGeneration(nn.Module):
                     torch.rand(prompts[0].shape[0], device=hidden.device)
                     < self.config.heads.box_only_prompt_rate
                 )
-            out.mask_logits, out.mask_scores = self.mask_head(
-                self.mask_features(out.pyramid), *prompts, box_only=box_only
-            )
+            prediction = self.mask_head.predict(self.mask_features(out.pyramid), *prompts, box_only=box_only)
+            out.mask_logits, out.mask_scores = self.mask_head.on_canvas(prediction), prediction.iou
             out.seg_image_index = prompts[0]
             if seg_masks is not None and seg_masks.shape[0] != out.mask_logits.shape[0]:
                 raise ValueError(
                     f"{seg_masks.shape[0]} mask targets for {out.mask_logits.shape[0]} <seg> tokens in the batch"
                 )
             if seg_masks is not None and seg_masks.shape[0] > 0:
-                out.mask_loss = mask_loss(
-                    out.mask_logits,
+                out.mask_loss = self.mask_head.loss(
+                    prediction,
                     seg_masks.to(out.mask_logits.device),
                     bce_weight=self.config.loss.mask_bce,
                     dice_weight=self.config.loss.mask_dice,

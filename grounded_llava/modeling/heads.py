@@ -56,6 +56,7 @@ def build_heads(
                 num_heads=heads.mask_decoder_heads,
                 mlp_dim=heads.mask_decoder_mlp_dim,
                 seg_mlp_hidden=heads.seg_mlp_hidden,
+                crop=heads.mask_crop,
             ),
         }
     )

@@ -5,7 +5,6 @@ from __future__ import annotations
 import torch
 
 from .detection import DetectionTargets
-from .masks import mask_loss
 from .outputs import GroundedLlavaOutput
 
 
@@ -30,12 +29,13 @@ def heads_losses(
     out = GroundedLlavaOutput(image_features=features, pyramid=pyramid)
     out.detections = model.detection_head(pyramid)
     out.det_loss = model.detection_head.loss(out.detections, det_targets)
-    out.mask_logits, out.mask_scores = model.mask_head(
+    prediction = model.mask_head.predict(
         model.mask_features(pyramid), mask_image, mask_boxes.to(model.heads_dtype), seg_hidden=None
     )
+    out.mask_logits, out.mask_scores = model.mask_head.on_canvas(prediction), prediction.iou
     loss = model.config.loss
-    out.mask_loss = mask_loss(
-        out.mask_logits, mask_targets, bce_weight=loss.mask_bce, dice_weight=loss.mask_dice
+    out.mask_loss = model.mask_head.loss(
+        prediction, mask_targets, bce_weight=loss.mask_bce, dice_weight=loss.mask_dice
     )
     out.loss = loss.det * out.det_loss + out.mask_loss
     return out

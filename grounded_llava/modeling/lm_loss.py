@@ -25,16 +25,27 @@ def phrase_token_weights(
     return weights
 
 
+def answer_positions(labels: torch.Tensor) -> torch.Tensor:
+    """(B, T) labels -> (B, T - 1) bool: the positions whose next token is supervised (-100: not)."""
+    return labels[:, 1:] != IGNORE_INDEX
+
+
 def language_loss(
-    logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor | None = None
+    answer_logits: torch.Tensor,
+    labels: torch.Tensor,
+    weights: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Next-token cross-entropy: logits (B, T, V) predict labels (B, T) shifted by one (-100: not
-    supervised); with `weights` (B, T) over label positions, a weighted sum over the number of
-    supervised tokens (so weight 1 everywhere is the plain mean)."""
-    targets = labels[:, 1:].flatten()
-    flat = logits[:, :-1].flatten(0, 1).float()
+    """Next-token cross-entropy over the answer tokens.
+
+    answer_logits: (P, V) the logits at `answer_positions(labels)`, in row-major order; labels: (B, T),
+    -100 where not supervised; weights: (B, T) over label positions (None: 1). A weighted sum over the P
+    supervised tokens (so weight 1 everywhere is the plain mean).
+    """
+    positions = answer_positions(labels)
+    targets = labels[:, 1:][positions]
+    if targets.numel() == 0:
+        return answer_logits.sum() * 0.0
+    per_token = F.cross_entropy(answer_logits.float(), targets, reduction="none")
     if weights is None:
-        return F.cross_entropy(flat, targets, ignore_index=IGNORE_INDEX)
-    per_token = F.cross_entropy(flat, targets, ignore_index=IGNORE_INDEX, reduction="none")
-    supervised = targets != IGNORE_INDEX
-    return (per_token * weights[:, 1:].flatten()).sum() / supervised.sum().clamp(min=1)
+        return per_token.mean()
+    return (per_token * weights[:, 1:][positions]).sum() / targets.numel()

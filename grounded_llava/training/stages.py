@@ -11,7 +11,8 @@ from torch import nn
 from ..evaluation.chat_metrics import token_kl
 from ..modeling import GroundedLlavaForConditionalGeneration
 from ..modeling.base import adapters_disabled
-from ..processor import IGNORE_INDEX, GroundedBatch
+from ..modeling.outputs import GroundedLlavaOutput
+from ..processor import GroundedBatch
 
 # Parameter groups, by what their names contain (peft injects "lora_" and "trainable_tokens_delta").
 _DETECTOR = ("neck.", "detection_head.", "spatial_prior.")
@@ -86,6 +87,13 @@ def set_trainable(
     return counts
 
 
+def adamw(params, *, lr: float, weight_decay: float) -> torch.optim.AdamW:
+    """The optimizer of every stage (and of bench/train_step.py's two steps): torch's fused AdamW, one kernel
+    over all tensors: ~4x faster than the per-tensor loop on CPU, where the heads bring many small tensors.
+    `params`: tensors or parameter groups (their own "lr" wins)."""
+    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=True)
+
+
 def parameter_groups(model: nn.Module, lr: float, vision_lr_scale: float) -> list[dict]:
     """The trainable parameters as AdamW groups: the vision tower + projector at `lr * vision_lr_scale`."""
     vision, rest = [], []
@@ -101,14 +109,16 @@ def parameter_groups(model: nn.Module, lr: float, vision_lr_scale: float) -> lis
 def chat_kl_loss(
     model: GroundedLlavaForConditionalGeneration,
     batch: GroundedBatch,
-    logits: torch.Tensor,
+    out: GroundedLlavaOutput,
     is_chat: torch.Tensor,
 ) -> torch.Tensor:
     """Mean KL(adapter-disabled || model) over the answer tokens of the chat samples (0 if none).
 
-    The reference is the same network with LoRA and the trainable token rows switched off (peft's
-    `disable_adapter()`), i.e. the base LLaVA whose chat ability the stage must keep.
+    `out`: the training forward's output (its `answer_logits` at `answer_mask`). The reference is the same
+    network with LoRA and the trainable token rows switched off (peft's `disable_adapter()`), i.e. the base
+    LLaVA whose chat ability the stage must keep.
     """
+    logits = out.answer_logits
     rows = is_chat.nonzero().flatten()
     if rows.numel() == 0:
         return logits.sum() * 0.0
@@ -123,9 +133,12 @@ def chat_kl_loss(
             compute_masks=False,
         ).logits
     # Position t predicts token t+1: compare where the next token is a supervised answer token.
-    mask = (chat.labels[:, 1:] != IGNORE_INDEX).to(logits.device)
-    kl = token_kl(reference[:, :-1], logits[rows.to(logits.device), :-1])
-    return (kl * mask).sum() / mask.sum().clamp(min=1)
+    answer_rows = out.answer_mask.nonzero()[:, 0]  # the sample of each answer logit, row-major
+    of_chat = is_chat.to(logits.device)[answer_rows]
+    if not bool(of_chat.any()):
+        return logits.sum() * 0.0
+    reference_answers = reference[:, :-1][out.answer_mask[rows.to(logits.device)]]
+    return token_kl(reference_answers, logits[of_chat]).mean()
 
 
 class HeadDistiller(nn.Module):

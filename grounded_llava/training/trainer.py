@@ -44,7 +44,7 @@ from .sampler import ResumableSampler, endless_batches
 from .schedule import warmup_cosine
 from .stage_data import StageData, absolute_source, load_stage_data
 from .stage_resume import restore_after_setup, restore_before_setup
-from .stages import HeadDistiller, chat_kl_loss, parameter_groups, set_trainable
+from .stages import HeadDistiller, adamw, chat_kl_loss, parameter_groups, set_trainable
 
 MANIFEST = "stages.json"
 logger = logging.getLogger(__name__)
@@ -130,9 +130,8 @@ class Trainer:
 
         datasets, sampler, loader = self._data_pipeline(index, model, data)
         parameters = [p for p in model.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(
-            parameter_groups(model, stage.lr, stage.vision_lr_scale), weight_decay=loop.weight_decay
-        )
+        groups = parameter_groups(model, stage.lr, stage.vision_lr_scale)
+        optimizer = adamw(groups, lr=stage.lr, weight_decay=loop.weight_decay)
         steps = self.stage_steps[index]
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(steps, loop.warmup_ratio))
         stage_step = 0
@@ -229,7 +228,7 @@ class Trainer:
         cache = cache_choice_queries(model, batches, device, total=steps, desc=f"stage {stage.name}: caching")
         chooser = model.add_chooser()
         trainable = set_trainable(model, stage.kind)
-        optimizer = torch.optim.AdamW(chooser.parameters(), lr=stage.lr, weight_decay=0.01)
+        optimizer = adamw(chooser.parameters(), lr=stage.lr, weight_decay=0.01)
         logger = MetricsLogger(self.output_dir / "metrics.jsonl", is_main_process=self.accelerator.is_main_process)  # fmt: skip
         metrics = train_chooser(
             chooser, cache, optimizer, epochs=stage.epochs, seed=self.config.train.seed + index,
@@ -334,9 +333,9 @@ class Trainer:
             pixel_values = batch.batch.pixel_values
         losses = {"lm_loss": out.lm_loss, "det_loss": out.det_loss, "mask_loss": out.mask_loss,
                   "pointer_loss": out.pointer_loss, "pointer_accuracy": out.pointer_accuracy}  # fmt: skip
-        total = out.loss if out.loss is not None else out.logits.sum() * 0.0
+        total = out.loss if out.loss is not None else out.last_hidden_state.sum() * 0.0
         if stage.kl_weight > 0 and not isinstance(batch, HeadsBatch):
-            losses["kl_loss"] = chat_kl_loss(model, batch.batch, out.logits, batch.is_chat)
+            losses["kl_loss"] = chat_kl_loss(model, batch.batch, out, batch.is_chat)
             total = total + stage.kl_weight * losses["kl_loss"]
         if distiller is not None and out.detections is not None:  # None: a chat batch did not run the heads
             pixels = None if pixel_values is None else pixel_values.to(device)
