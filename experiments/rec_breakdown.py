@@ -1,5 +1,6 @@
 """REC failure breakdown (docs/EXPERIMENTS.md E18): for every referring target of a world, did the head
-detect it (a detection of its class with IoU >= 0.5), what did the phrase say, and is the first box right.
+detect it (a detection of its class with IoU >= 0.5), what did the phrase say, is the first box right, and
+the first span's mask IoU (None without a mask; E34 compares mask decoders on the right boxes).
 
     python experiments/rec_breakdown.py MODEL WORLD_DIR OUT.json
 """
@@ -45,12 +46,17 @@ def main(model: str, world: str, out: str) -> None:
         of_class = np.array([names[i] == target.instance.category_name for i in detections.class_ids], bool)
         span = answer.spans[0] if answer.spans else None
         right = span is not None and pairwise_iou(np.array([span.box]), truth)[0, 0] >= 0.5
+        mask_iou = None
+        if span is not None and span.mask is not None and target.instance.has_mask:
+            gt = target.instance.decode_mask(target.image.image_size).astype(bool)
+            mask_iou = float((span.mask & gt).sum() / max((span.mask | gt).sum(), 1))
         records.append({
             "expression": target.expression,
             "head": "found" if (hits & of_class).any() else ("found_other_class" if hits.any() else "missed"),
             "phrase": phrase_kind(span.phrase if span else None, target.expression,
                                   target.instance.category_name, names),
             "right": bool(right),
+            "mask_iou": mask_iou,
             "class_shared": sum(i.category_name == target.instance.category_name
                                 for i in target.image.non_crowd()) > 1,
             "answer": answer.raw_text[:200],
@@ -61,6 +67,9 @@ def main(model: str, world: str, out: str) -> None:
     print(f"targets {len(records)}, right {sum(r['right'] for r in records)}")
     for key, n in counts.most_common():
         print(f"{n:4d}", key)
+    on_right = [r["mask_iou"] for r in records if r["right"] and r["mask_iou"] is not None]
+    no_mask = sum(r["mask_iou"] is None for r in records)
+    print(f"mask IoU on the {len(on_right)} right boxes: {np.mean(on_right):.3f}; spans without a mask: {no_mask}")
     for shared in (False, True):
         group = [r for r in records if r["class_shared"] == shared]
         print(f"class shared={shared}: right {sum(r['right'] for r in group)} / {len(group)}")

@@ -94,6 +94,9 @@ class HeadSettings:
     """SAM decodes a mask_crop x mask_crop grid sampled over each prompt's widened box (masks at 4x that over
     the box: finer for small objects, 4x fewer tokens than the 28 x 28 map); 0 decodes the whole map, as the
     first models did (their saved configs have no `mask_crop`). See `modeling/masks.py`."""
+    mask_pixels: bool = True
+    """With crops: the crop's canvas pixels add detail to SAM's upscaled features (SAM-HQ-like; E34). Saved
+    configs without the key load as false."""
     pointer_dim: int = 128
     chooser: bool = False
     """A second, choice pointer beside the stop pointer (set by a `chooser` stage, docs/EXPERIMENTS.md E21):
@@ -117,6 +120,8 @@ class HeadSettings:
             )
         if self.mask_crop < 0:
             raise ConfigError(f"heads.mask_crop must be >= 0, got {self.mask_crop}")
+        if self.mask_pixels and not self.mask_crop:
+            self.mask_pixels = False  # pixel detail is a crop's: the whole-map decoder has none
         if self.neck_channels % self.mask_decoder_heads:
             raise ConfigError("heads.neck_channels must divide by heads.mask_decoder_heads")
         if len(set(self.categories)) != len(self.categories):
@@ -208,11 +213,11 @@ class GroundedLlavaConfig:
 
     @classmethod
     def from_saved(cls, data: dict) -> GroundedLlavaConfig:
-        """A checkpoint's config: as `from_dict`, and a checkpoint saved before `heads.mask_crop` existed
-        decodes its masks from the whole map (0), as it was trained to."""
+        """A checkpoint's config: as `from_dict`, and a checkpoint saved before `heads.mask_crop` (or
+        `heads.mask_pixels`) existed decodes its masks as it was trained to: from the whole map (without pixels)."""
         heads = data.get("heads")
-        if isinstance(heads, dict) and "mask_crop" not in heads:
-            data = data | {"heads": heads | {"mask_crop": 0}}
+        if isinstance(heads, dict):  # saved before crops (0) or before pixel detail (false)
+            data = data | {"heads": {"mask_crop": 0, "mask_pixels": False} | heads}
         return cls.from_dict(data)
 
     @classmethod

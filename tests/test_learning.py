@@ -125,7 +125,9 @@ def test_sam_head_overfits_the_instance_masks_from_jittered_boxes(scenes):
         features = model.encode_images(batch.pixel_values)
         image_embeddings = model.mask_features(model.image_pyramid(features, batch.pixel_values))
         for boxes in prompts:
-            logits, _ = model.mask_head(image_embeddings, batch.mask_image, boxes, seg_hidden=None)
+            logits, _ = model.mask_head(
+                image_embeddings, batch.mask_image, boxes, seg_hidden=None, pixels=batch.pixel_values
+            )
             predicted, target = logits > 0, batch.mask_targets > 0.5
             iou = (predicted & target).flatten(1).sum(1) / (predicted | target).flatten(1).sum(1)
             assert iou.mean() >= 0.9 and iou.min() >= 0.75, iou.tolist()

@@ -129,3 +129,22 @@ def test_backward_to_the_image_embeddings_is_deterministic(crop):
         (masks.square().mean() + scores.mean()).backward()
         gradients.append(images.grad.clone())
     assert all(torch.equal(gradients[0], g) for g in gradients[1:])
+
+
+def test_pixel_detail_starts_as_sam_and_needs_the_pixels():
+    """A fresh head with pixel detail decodes exactly as without it (its last conv starts at zero); it refuses
+    to decode without the canvas pixels rather than decoding without them."""
+    head, images, image_index, boxes, seg_states = _head_and_prompts(crop=6)
+    torch.manual_seed(1)
+    detailed = MaskHead(
+        channels=32, grid_size=14, canvas_size=112, text_hidden_size=48,
+        depth=2, num_heads=4, mlp_dim=64, seg_mlp_hidden=64, crop=6, pixels=True,
+    )  # fmt: skip
+    detailed.load_state_dict(head.state_dict(), strict=False)
+    pixels = torch.randn(3, 3, 112, 112)
+    with torch.no_grad():
+        expected = head.predict(images, image_index, boxes, seg_states)
+        found = detailed.predict(images, image_index, boxes, seg_states, pixels=pixels)
+        torch.testing.assert_close(found.logits, expected.logits)
+        with pytest.raises(ValueError, match="pass the canvas pixels"):
+            detailed.predict(images, image_index, boxes, seg_states)

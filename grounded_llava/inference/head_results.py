@@ -20,12 +20,14 @@ def head_detections(
     model: GroundedLlavaForConditionalGeneration,
     predictions: dict,
     pyramid: list[torch.Tensor],
+    pixel_values: torch.Tensor,
     metas: list[ImageMeta],
     *,
     masks: bool,
     conf_threshold: float | None = None,
 ) -> list[Detections]:
-    """Raw Detect predictions -> per image `Detections` (original pixels; boxes left empty by clipping dropped)."""
+    """Raw Detect predictions -> per image `Detections` (original pixels; boxes left empty by clipping dropped).
+    `pyramid` and `pixel_values` (I, 3, S, S) are what the masks read (`masks`: SAM prompted by each box)."""
     heads = model.config.heads
     threshold = heads.conf_threshold if conf_threshold is None else conf_threshold
     raw = model.detection_head.postprocess(predictions, conf_threshold=threshold, iou_threshold=heads.nms_iou)
@@ -35,7 +37,7 @@ def head_detections(
         boxes = meta.boxes_from_canvas(pred[:, :4])
         keep = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
         kept.append((pred[keep], boxes[keep]))
-    mask_arrays = box_only_masks(model, pyramid, kept, metas) if masks else None
+    mask_arrays = box_only_masks(model, pyramid, pixel_values, kept, metas) if masks else None
     return [
         Detections(
             boxes=boxes.cpu().numpy(),  # numpy out, as ultralytics' Results.numpy() (spans' boxes too)
@@ -52,6 +54,7 @@ def head_detections(
 def box_only_masks(
     model: GroundedLlavaForConditionalGeneration,
     pyramid: list[torch.Tensor],
+    pixel_values: torch.Tensor,
     kept: list[tuple[torch.Tensor, ...]],
     metas: list[ImageMeta],
 ) -> list[np.ndarray]:
@@ -62,7 +65,7 @@ def box_only_masks(
     index = torch.cat([torch.full((len(b),), i, dtype=torch.long) for i, b in enumerate(boxes_canvas)])
     boxes = torch.cat(boxes_canvas).to(device, model.heads_dtype)
     features = model.mask_features(pyramid)
-    logits, _ = model.mask_head(features, index.to(device), boxes, seg_hidden=None)
+    logits, _ = model.mask_head(features, index.to(device), boxes, seg_hidden=None, pixels=pixel_values)
     return [
         np.stack([meta.mask_from_canvas(m, box=b.tolist()) for m, b in zip(image_logits, original, strict=True)])
         if len(image_logits) else np.zeros((0, meta.original_size[1], meta.original_size[0]), dtype=bool)

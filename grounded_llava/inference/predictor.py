@@ -197,7 +197,13 @@ class GroundedLlava:
         pyramid = self.model.image_pyramid(features, pixel_values)
         predictions = self.model.detection_head(pyramid)
         return head_detections(
-            self.model, predictions, pyramid, list(metas), masks=masks, conf_threshold=conf_threshold
+            self.model,
+            predictions,
+            pyramid,
+            pixel_values,
+            list(metas),
+            masks=masks,
+            conf_threshold=conf_threshold,
         )
 
     # ------------------------------------------------------------------ steps
@@ -279,10 +285,11 @@ class GroundedLlava:
         answer ids, token log-probabilities, pointer choices, `<seg>` states, the Detect head's outputs).
         `features`: (I, N, D) the requests' image features, `pyramid` the neck's maps of them."""
         metas = [request.meta for request in requests]
+        pixel_values = torch.stack([r.encoded.pixel_values for r in requests]).to(self.device)
         detections = head_detections(
-            self.model, decoded.head_outputs, pyramid, metas, masks=masks_for_detections
+            self.model, decoded.head_outputs, pyramid, pixel_values, metas, masks=masks_for_detections
         )
-        seg_mask_logits = self._seg_masks(pyramid, decoded, metas)
+        seg_mask_logits = self._seg_masks(pyramid, pixel_values, decoded, metas)
         return [
             self._grounded_answer(
                 answer_ids=decoded.ids[r],
@@ -296,7 +303,11 @@ class GroundedLlava:
         ]
 
     def _seg_masks(
-        self, pyramid: list[torch.Tensor], decoded: decoding.DecodedAnswers, metas: list[ImageMeta]
+        self,
+        pyramid: list[torch.Tensor],
+        pixel_values: torch.Tensor,
+        decoded: decoding.DecodedAnswers,
+        metas: list[ImageMeta],
     ) -> list[dict[int, torch.Tensor]]:
         """Per answer, the (r, r) canvas mask logits of each `<seg>` (by its position in the answer), prompted
         as in training: the box group right before it and the hidden state that emitted it."""
@@ -323,6 +334,7 @@ class GroundedLlava:
             images.to(self.device),
             boxes.to(self.device, self.model.heads_dtype),
             states,
+            pixels=pixel_values,
         )
         for (r, position, _), mask in zip(prompts, logits, strict=True):
             masks[r][position] = mask

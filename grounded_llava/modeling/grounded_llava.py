@@ -375,7 +375,9 @@ class GroundedLlavaForConditionalGeneration(nn.Module):
                     torch.rand(prompts[0].shape[0], device=hidden.device)
                     < self.config.heads.box_only_prompt_rate
                 )
-            prediction = self.mask_head.predict(self.mask_features(out.pyramid), *prompts, box_only=box_only)
+            prediction = self.mask_head.predict(
+                self.mask_features(out.pyramid), *prompts, box_only=box_only, pixels=pixel_values
+            )
             out.mask_logits, out.mask_scores = self.mask_head.on_canvas(prediction), prediction.iou
             out.seg_image_index = prompts[0]
             if seg_masks is not None and seg_masks.shape[0] != out.mask_logits.shape[0]:

@@ -57,6 +57,7 @@ def build_heads(
                 mlp_dim=heads.mask_decoder_mlp_dim,
                 seg_mlp_hidden=heads.seg_mlp_hidden,
                 crop=heads.mask_crop,
+                pixels=heads.mask_pixels,
             ),
         }
     )

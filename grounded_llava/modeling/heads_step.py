@@ -30,7 +30,11 @@ def heads_losses(
     out.detections = model.detection_head(pyramid)
     out.det_loss = model.detection_head.loss(out.detections, det_targets)
     prediction = model.mask_head.predict(
-        model.mask_features(pyramid), mask_image, mask_boxes.to(model.heads_dtype), seg_hidden=None
+        model.mask_features(pyramid),
+        mask_image,
+        mask_boxes.to(model.heads_dtype),
+        seg_hidden=None,
+        pixels=pixel_values,
     )
     out.mask_logits, out.mask_scores = model.mask_head.on_canvas(prediction), prediction.iou
     loss = model.config.loss

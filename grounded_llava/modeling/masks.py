@@ -107,8 +107,11 @@ class MaskHead(nn.Module):
         mlp_dim: int,
         seg_mlp_hidden: int,
         crop: int = 0,
+        pixels: bool = False,
     ) -> None:
         super().__init__()
+        if pixels and not crop:
+            raise ValueError("MaskHead: pixel detail needs crops (crop > 0)")
         self.crop = crop
         self.canvas_size = canvas_size
         self.prompt_encoder = PromptEncoder(
@@ -133,6 +136,16 @@ class MaskHead(nn.Module):
         )
         # Stands in for the <seg> prompt when a mask is asked for by box alone (head detections).
         self.box_only_embedding = nn.Parameter(torch.zeros(1, channels))
+        # The crop's canvas pixels at the mask's resolution, added to SAM's upscaled features before the mask
+        # token's product (as SAM-HQ adds early features): the stride-8 map alone cannot place an edge to the
+        # pixel. The last conv starts at zero, so a fresh head decodes as SAM does.
+        self.pixel_detail = None
+        if pixels:
+            self.pixel_detail = nn.Sequential(
+                nn.Conv2d(3, 16, 3, padding=1), nn.GELU(), nn.Conv2d(16, channels // 8, 3, padding=1)
+            )
+            nn.init.zeros_(self.pixel_detail[-1].weight)
+            nn.init.zeros_(self.pixel_detail[-1].bias)
 
     @property
     def mask_resolution(self) -> int:
@@ -146,6 +159,7 @@ class MaskHead(nn.Module):
         boxes_canvas: torch.Tensor,
         seg_hidden: torch.Tensor | None,
         box_only: torch.Tensor | None = None,
+        pixels: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Predict one mask per prompt.
 
@@ -156,10 +170,11 @@ class MaskHead(nn.Module):
             seg_hidden: (M, D_text) LLM last hidden states of the `<seg>` prompts; None: box prompts only.
             box_only: (M,) bool, prompts whose text state is replaced by the box-only embedding
                 (training drops some so that the decoder also serves box-only requests).
+            pixels: (I, 3, S, S) the canvas pixels, needed by a head with pixel detail.
         Returns:
             mask_logits (M, r, r) over the canvas (r = `mask_resolution`), and SAM's predicted mask IoU (M,).
         """
-        prediction = self.predict(image_embeddings, image_index, boxes_canvas, seg_hidden, box_only)
+        prediction = self.predict(image_embeddings, image_index, boxes_canvas, seg_hidden, box_only, pixels)
         return self.on_canvas(prediction), prediction.iou
 
     def on_canvas(self, prediction: MaskPrediction) -> torch.Tensor:
@@ -191,8 +206,11 @@ class MaskHead(nn.Module):
         boxes_canvas: torch.Tensor,
         seg_hidden: torch.Tensor | None,
         box_only: torch.Tensor | None = None,
+        pixels: torch.Tensor | None = None,
     ) -> MaskPrediction:
         """One mask per prompt in its own frame (arguments as `forward`)."""
+        if self.pixel_detail is not None and pixels is None:
+            raise ValueError("this mask head adds pixel detail: pass the canvas pixels")
         count = image_index.numel()
         side = 4 * (self.crop or self.prompt_encoder.image_embedding_size[0])
         if count == 0:
@@ -219,7 +237,18 @@ class MaskHead(nn.Module):
             positions = self.prompt_encoder.pe_layer.forward_with_coords(centres, (self.canvas_size,) * 2)
             positions = positions.to(prompt_images.dtype).transpose(1, 2).reshape(prompt_images.shape)
             no_mask = self.prompt_encoder.no_mask_embed.weight.reshape(1, -1, 1, 1)  # SAM's dense prompt
-            logits, iou = self._decode(prompt_images + no_mask, sparse, positions)
+            detail = None
+            if self.pixel_detail is not None:
+                crops = roi_align(
+                    pixels.to(frames.dtype),
+                    rois,
+                    4 * self.crop,
+                    spatial_scale=1.0,
+                    sampling_ratio=2,
+                    aligned=True,
+                )
+                detail = self.pixel_detail(crops)
+            logits, iou = self._decode(prompt_images + no_mask, sparse, positions, detail)
             return MaskPrediction(logits, frames, iou)
         # index_select: its backward (index_add_) sums a prompt's gradient into its image in a fixed order on
         # CPU; advanced indexing's (index_put_ with accumulate) adds atomically in parallel, so runs differ.
@@ -230,14 +259,19 @@ class MaskHead(nn.Module):
         return MaskPrediction(logits, whole, iou)
 
     def _decode(
-        self, prompt_images: torch.Tensor, sparse: torch.Tensor, positions: torch.Tensor
+        self,
+        prompt_images: torch.Tensor,
+        sparse: torch.Tensor,
+        positions: torch.Tensor,
+        detail: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """SAM's `MaskDecoder.predict_masks` (single-mask output) for all prompts of all images in one call.
 
         SAM repeats one image's embedding for each of its prompts; here every prompt brings its own image
         (`prompt_images` (M, C, h, w): the map or its crop, the dense prompt already added) and its positional
         encoding (`positions`, same shape), so a batch of images decodes at once.
-        sparse: (M, P, C) prompt tokens. Returns (M, 4h, 4w) logits of the first mask token and its IoU (M,).
+        sparse: (M, P, C) prompt tokens; detail: (M, C / 8, 4h, 4w) added to the upscaled features, or None.
+        Returns (M, 4h, 4w) logits of the first mask token and its IoU (M,).
         """
         decoder = self.mask_decoder
         output_tokens = torch.cat([decoder.iou_token.weight, decoder.mask_tokens.weight], dim=0)
@@ -247,6 +281,8 @@ class MaskHead(nn.Module):
         upscaled = decoder.output_upscaling(
             image_states.transpose(1, 2).reshape(count, channels, height, width)
         )
+        if detail is not None:
+            upscaled = upscaled + detail
         hyper = decoder.output_hypernetworks_mlps[0](states[:, 1, :])  # (M, C / 8): the first mask token
         masks = (hyper[:, None, :] @ upscaled.flatten(2)).view(count, *upscaled.shape[-2:])
         return masks, decoder.iou_prediction_head(states[:, 0, :])[:, 0]
