@@ -30,22 +30,10 @@ from PIL import Image, ImageDraw
 
 from grounded_llava.config_io import ConfigError
 from grounded_llava.conversation import conversation
+from grounded_llava.data.shape_words import COLORS, SHAPE_IDS, SHAPES, SIZES
 from grounded_llava.data.synthetic_language import SceneObject, chat_turns, referring_expressions
 from grounded_llava.rle import mask_to_rle
 
-SHAPES = ("circle", "square", "triangle", "star", "hexagon", "cross", "ellipse", "diamond")
-SHAPE_IDS = {name: index + 1 for index, name in enumerate(SHAPES)}
-COLORS = {
-    "red": (220, 40, 40),
-    "green": (40, 170, 60),
-    "blue": (40, 80, 225),
-    "yellow": (240, 220, 50),
-    "purple": (145, 60, 185),
-    "orange": (250, 140, 30),
-    "cyan": (60, 215, 225),
-    "white": (248, 248, 248),
-}
-SIZES = {"small": (0.10, 0.15), "medium": (0.19, 0.25), "large": (0.29, 0.36)}  # diameter / image side
 BACKGROUNDS = ("flat", "gradient", "striped", "noisy")
 MIN_VISIBLE_FRACTION = 0.3
 MIN_VISIBLE_PIXELS = 12

@@ -32,7 +32,7 @@ from grounded_llava.conversation import conversation as make_conversation
 from grounded_llava.data import phrasing as en
 from grounded_llava.data.coco import CocoInstances, ImageRecord, InstanceRecord
 from grounded_llava.data.sample import GroundedSample
-from grounded_llava.data.synthetic import COLORS
+from grounded_llava.data.shape_words import COLORS
 from grounded_llava.data.synthetic_language import SceneObject, chat_turns
 
 TASK_NAMES = ("detect", "find", "segment", "count", "exists", "refer", "region_caption", "refer_all", "chat")

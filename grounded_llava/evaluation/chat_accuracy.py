@@ -32,7 +32,7 @@ from collections.abc import Sequence
 from typing import Literal
 
 from grounded_llava.data.phrasing import pluralize
-from grounded_llava.data.synthetic import COLORS, SHAPES, SIZES
+from grounded_llava.data.shape_words import COLORS, SHAPES, SIZES
 
 QuestionKind = Literal["count", "colour", "position", "yes_no", "description", "other"]
 Fact = int | str | frozenset[str] | Counter
