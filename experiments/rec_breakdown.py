@@ -69,7 +69,9 @@ def main(model: str, world: str, out: str) -> None:
         print(f"{n:4d}", key)
     on_right = [r["mask_iou"] for r in records if r["right"] and r["mask_iou"] is not None]
     no_mask = sum(r["mask_iou"] is None for r in records)
-    print(f"mask IoU on the {len(on_right)} right boxes: {np.mean(on_right):.3f}; spans without a mask: {no_mask}")
+    print(
+        f"mask IoU on the {len(on_right)} right boxes: {np.mean(on_right):.3f}; spans without a mask: {no_mask}"
+    )
     for shared in (False, True):
         group = [r for r in records if r["class_shared"] == shared]
         print(f"class shared={shared}: right {sum(r['right'] for r in group)} / {len(group)}")
