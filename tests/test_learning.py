@@ -30,11 +30,11 @@ def scenes(tmp_path_factory):
     return load_coco_instances(out / "annotations.json", out / "images").images
 
 
-def _model() -> GroundedLlavaForConditionalGeneration:
+def _model(**heads) -> GroundedLlavaForConditionalGeneration:
     """A fresh tiny model whose heads (spatial prior, neck, Detect, SAM, pointer) train; the LLM (one layer
     here, unused by the heads step) and the vision tower stay frozen."""
     torch.manual_seed(0)
-    config = tiny_test_config()
+    config = tiny_test_config(**heads)
     config.tiny.text_layers = 1
     model = GroundedLlavaForConditionalGeneration.from_config(config)
     set_trainable(model, "heads")
@@ -82,7 +82,8 @@ def _train(model, batch: HeadsBatch, *, steps: int, loss_name: str, lr: float = 
 
 
 def test_detect_head_overfits_four_scenes(scenes):
-    model = _model()
+    # Detect's init as first tuned: the mask head's pixel detail, built before the spatial prior, would move it
+    model = _model(mask_pixels=False)
     batch = _batch(model, scenes)
     assert len(batch.det_targets.class_ids) == 11
     # 300 steps: at 200 the 15 px square in the corner of scene 0 was still missed on another CPU's
