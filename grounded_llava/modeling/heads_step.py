@@ -36,7 +36,7 @@ def heads_losses(
         seg_hidden=None,
         pixels=pixel_values,
     )
-    out.mask_logits, out.mask_scores = model.mask_head.on_canvas(prediction), prediction.iou
+    out.mask_scores = prediction.iou  # no canvas paste: the loss reads the masks in their frames
     loss = model.config.loss
     out.mask_loss = model.mask_head.loss(
         prediction, mask_targets, bce_weight=loss.mask_bce, dice_weight=loss.mask_dice
