@@ -88,10 +88,6 @@ class HeadSettings:
     """A conv stem on the canvas pixels beside the vision tower, fused into every neck level (ViT-Adapter):
     "patchify" (the lighter stem), "conv" (the first models' stem; `true` in their configs), or false
     (none). See `modeling/spatial_prior.py`."""
-    separable: bool = False
-    """Depthwise-separable 3x3 convs in the neck, the spatial prior and Detect's box branches (as ultralytics'
-    class branches are): ~1/8 of a dense 3x3's multiply-adds at 96 channels (E35). Saved configs without
-    the key load as false (dense)."""
     mask_from_finest: bool = True
     """SAM decodes from the stride patch/2 level (masks at 8x the patch grid) instead of stride patch (4x)."""
     mask_crop: int = 14
@@ -218,11 +214,10 @@ class GroundedLlavaConfig:
     @classmethod
     def from_saved(cls, data: dict) -> GroundedLlavaConfig:
         """A checkpoint's config: as `from_dict`, and a checkpoint saved before `heads.mask_crop` (or
-        `heads.mask_pixels`, `heads.separable`) existed is built as it was trained: masks from the whole map
-        (without pixels), dense conv blocks."""
+        `heads.mask_pixels`) existed decodes its masks as it was trained to: from the whole map (without pixels)."""
         heads = data.get("heads")
-        if isinstance(heads, dict):  # saved before crops (0), pixel detail (false), separable blocks (false)
-            data = data | {"heads": {"mask_crop": 0, "mask_pixels": False, "separable": False} | heads}
+        if isinstance(heads, dict):  # saved before crops (0) or before pixel detail (false)
+            data = data | {"heads": {"mask_crop": 0, "mask_pixels": False} | heads}
         return cls.from_dict(data)
 
     @classmethod

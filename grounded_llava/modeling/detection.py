@@ -11,7 +11,6 @@ from types import SimpleNamespace
 
 import torch
 from torch import nn
-from ultralytics.nn.modules.conv import Conv, DWConv
 from ultralytics.nn.modules.head import Detect
 from ultralytics.utils.loss import v8DetectionLoss
 from ultralytics.utils.nms import non_max_suppression
@@ -59,20 +58,6 @@ class _PinnedDetect(Detect):
     legacy = False
 
 
-def _separable_box_branches(detect: Detect, channels: tuple[int, ...]) -> nn.ModuleList:
-    """`Detect.cv2` (the box branches: two dense 3x3 `Conv`s and a 1x1 to the DFL bins) built as ultralytics
-    builds its class branches (`cv3` when not legacy): each 3x3 a depthwise conv followed by a 1x1 `Conv`."""
-    width = detect.cv2[0][0].conv.out_channels
-    return nn.ModuleList(
-        nn.Sequential(
-            nn.Sequential(DWConv(x, x, 3), Conv(x, width, 1)),
-            nn.Sequential(DWConv(width, width, 3), Conv(width, width, 1)),
-            nn.Conv2d(width, 4 * detect.reg_max, 1),
-        )
-        for x in channels
-    )
-
-
 class _LossHost:
     """The minimal model-like object `v8DetectionLoss` reads: `.args` gains, `.model[-1]` the head, `.parameters()`."""
 
@@ -83,8 +68,7 @@ class _LossHost:
 
 
 class DetectionHead(nn.Module):
-    """YOLO `Detect` over three pyramid levels of `channels` channels with the given canvas strides.
-    `separable`: the box branches' 3x3 convs depthwise-separable too (as ultralytics' class branches are)."""
+    """YOLO `Detect` over three pyramid levels of `channels` channels with the given canvas strides."""
 
     def __init__(
         self,
@@ -95,7 +79,6 @@ class DetectionHead(nn.Module):
         canvas_size: int,
         reg_max: int = 16,
         gains: tuple[float, float, float] = (7.5, 0.5, 1.5),
-        separable: bool = False,
     ) -> None:
         super().__init__()
         if num_classes < 1:
@@ -103,8 +86,6 @@ class DetectionHead(nn.Module):
         self.channels = channels
         self.gains = gains
         self.detect = _PinnedDetect(nc=num_classes, reg_max=reg_max, ch=(channels,) * len(strides))
-        if separable:
-            self.detect.cv2 = _separable_box_branches(self.detect, (channels,) * len(strides))
         self.detect.stride = torch.tensor(strides, dtype=torch.float32)
         _replace_batch_norms(self.detect)
         self.canvas_size = canvas_size

@@ -38,7 +38,6 @@ def build_heads(
                 channels=channels,
                 grid_size=grid_size,
                 with_prior=bool(heads.spatial_prior),
-                separable=heads.separable,
             ),
             "detection_head": DetectionHead(
                 num_classes=num_classes,
@@ -47,7 +46,6 @@ def build_heads(
                 canvas_size=canvas_size,
                 reg_max=heads.reg_max,
                 gains=(heads.box_gain, heads.cls_gain, heads.dfl_gain),
-                separable=heads.separable,
             ),
             "mask_head": MaskHead(
                 channels=channels,
@@ -64,9 +62,7 @@ def build_heads(
         }
     )
     if heads.spatial_prior:
-        parts["spatial_prior"] = SpatialPrior(
-            channels=channels, stem=heads.spatial_prior, separable=heads.separable
-        )
+        parts["spatial_prior"] = SpatialPrior(channels=channels, stem=heads.spatial_prior)
     # built last, so that its size (a query change) leaves the other heads' initialisation as it was
     parts["pointer"] = ProposalPointer(
         channels=channels + 3,  # + the canvas colour (`pointer_features`)

@@ -16,23 +16,18 @@ class VisionNeck(nn.Module):
 
     With `prior` maps (`SpatialPrior`, finest first), each level is the sum of the token map and the prior
     map (resized to it when the strides differ, e.g. patch 14), followed by a conv block.
-    `separable`: depthwise-separable conv blocks (`conv_block`).
     """
 
-    def __init__(
-        self, *, in_dim: int, channels: int, grid_size: int, with_prior: bool = False, separable: bool = False
-    ) -> None:
+    def __init__(self, *, in_dim: int, channels: int, grid_size: int, with_prior: bool = False) -> None:
         super().__init__()
         self.grid_size = grid_size
         self.input_proj = nn.Sequential(nn.Linear(in_dim, channels), nn.LayerNorm(channels))
-
-        def block(stride: int = 1) -> nn.Sequential:
-            return conv_block(channels, channels, stride=stride, separable=separable)
-
-        self.up = nn.Sequential(nn.ConvTranspose2d(channels, channels, 2, stride=2), block())
-        self.mid = block()
-        self.down = block(stride=2)
-        self.fuse = nn.ModuleList([block() for _ in range(3)]) if with_prior else None
+        self.up = nn.Sequential(
+            nn.ConvTranspose2d(channels, channels, 2, stride=2), conv_block(channels, channels)
+        )
+        self.mid = conv_block(channels, channels)
+        self.down = conv_block(channels, channels, stride=2)
+        self.fuse = nn.ModuleList([conv_block(channels, channels) for _ in range(3)]) if with_prior else None
 
     def forward(
         self, image_features: torch.Tensor, prior: list[torch.Tensor] | None = None

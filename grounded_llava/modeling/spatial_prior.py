@@ -21,30 +21,9 @@ PriorStem = Literal["patchify", "conv"]
 STEMS: tuple[str, ...] = ("patchify", "conv")
 
 
-def conv_block(
-    in_channels: int, out_channels: int, *, stride: int = 1, kernel: int = 3, separable: bool = False
-) -> nn.Sequential:
+def conv_block(in_channels: int, out_channels: int, *, stride: int = 1, kernel: int = 3) -> nn.Sequential:
     """kxk conv + GroupNorm + SiLU. GroupNorm, not BatchNorm: batches are a few images and DDP ranks
-    must not need synced statistics. A stride-k kxk conv (kernel == stride) patchifies.
-
-    `separable`: the kxk conv is depthwise, followed by a 1x1 conv (MobileNet's block, YOLO11's Detect
-    branches): ~1/8 of the multiply-adds of a dense 3x3 at 96 channels. A patchifying conv stays dense.
-    """
-    if separable and kernel != stride:
-        return nn.Sequential(
-            nn.Conv2d(
-                in_channels,
-                in_channels,
-                kernel,
-                stride=stride,
-                padding=kernel // 2,
-                groups=in_channels,
-                bias=False,
-            ),
-            nn.Conv2d(in_channels, out_channels, 1, bias=False),
-            nn.GroupNorm(num_groups=min(8, out_channels), num_channels=out_channels),
-            nn.SiLU(),
-        )
+    must not need synced statistics. A stride-k kxk conv (kernel == stride) patchifies."""
     return nn.Sequential(
         nn.Conv2d(
             in_channels,
@@ -59,22 +38,22 @@ def conv_block(
     )
 
 
-def _stem(kind: PriorStem, channels: int, separable: bool) -> nn.Sequential:
+def _stem(kind: PriorStem, channels: int) -> nn.Sequential:
     """(I, 3, S, S) -> (I, channels, S/8, S/8)."""
     if kind == "patchify":
         return nn.Sequential(
             conv_block(3, 48, stride=4, kernel=4),
-            conv_block(48, channels, stride=2, separable=separable),
-            conv_block(channels, channels, separable=separable),
+            conv_block(48, channels, stride=2),
+            conv_block(channels, channels),
         )
     if kind == "conv":
         width = 32
         return nn.Sequential(
             conv_block(3, width, stride=2),
-            conv_block(width, width, separable=separable),
-            conv_block(width, 2 * width, stride=2, separable=separable),
-            conv_block(2 * width, channels, stride=2, separable=separable),
-            conv_block(channels, channels, separable=separable),
+            conv_block(width, width),
+            conv_block(width, 2 * width, stride=2),
+            conv_block(2 * width, channels, stride=2),
+            conv_block(channels, channels),
         )
     raise ValueError(f"unknown spatial prior stem {kind!r}: expected one of {STEMS}")
 
@@ -82,11 +61,11 @@ def _stem(kind: PriorStem, channels: int, separable: bool) -> nn.Sequential:
 class SpatialPrior(nn.Module):
     """(I, 3, S, S) -> [(I, C, S/8, S/8), (I, C, S/16, S/16), (I, C, S/32, S/32)], finest first."""
 
-    def __init__(self, *, channels: int, stem: PriorStem = "patchify", separable: bool = False) -> None:
+    def __init__(self, *, channels: int, stem: PriorStem = "patchify") -> None:
         super().__init__()
-        self.stem = _stem(stem, channels, separable)
-        self.down16 = conv_block(channels, channels, stride=2, separable=separable)
-        self.down32 = conv_block(channels, channels, stride=2, separable=separable)
+        self.stem = _stem(stem, channels)
+        self.down16 = conv_block(channels, channels, stride=2)
+        self.down32 = conv_block(channels, channels, stride=2)
 
     def forward(self, pixel_values: torch.Tensor) -> list[torch.Tensor]:
         stride8 = self.stem(pixel_values)
