@@ -13,6 +13,7 @@ from grounded_llava.modeling.masks import (
     cell_centres,
     crop_frames,
     frame_to_canvas,
+    sample_cells,
     targets_in_frames,
 )
 
@@ -68,8 +69,8 @@ def test_crop_decoding_equals_sam_on_each_prompts_crop():
         assert prediction.logits.shape == (6, 24, 24)  # 4x the 6x6 crop grid
         seg_tokens = head.seg_projection(seg_states)
         for row in range(6):
-            rois = torch.cat([image_index[row : row + 1, None].float(), frames[row : row + 1]], dim=1)
-            crop = roi_align(images, rois, 6, spatial_scale=14 / 112, sampling_ratio=2, aligned=True)
+            image = images[image_index[row] : image_index[row] + 1]
+            crop = sample_cells(image, torch.tensor([0]), frames[row : row + 1], 6, canvas_size=112)
             positions = head.prompt_encoder.pe_layer.forward_with_coords(
                 cell_centres(frames[row : row + 1], 6), (112, 112)
             )
@@ -90,6 +91,29 @@ def test_crop_decoding_equals_sam_on_each_prompts_crop():
     x0, y0, x1, y1 = frames[0].tolist()
     assert (canvas[0, : max(int(y0) - 1, 0)] == OUTSIDE_LOGIT).all()  # rows above the first frame
     assert (canvas[0, :, int(x1) + 2 :] == OUTSIDE_LOGIT).all()  # columns right of it
+
+
+def test_cells_are_sampled_where_roi_align_puts_its_bin_centres():
+    """Inside the map `sample_cells` equals torchvision's roi_align with one sample per bin (the cell
+    centres), whatever the image and frame; a frame beyond the canvas reads zeros there."""
+    torch.manual_seed(0)
+    images = torch.randn(3, 8, 14, 14)  # a stride-8 map over a 112 px canvas
+    image_index = torch.tensor([2, 0, 1, 2])
+    frames = torch.tensor(
+        [
+            [10.0, 20.0, 50.0, 44.0],
+            [5.0, 5.0, 107.0, 107.0],
+            [60.0, 30.0, 80.0, 90.0],
+            [33.3, 41.7, 47.1, 101.9],
+        ]
+    )
+    rois = torch.cat([image_index[:, None].float(), frames], dim=1)
+    expected = roi_align(images, rois, 5, spatial_scale=14 / 112, sampling_ratio=1, aligned=True)
+    torch.testing.assert_close(sample_cells(images, image_index, frames, 5, canvas_size=112), expected)
+    beyond = sample_cells(
+        images, torch.tensor([0]), torch.tensor([[-200.0, 0.0, -120.0, 80.0]]), 5, canvas_size=112
+    )
+    assert (beyond == 0).all()
 
 
 def test_a_mask_survives_the_trip_into_its_frame_and_back_to_the_canvas():

@@ -55,6 +55,29 @@ def cell_centres(frames: torch.Tensor, cells: int) -> torch.Tensor:
     return torch.stack([grid_x, grid_y], dim=-1).flatten(1, 2)
 
 
+def sample_cells(
+    feature_map: torch.Tensor,
+    image_index: torch.Tensor,
+    frames: torch.Tensor,
+    cells: int,
+    *,
+    canvas_size: int,
+) -> torch.Tensor:
+    """(I, C, h, w) map over the (S, S) canvas -> (M, C, cells, cells): the map at each frame's `cell_centres`.
+
+    Frames (M, 4) are xyxy canvas pixels of the images `image_index` (M,). The map covers the canvas exactly
+    (cell (i, j) at canvas ((j + 0.5) S / w, (i + 0.5) S / h)); bilinear, zeros outside the canvas. Inside
+    the map this equals torchvision's `roi_align(sampling_ratio=1, aligned=True)`, whose CPU backward is
+    ~3x slower (docs/EXPERIMENTS.md E35).
+    """
+    grid = cell_centres(frames, cells) / canvas_size * 2 - 1  # (M, cells*cells, 2), [-1, 1] over the canvas
+    # index_select: a deterministic backward (index_add_ in a fixed order), unlike advanced indexing on CPU
+    sampled = F.grid_sample(
+        feature_map.index_select(0, image_index), grid[:, None], mode="bilinear", align_corners=False
+    )  # (M, C, 1, cells*cells)
+    return sampled.view(len(frames), -1, cells, cells)
+
+
 def frame_to_canvas(
     logits: torch.Tensor, frames: torch.Tensor, *, canvas_size: int, resolution: int
 ) -> torch.Tensor:
@@ -228,10 +251,8 @@ class MaskHead(nn.Module):
         image_index = image_index.to(image_embeddings.device)
         if self.crop:
             frames = crop_frames(boxes_canvas.detach().to(image_embeddings.dtype))
-            rois = torch.cat([image_index[:, None].to(frames.dtype), frames], dim=1)
-            scale = image_embeddings.shape[-1] / self.canvas_size
-            prompt_images = roi_align(
-                image_embeddings, rois, self.crop, spatial_scale=scale, sampling_ratio=2, aligned=True
+            prompt_images = sample_cells(
+                image_embeddings, image_index, frames, self.crop, canvas_size=self.canvas_size
             )
             centres = cell_centres(frames, self.crop)  # (M, k*k, 2)
             positions = self.prompt_encoder.pe_layer.forward_with_coords(centres, (self.canvas_size,) * 2)
@@ -239,7 +260,8 @@ class MaskHead(nn.Module):
             no_mask = self.prompt_encoder.no_mask_embed.weight.reshape(1, -1, 1, 1)  # SAM's dense prompt
             detail = None
             if self.pixel_detail is not None:
-                crops = roi_align(
+                rois = torch.cat([image_index[:, None].to(frames.dtype), frames], dim=1)
+                crops = roi_align(  # no gradient: torchvision's area average, 2 x 2 samples per mask pixel
                     pixels.to(frames.dtype),
                     rois,
                     4 * self.crop,
