@@ -391,3 +391,44 @@ def test_a_world_is_read_once_per_process_and_again_when_its_file_changes(tmp_pa
     os.utime(annotations, ns=(annotations.stat().st_atime_ns, annotations.stat().st_mtime_ns + 10**9))
     changed = load_instances(annotations, images, on_bad_data="strict")
     assert changed is not first and len(changed.images) == 2 and len(first.images) == 3
+
+
+def test_source_blocks_give_one_source_per_batch_and_keep_the_shares() -> None:
+    """`source_block` = batch x ranks: every rank's batch holds one source, the epoch keeps the weights'
+    shares in whole blocks, and block 1 is the per-sample mixing order itself."""
+    sizes, weights = [30, 50], [0.75, 0.25]
+    sampler = ResumableSampler(
+        source_sizes=sizes, weights=weights, seed=5, source_block=8, num_replicas=2, rank=1
+    )
+    assert sampler.epoch_length == 80 and sampler.samples_per_source == [
+        64,
+        16,
+    ]  # 10 blocks: 7.5 -> 8, 2.5 -> 2
+    order = sampler.global_order(0)
+    sources = (order >= 30).astype(int)
+    for block in sources.reshape(-1, 8):
+        assert len(set(block.tolist())) == 1, block
+    rank_batches = np.asarray(list(sampler)).reshape(-1, 4)  # rank 1's batches of 4
+    assert all(len(set((batch >= 30).tolist())) == 1 for batch in rank_batches)
+    assert len(set(order[sources == 0].tolist())) == 30 and len(set(order[sources == 1].tolist())) == 16
+    mixed = ResumableSampler(source_sizes=sizes, weights=weights, seed=5, epoch_length=80)
+    assert (ResumableSampler(source_sizes=sizes, weights=weights, seed=5, source_block=1).global_order(0)
+            == mixed.global_order(0)).all()  # fmt: skip
+    assert len({tuple(b) for b in (mixed.global_order(0) >= 30).reshape(-1, 8).tolist()}) > 2  # mixed blocks
+
+
+def test_a_sampler_state_resumes_only_with_the_same_source_block() -> None:
+    blocked = ResumableSampler(source_sizes=[12, 6], weights=[2, 1], seed=9, source_block=3)
+    blocked.advance(6)
+    state = json.loads(json.dumps(blocked.state_dict()))
+    resumed = ResumableSampler(source_sizes=[12, 6], weights=[2, 1], seed=9, source_block=3)
+    resumed.load_state_dict(state)
+    assert list(resumed) == list(blocked)
+    with pytest.raises(ValueError, match="source_block"):
+        ResumableSampler(source_sizes=[12, 6], weights=[2, 1], seed=9).load_state_dict(state)
+    legacy = {
+        k: v
+        for k, v in ResumableSampler(source_sizes=[12, 6], seed=9).state_dict().items()
+        if k != "source_block"
+    }
+    ResumableSampler(source_sizes=[12, 6], seed=9).load_state_dict(legacy)  # saved before source blocks

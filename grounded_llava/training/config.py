@@ -98,6 +98,10 @@ class StageConfig:
     they are; the LLM only runs forward, and the pointer and SAM's decoder learn to read it."""
     batch_size: int | None = None
     """Samples per step (per rank) in this stage; None: `train.batch_size`."""
+    source_batches: bool = False
+    """Every batch holds samples of one source (the sources' shares kept over the epoch): long chat and
+    short grounding tasks then pad within their own batches (`training/sampler.py`; E35: 47% of a mixed
+    batch's LM tokens were padding)."""
     vision_lr_scale: float = 0.3
     """The tower + projector's learning rate as a fraction of `lr` (with `train_vision`)."""
     mask_jitter: float = 0.08

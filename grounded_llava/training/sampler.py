@@ -10,6 +10,11 @@ an epoch of `epoch_length` samples holds exactly `round(w_s * epoch_length)` sam
 Within a source, samples are drawn without replacement from fresh permutations, so a source
 smaller than its share is cycled through whole passes before any index repeats.
 
+Source blocks: with `source_block` = k > 1 the order is made of blocks of k consecutive samples of one
+source (k = batch size x ranks: every batch holds one source). The epoch is then a whole number of
+blocks, shared among the sources by the same largest-remainder rule. Sources whose sequences differ in
+length (long chat, short grounding tasks) then pad within their own batches only (docs/EXPERIMENTS.md E35).
+
 Position: `position` counts GLOBAL samples consumed in the current epoch (all ranks together).
 It is advanced explicitly by the training loop with `advance(samples_per_rank)` once a batch has
 really been used, never by iterating: a DataLoader with workers prefetches ahead, so "yielded" is
@@ -53,6 +58,7 @@ class ResumableSampler(Sampler[int]):
         seed: the order of epoch `e` depends only on `(seed, e)`.
         num_replicas: number of ranks sharing the stream (e.g. `accelerator.num_processes`).
         rank: this rank, in `[0, num_replicas)` (e.g. `accelerator.process_index`).
+        source_block: consecutive samples drawn from one source (module docstring); 1 mixes per sample.
 
     Every rank yields the same number of indices per epoch: the tail of the global order that does
     not fill one index per rank is dropped (like `DistributedSampler(drop_last=True)`).
@@ -67,6 +73,7 @@ class ResumableSampler(Sampler[int]):
         seed: int,
         num_replicas: int = 1,
         rank: int = 0,
+        source_block: int = 1,
     ) -> None:
         sizes = [int(n) for n in source_sizes]
         if not sizes or any(n <= 0 for n in sizes):
@@ -81,11 +88,17 @@ class ResumableSampler(Sampler[int]):
             raise ValueError(f"weights must all be > 0, got {list(weights)}")
         if num_replicas < 1 or not 0 <= rank < num_replicas:
             raise ValueError(f"rank {rank} must lie in [0, num_replicas={num_replicas})")
+        if source_block < 1:
+            raise ValueError(f"source_block must be >= 1, got {source_block}")
         length = sum(sizes) if epoch_length is None else int(epoch_length)
-        if length < num_replicas:
-            raise ValueError(f"epoch_length {length} is smaller than num_replicas {num_replicas}")
+        length -= length % source_block  # whole blocks
+        if length < max(num_replicas, 1):
+            raise ValueError(
+                f"epoch_length {length} (whole blocks of {source_block}) is smaller than num_replicas {num_replicas}"
+            )
         self.source_sizes = sizes
         self.weights = [float(w) for w in weights]
+        self.source_block = int(source_block)
         self.epoch_length = length
         self.seed = int(seed)
         self.num_replicas = num_replicas
@@ -97,8 +110,9 @@ class ResumableSampler(Sampler[int]):
 
     @property
     def samples_per_source(self) -> list[int]:
-        """How many samples of each source one epoch holds (sums to `epoch_length`)."""
-        return _largest_remainder_counts(np.asarray(self.weights), self.epoch_length).tolist()
+        """How many samples of each source one epoch holds (whole blocks; sums to `epoch_length`)."""
+        blocks = _largest_remainder_counts(np.asarray(self.weights), self.epoch_length // self.source_block)
+        return (blocks * self.source_block).tolist()
 
     def global_order(self, epoch: int) -> np.ndarray:
         """`(epoch_length,)` int64 global indices (into the concatenated sources) of `epoch`, all ranks."""
@@ -112,7 +126,8 @@ class ResumableSampler(Sampler[int]):
             passes = -(-count // size)  # ceil: whole permutations, so no index repeats within a pass
             drawn = np.concatenate([rng.permutation(size) for _ in range(passes)])[:count]
             per_source.append(drawn + offset)
-        labels = rng.permutation(np.repeat(np.arange(len(counts)), counts))
+        blocks = np.asarray(counts) // self.source_block
+        labels = rng.permutation(np.repeat(np.arange(len(counts)), blocks)).repeat(self.source_block)
         order = np.empty(self.epoch_length, dtype=np.int64)
         for source, drawn in enumerate(per_source):
             order[labels == source] = drawn
@@ -163,6 +178,7 @@ class ResumableSampler(Sampler[int]):
             "source_sizes": list(self.source_sizes),
             "weights": list(self.weights),
             "epoch_length": self.epoch_length,
+            "source_block": self.source_block,
             "num_replicas": self.num_replicas,
         }
 
@@ -176,7 +192,8 @@ class ResumableSampler(Sampler[int]):
                 f"sampler state version {state.get('version')!r} is not supported (expects {SAMPLER_STATE_VERSION})"
             )
         mine = self.state_dict()
-        for key in ("seed", "source_sizes", "weights", "epoch_length"):
+        state = {"source_block": 1} | state  # saved before source blocks existed
+        for key in ("seed", "source_sizes", "weights", "epoch_length", "source_block"):
             if state[key] != mine[key]:
                 raise ValueError(
                     f"sampler state field {key!r} = {state[key]!r} does not match this sampler's {mine[key]!r}: "
