@@ -265,16 +265,12 @@ class Trainer:
         """Datasets per source, the resumable rank-sharded mixing sampler and the loader over them."""
         stage, loop = self.config.stages[index], self.config.train
         datasets = [self._dataset(stage, model, s, seed=loop.seed + index) for s in data.sources]
-        batch_size = stage.batch_size or loop.batch_size
-        ranks = self.accelerator.num_processes
+        batch_size, ranks = stage.batch_size or loop.batch_size, self.accelerator.num_processes
         sampler = ResumableSampler(
-            source_sizes=[len(d) for d in datasets],
-            weights=data.weights,
-            seed=loop.seed + index,
-            num_replicas=ranks,
-            rank=self.accelerator.process_index,
+            source_sizes=[len(d) for d in datasets], weights=data.weights, seed=loop.seed + index,
+            num_replicas=ranks, rank=self.accelerator.process_index,
             source_block=batch_size * ranks if stage.source_batches else 1,
-        )
+        )  # fmt: skip
         loader = DataLoader(
             ConcatDataset(datasets),
             batch_size=batch_size,
