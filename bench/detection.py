@@ -1,4 +1,4 @@
-"""`det_head_vs_yolov8n`: our Detect head (trained by `Trainer`'s `align` stage) vs YOLOv8n from scratch.
+"""`det_head_vs_yolov8n`: our Detect head (trained by `Trainer`'s `heads` stage) vs YOLOv8n from scratch.
 
 Both train on the SAME synthetic training world for the same CPU wall-clock budget and are scored
 on the same validation world by the same code: predictions -> COCO results (xyxy original pixels,

@@ -49,7 +49,7 @@ def markdown(report: dict) -> str:
         f"| detector (budget {det['budget_s']:.0f} s, {det['train_images']} train / {det['val_images']} val images)"
         " | mAP50-95 | mAP50 | training s | what it did |",
         "| --- | --- | --- | --- | --- |",
-        f"| ours (Trainer `align`) | {det['map50_95']['ours']:.4f} | {det['map50']['ours']:.4f} | "
+        f"| ours (Trainer `heads` stage) | {det['map50_95']['ours']:.4f} | {det['map50']['ours']:.4f} | "
         f"{det['train_s']['ours']:.0f} | {det['ours_steps']} steps x {det['ours_batch_size']} |",
         f"| YOLOv8n (from yolov8n.yaml) | {det['map50_95']['yolov8n']:.4f} | {det['map50']['yolov8n']:.4f} | "
         f"{det['train_s']['yolov8n']:.0f} | {det['yolov8n_batches']} batches x {det['yolov8n_batch_size']} "
