@@ -415,6 +415,8 @@ def test_source_blocks_give_one_source_per_batch_and_keep_the_shares() -> None:
     assert (ResumableSampler(source_sizes=sizes, weights=weights, seed=5, source_block=1).global_order(0)
             == mixed.global_order(0)).all()  # fmt: skip
     assert len({tuple(b) for b in (mixed.global_order(0) >= 30).reshape(-1, 8).tolist()}) > 2  # mixed blocks
+    with pytest.raises(ValueError, match="whole blocks of 8"):  # 5 samples hold no block of 8
+        ResumableSampler(source_sizes=[5], seed=0, source_block=8)
 
 
 def test_a_sampler_state_resumes_only_with_the_same_source_block() -> None:

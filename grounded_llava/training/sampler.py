@@ -92,7 +92,7 @@ class ResumableSampler(Sampler[int]):
             raise ValueError(f"source_block must be >= 1, got {source_block}")
         length = sum(sizes) if epoch_length is None else int(epoch_length)
         length -= length % source_block  # whole blocks
-        if length < max(num_replicas, 1):
+        if length < num_replicas:
             raise ValueError(
                 f"epoch_length {length} (whole blocks of {source_block}) is smaller than num_replicas {num_replicas}"
             )
