@@ -110,6 +110,11 @@ class HeadSettings:
     nms_iou: float = 0.6
     match_iou: float = 0.5
     """IoU for matching a text box to a head box at inference (DESIGN: reconciliation)."""
+    attribute: str = ""
+    """An annotation attribute key (e.g. "color") that the attribute head classifies for every box
+    (`modeling/attributes.py`) and the scene line names; "" for none."""
+    attribute_values: list[str] = field(default_factory=list)
+    """The attribute's values (class id = index); annotations with another value teach nothing."""
 
     def __post_init__(self) -> None:
         if self.spatial_prior is True:  # configs written before the stems had names
@@ -124,6 +129,8 @@ class HeadSettings:
             self.mask_pixels = False  # pixel detail is a crop's: the whole-map decoder has none
         if self.neck_channels % self.mask_decoder_heads:
             raise ConfigError("heads.neck_channels must divide by heads.mask_decoder_heads")
+        if bool(self.attribute) != bool(self.attribute_values):
+            raise ConfigError("heads.attribute and heads.attribute_values go together (both set or both empty)")
         if len(set(self.categories)) != len(self.categories):
             raise ConfigError(f"heads.categories has duplicates: {self.categories}")
 
@@ -171,6 +178,10 @@ class GroundedLlavaConfig:
     copy_bias: float = 0.0
     """Decoding: inside a grounded phrase, this logit bonus goes to the word that continues a run of the
     question's words (`inference/copy_prior.py`; 0 = off). For a small LM that does not copy on its own."""
+    scene_line: bool = False
+    """The image's turn opens with the scene line (`scene_line.py`): the objects the head sees (and their
+    `heads.attribute`) as words, with counts; written from the annotations in training, from the head's
+    detections at inference (OSCAR's object tags; docs/EXPERIMENTS.md E36)."""
     system_prompt: str = (
         "A chat between a curious human and an artificial intelligence assistant. "
         "The assistant gives helpful, detailed, and polite answers to the human's questions."

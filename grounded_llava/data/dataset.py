@@ -21,6 +21,7 @@ from ..grammar import lex_text, parse
 from ..image_io import ImageReadError, read_rgb
 from ..modeling.detection import DetectionTargets
 from ..processor import EncodedConversation, GroundedBatch, GroundedProcessor
+from ..scene_line import SeenObject, scene_line, with_scene_line
 from .bad_data import BadDataPolicy, UnreadableImageError
 from .phrasing import flip_text_left_right
 from .sample import GroundedSample
@@ -57,6 +58,15 @@ def flip_sample(
         seg_masks=[np.ascontiguousarray(m[:, ::-1]) for m in sample.seg_masks],
     )
     return flipped, image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+
+
+def annotated_scene_line(sample: GroundedSample, attribute: str) -> str:
+    """The scene line of every instance a sample lists (its boxes as they are: after any flip)."""
+    attributes = sample.det_attributes or [{}] * len(sample.det_categories)
+    return scene_line([
+        SeenObject(name, attrs.get(attribute) if attribute else None, float(box[0] + box[2]) / 2)
+        for name, attrs, box in zip(sample.det_categories, attributes, sample.det_boxes, strict=True)
+    ])  # fmt: skip
 
 
 def load_image(path: Path, *, source: str = "") -> Image.Image:
@@ -96,6 +106,8 @@ class GroundedDataset(Dataset):
         mask_resolution: side of SAM's low-res mask output (4 x patch grid).
         hflip_prob: probability of a horizontal flip, deterministic per (seed, epoch, index).
         on_bad_data: the source's policy for an image that cannot be decoded (`unreadable.py`).
+        scene_line: open the image's turn with the scene line of its annotations (`scene_line.py`), for
+            samples that list every instance (`has_det_targets`); its attribute words are `attributes[attribute]`.
     """
 
     def __init__(
@@ -108,8 +120,12 @@ class GroundedDataset(Dataset):
         hflip_prob: float = 0.0,
         seed: int = 0,
         on_bad_data: BadDataPolicy = "strict",
+        scene_line: bool = False,
+        attribute: str = "",
     ) -> None:
         self.samples = list(samples)
+        self.scene_line = scene_line
+        self.attribute = attribute
         self.unreadable = SkipUnreadable(on_bad_data)
         self.processor = processor
         self.class_of = {name: index for index, name in enumerate(categories)}
@@ -135,7 +151,10 @@ class GroundedDataset(Dataset):
             and random.Random(f"{self.seed}-{self.epoch}-{index}").random() < self.hflip_prob
         ):
             sample, image = flip_sample(sample, image, self.processor.num_bins)
-        encoded = self.processor.encode_conversation(sample.conversation, image)
+        turns = sample.conversation
+        if self.scene_line and image is not None and sample.has_det_targets:
+            turns = with_scene_line(turns, annotated_scene_line(sample, self.attribute))
+        encoded = self.processor.encode_conversation(turns, image)
         seg_count = sum(turn["value"].count(SEG) for turn in sample.conversation if turn["from"] == "gpt")
         if seg_count != len(sample.seg_masks):
             raise ValueError(f"{sample.source}: {seg_count} <seg> tokens but {len(sample.seg_masks)} masks")

@@ -160,6 +160,7 @@ class _Scene:
             has_det_targets=True,
             det_boxes=boxes,
             det_categories=[i.category_name for i in instances],
+            det_attributes=[i.attributes for i in instances],
             seg_masks=masks or [],
             source=self.record.file_name,
             task=task,

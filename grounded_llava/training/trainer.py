@@ -300,8 +300,9 @@ class Trainer:
                 **common,
             )
         return GroundedDataset(
-            source.samples, model.processor, hflip_prob=stage.hflip_prob, seed=seed, **common
-        )
+            source.samples, model.processor, hflip_prob=stage.hflip_prob, seed=seed,
+            scene_line=model.config.scene_line, attribute=model.config.heads.attribute, **common,
+        )  # fmt: skip
 
     def _losses(
         self, wrapped, model: GroundedLlavaForConditionalGeneration, batch: TrainingBatch | HeadsBatch,
