@@ -130,7 +130,9 @@ class HeadSettings:
         if self.neck_channels % self.mask_decoder_heads:
             raise ConfigError("heads.neck_channels must divide by heads.mask_decoder_heads")
         if bool(self.attribute) != bool(self.attribute_values):
-            raise ConfigError("heads.attribute and heads.attribute_values go together (both set or both empty)")
+            raise ConfigError(
+                "heads.attribute and heads.attribute_values go together (both set or both empty)"
+            )
         if len(set(self.categories)) != len(self.categories):
             raise ConfigError(f"heads.categories has duplicates: {self.categories}")
 
@@ -178,6 +180,9 @@ class GroundedLlavaConfig:
     copy_bias: float = 0.0
     """Decoding: inside a grounded phrase, this logit bonus goes to the word that continues a run of the
     question's words (`inference/copy_prior.py`; 0 = off). For a small LM that does not copy on its own."""
+    copy_head: bool = False
+    """A pointer-generator copy route beside the LM head (`modeling/copy_head.py`): the next token may be
+    copied from the prompt's words. For a small LM trained from scratch, which does not learn to copy (E36)."""
     scene_line: bool = False
     """The image's turn opens with the scene line (`scene_line.py`): the objects the head sees (and their
     `heads.attribute`) as words, with counts; written from the annotations in training, from the head's

@@ -5,11 +5,13 @@ BUTD carry an attribute label (a colour) beside each object's class. A small LM 
 read classes or count from region tokens (docs/EXPERIMENTS.md E25, E31), but it copies words from its
 context. So the first human turn can open with one line, e.g.
 
-    Seen 3 objects, left to right: blue cross, red circle, red circle. Kinds: 1 cross, 2 circles. Colours: 1 blue, 2 red.
+    Seen 3 objects, left to right: circle red, cross blue, circle red. Kinds: circles 2, cross 1. Colours: red 2, blue 1.
 
 Training writes it from the annotations (every instance of the image, after any flip), inference from
 the head's detections above `heads.conf_threshold` and the attribute head (`modeling/attributes.py`).
-The attribute part is left out for objects without one (e.g. COCO, which has no colours).
+The attribute part is left out for objects without one (e.g. COCO, which has no colours). Each value comes
+after the word it belongs to ("circles 2", "cross blue"): a causal LM's state at "2" has read "circles",
+so a copy head (`modeling/copy_head.py`) finds the number by the noun the question asks about.
 """
 
 from __future__ import annotations
@@ -36,8 +38,8 @@ class SeenObject:
 
 
 def _counted(counts: Counter, *, nouns: bool = True) -> str:
-    """`2 circles, 1 cross` (nouns) or `2 red, 1 blue` (adjectives), in the order of `counts`."""
-    return ", ".join(f"{n} {pluralize(name) if nouns and n != 1 else name}" for name, n in counts.items())
+    """`circles 2, cross 1` (nouns) or `red 2, blue 1` (adjectives), in the order of `counts`."""
+    return ", ".join(f"{pluralize(name) if nouns and n != 1 else name} {n}" for name, n in counts.items())
 
 
 def scene_line(objects: Sequence[SeenObject]) -> str:
@@ -45,9 +47,12 @@ def scene_line(objects: Sequence[SeenObject]) -> str:
     if not objects:
         return "Seen no objects."
     ordered = sorted(objects, key=lambda o: o.x_center)
-    listed = ", ".join(f"{o.attribute} {o.name}" if o.attribute else o.name for o in ordered[:MAX_LISTED])
+    listed = ", ".join(f"{o.name} {o.attribute}" if o.attribute else o.name for o in ordered[:MAX_LISTED])
     noun = "object" if len(ordered) == 1 else "objects"
-    parts = [f"Seen {len(ordered)} {noun}, left to right: {listed}.", f"Kinds: {_counted(Counter(o.name for o in ordered))}."]
+    parts = [
+        f"Seen {len(ordered)} {noun}, left to right: {listed}.",
+        f"Kinds: {_counted(Counter(o.name for o in ordered))}.",
+    ]
     attributes = Counter(o.attribute for o in ordered if o.attribute)
     if attributes:
         parts.append(f"Colours: {_counted(attributes, nouns=False)}.")

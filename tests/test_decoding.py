@@ -19,6 +19,7 @@ from grounded_llava import GroundedLlavaForConditionalGeneration
 from grounded_llava.codec import box_bins
 from grounded_llava.inference import GroundedLlava
 from grounded_llava.inference.decoding import DecodedAnswers, decode_grounded
+from grounded_llava.inference.requests import build_request
 
 from .conftest import tiny_test_config
 
@@ -155,7 +156,8 @@ def test_predictor_answers_carry_the_pointers_boxes_and_scores(rigged):
             images, prompts, max_new_tokens=len(expected_lm) - 1 + 6 * BOXES_PER_PHRASE
         )
         requests = [
-            predictor._request(image, prompt, []) for image, prompt in zip(images, prompts, strict=True)
+            build_request(predictor.processor, image, prompt, [])
+            for image, prompt in zip(images, prompts, strict=True)
         ]
         proposals = model.proposals(model.detection_head(predictor._encode(requests)[1]))
     for row, (answer, request) in enumerate(zip(answers, requests, strict=True)):
@@ -182,7 +184,7 @@ def test_a_phrase_cannot_name_a_class_the_head_reports_nothing_of(rigged):
         model.config.heads.conf_threshold = threshold
         predictor = GroundedLlava(model, device="cpu")
         with torch.inference_mode(), model.llava.disable_adapter():
-            requests = [predictor._request(images[0], question, [])]
+            requests = [build_request(predictor.processor, images[0], question, [])]
             features, pyramid = predictor._encode(requests)
             decoded = predictor._generate(requests, features, pyramid, max_new_tokens=len(expected_lm) + 2,
                                           temperature=0.0)  # fmt: skip
@@ -205,7 +207,7 @@ def test_with_the_copy_prior_the_phrase_copies_the_question(rigged):
         model.config.copy_bias = bias
         predictor = GroundedLlava(model, device="cpu")
         with torch.inference_mode(), model.llava.disable_adapter():
-            requests = [predictor._request(images[0], question, [])]
+            requests = [build_request(predictor.processor, images[0], question, [])]
             features, pyramid = predictor._encode(requests)
             answer = predictor._generate(requests, features, pyramid, max_new_tokens=12, temperature=0.0).ids[
                 0

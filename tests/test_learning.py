@@ -13,7 +13,9 @@ from torchvision.ops import box_iou
 
 from grounded_llava import GroundedLlavaForConditionalGeneration
 from grounded_llava.data.coco import load_coco_instances
+from grounded_llava.data.shape_words import COLORS
 from grounded_llava.data.synthetic import generate_world
+from grounded_llava.modeling.attributes import IGNORE
 from grounded_llava.modeling.heads_step import heads_losses
 from grounded_llava.modeling.pointer import Proposals, pointer_loss, pointer_targets
 from grounded_llava.training.heads_data import HeadsBatch, HeadsDataset, collate_heads, jitter_boxes
@@ -42,13 +44,16 @@ def _model(**heads) -> GroundedLlavaForConditionalGeneration:
 
 
 def _batch(model: GroundedLlavaForConditionalGeneration, records) -> HeadsBatch:
+    heads = model.config.heads
     dataset = HeadsDataset(
         records,
         model.processor,
-        categories=model.config.heads.categories,
+        categories=heads.categories,
         mask_resolution=model.mask_head.mask_resolution,
         hflip_prob=0.0,
         zoom_prob=0.0,
+        attribute=heads.attribute,
+        attribute_values=heads.attribute_values,
     )
     return collate_heads([dataset[i] for i in range(len(dataset))])
 
@@ -132,6 +137,34 @@ def test_sam_head_overfits_the_instance_masks_from_jittered_boxes(scenes):
             predicted, target = logits > 0, batch.mask_targets > 0.5
             iou = (predicted & target).flatten(1).sum(1) / (predicted | target).flatten(1).sum(1)
             assert iou.mean() >= 0.9 and iou.min() >= 0.75, iou.tolist()
+
+
+def test_attribute_head_overfits_the_colours_of_every_instance(scenes):
+    """The attribute head (`heads.attribute: color`) learns each object's colour from jittered true boxes and
+    names it from the exact boxes in eval mode; a colour outside its values teaches nothing."""
+    values = sorted(COLORS)[:-1]  # one colour left out: its objects' targets are IGNORE
+    model = _model(attribute="color", attribute_values=values)
+    batch = _batch(model, scenes)
+    known = batch.attribute_ids != IGNORE
+    assert known.sum() >= 8 and len(set(batch.attribute_ids[known].tolist())) >= 3
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-3)
+    history = []
+    for step in range(60):
+        torch.manual_seed(step)
+        out = heads_losses(model, pixel_values=batch.pixel_values, det_targets=batch.det_targets,
+                           **batch.box_prompts(jitter=0.05, canvas_size=model.canvas_size, device=torch.device("cpu")))  # fmt: skip
+        out.attribute_loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        history.append(float(out.attribute_loss.detach()))
+    assert sum(history[-5:]) / 5 < 0.1 * history[0], (history[0], history[-5:])
+    model.eval()
+    with torch.no_grad():
+        pyramid = model.image_pyramid(model.encode_images(batch.pixel_values), batch.pixel_values)
+        logits = model.attribute_head(
+            model.pointer_features(pyramid, batch.pixel_values), batch.det_targets.image_index, batch.boxes
+        )
+    assert (logits.argmax(-1)[known] == batch.attribute_ids[known]).all()
 
 
 def test_pointer_overfits_category_queries_and_says_none_when_the_object_is_not_proposed(scenes):

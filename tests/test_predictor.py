@@ -12,6 +12,7 @@ from grounded_llava.codec import encode_phrase
 from grounded_llava.inference import Detections, GroundedAnswer, GroundedLlava, checkpoint_paths
 from grounded_llava.inference.forced import forced_answers
 from grounded_llava.inference.grounding import find_box_groups
+from grounded_llava.inference.requests import build_request
 from grounded_llava.modeling import CheckpointError
 from grounded_llava.modeling.base import BaseModelUnavailableError
 
@@ -105,7 +106,7 @@ def test_a_given_answer_gets_box_mask_and_token_probability(predictor):
     answer_ids = processor.encode_answer(answer_text)
     assert answer_ids.count(model.image_token_id) == 1 and answer_ids.count(model.token_ids.seg) == 2
 
-    request = predictor._request(image, "Segment the circle.", [])
+    request = build_request(predictor.processor, image, "Segment the circle.", [])
     features, pyramid = predictor._encode([request])
     answer = predictor.score(image, "Segment the circle.", answer_text)
     assert answer.text.startswith("Here: circle") and answer.num_dropped_groups == 1
@@ -124,7 +125,9 @@ def test_a_given_answer_gets_box_mask_and_token_probability(predictor):
     assert 0.0 <= span.score <= 1.0
 
     # Forced in a right-padded batch after a longer sample: the same log-probabilities and `<seg>` state.
-    other = predictor._request(noise_image(50, 70, seed=8), "Describe the image in detail, please.", [])
+    other = build_request(
+        predictor.processor, noise_image(50, 70, seed=8), "Describe the image in detail, please.", []
+    )
     other_features, other_pyramid = predictor._encode([other])
     requests = [other, request]
     pair = forced_answers(
@@ -178,7 +181,7 @@ def test_history_and_masks_for_detections(predictor):
     second = predictor.chat(
         image, "And where?", [("What is in the image?", first)], max_new_tokens=4, masks_for_detections=True
     )
-    request = predictor._request(image, "And where?", [("What is in the image?", first)])
+    request = build_request(predictor.processor, image, "And where?", [("What is in the image?", first)])
     assert (
         request.encoded.input_ids == predictor.model.image_token_id
     ).sum() == predictor.processor.num_image_tokens
@@ -221,7 +224,7 @@ def test_generation_keeps_what_a_second_pass_would_compute():
     image, pad = REPO / "examples" / "shapes_1.png", shipped.processor.tokenizer.pad_token_id
     segs = 0
     for prompt in ("Segment every circle.", "Where is the red square?"):
-        request = shipped._request(image, prompt, [])
+        request = build_request(shipped.processor, image, prompt, [])
         features, pyramid = shipped._encode([request])
         generated = shipped._generate([request], features, pyramid, max_new_tokens=48, temperature=0.0)
         forced = forced_answers(

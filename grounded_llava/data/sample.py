@@ -21,11 +21,11 @@ class GroundedSample:
             detection head may learn "nothing else is there"); False for chat-only samples.
         det_boxes: (N, 4) float32 xyxy, original pixels, every instance of the image.
         det_categories: N category names, aligned with `det_boxes`.
-        det_attributes: N annotation `attributes` dicts aligned with `det_boxes` (e.g. {"color": "red"}; {}
-            when the annotation has none): the attribute head's targets and the scene line's words.
         seg_masks: one bool (H, W) mask at original size per `<seg>` token of the gpt turns, in the
             order the tokens appear in the conversation.
         source: where it came from (file name), for error messages; task: which task made it.
+        det_attributes: N annotation `attributes` dicts aligned with `det_boxes` (e.g. {"color": "red"}; {}
+            when the annotation has none, or [] for none at all): the scene line's attribute words.
     """
 
     image_path: Path | None
@@ -34,7 +34,7 @@ class GroundedSample:
     has_det_targets: bool = False
     det_boxes: np.ndarray = field(default_factory=lambda: np.zeros((0, 4), dtype=np.float32))
     det_categories: list[str] = field(default_factory=list)
-    det_attributes: list[dict] = field(default_factory=list)
     seg_masks: list[np.ndarray] = field(default_factory=list)
     source: str = ""
     task: str = ""
+    det_attributes: list[dict] = field(default_factory=list)

@@ -38,6 +38,7 @@ from grounded_llava.codec import box_bins
 from grounded_llava.data.phrasing import pluralize
 from grounded_llava.image_meta import ImageMeta
 from grounded_llava.modeling import GroundedLlavaForConditionalGeneration
+from grounded_llava.modeling.copy_head import CopySources
 from grounded_llava.modeling.pointer import Proposals, pointer_decision
 
 from .copy_prior import CopyPrior
@@ -280,6 +281,10 @@ def decode_grounded(
         use_cache=True,
     )
     cache, hidden = out.cache, out.last_hidden_state[:, -1]
+    sources = None  # with a copy head: what each row may copy from (`modeling/copy_head.py`)
+    if model.copy_head is not None:
+        readable = attention_mask.bool() & (input_ids != model.image_token_id)
+        sources = CopySources(model.copy_head, out.last_hidden_state, input_ids, readable)
     next_position = position_ids[:, -1] + 1
     answers: list[list[int]] = [[] for _ in range(batch)]
     log_probs: list[list[float]] = [[] for _ in range(batch)]
@@ -296,6 +301,8 @@ def decode_grounded(
         step_hidden = hidden
         phrase.read(hidden)
         logits_now = llava.lm_head(hidden)
+        if sources is not None:
+            logits_now = sources.mix(logits_now, hidden)
         for r in range(batch) if copy_prior is not None else ():
             if phrase.inside[r]:
                 logits_now[r, copy_prior.boosted(questions[r], phrase.tokens[r])] += copy_prior.bias
@@ -355,6 +362,8 @@ def decode_grounded(
             answers[r].pop()
             log_probs[r].pop()
             attention_mask[r, -1] = 0
+            if sources is not None:
+                sources.forget_last(r)
             next_position[r] -= 1
             instead = previous[r : r + 1].index_fill(-1, box_open, float("-inf"))
             tokens[r] = _choose(instead, temperature)[0]
@@ -383,6 +392,8 @@ def decode_grounded(
             use_cache=True,
         )
         cache, hidden = out.cache, out.last_hidden_state[:, -1]
+        if sources is not None:
+            sources.append(hidden, tokens, ~finished)
         next_position = next_position + 1
         previous, previous_hidden = logits_now, step_hidden
     return DecodedAnswers(answers, choices, log_probs, seg_states, head_outputs)

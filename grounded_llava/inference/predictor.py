@@ -21,14 +21,12 @@ Frames: boxes in results are xyxy ORIGINAL image pixels; masks are bool at origi
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
 
-from grounded_llava.conversation import human_turn
 from grounded_llava.image_meta import ImageMeta
 from grounded_llava.inference import decoding
 from grounded_llava.inference.checkpoint_paths import load_grounded_model
@@ -42,22 +40,11 @@ from grounded_llava.inference.grounding import (
 from grounded_llava.inference.head_results import category_names, head_detections
 from grounded_llava.inference.images import ImageInput, load_image
 from grounded_llava.inference.reconciliation import phrase_category_index, reconcile
+from grounded_llava.inference.requests import History, Request, build_request, with_scene_lines
 from grounded_llava.inference.results import GroundedAnswer
 from grounded_llava.modeling import GroundedLlavaForConditionalGeneration
 from grounded_llava.modeling.base import merge_adapters
 from grounded_llava.modeling.prompts import bins_to_canvas
-from grounded_llava.processor import EncodedConversation
-
-History = Sequence[tuple[str, "str | GroundedAnswer"]]
-
-
-@dataclass
-class _Request:
-    """One prompt to answer: the conversation encoded up to "ASSISTANT:", its image geometry, the question."""
-
-    encoded: EncodedConversation
-    meta: ImageMeta
-    question: str
 
 
 class GroundedLlava:
@@ -110,7 +97,7 @@ class GroundedLlava:
         grounding tokens). The image is attached to the first turn. temperature 0 = greedy decoding.
         `masks_for_detections`: also give every head detection a box-prompted SAM mask.
         """
-        request = self._request(image, prompt, history or [])
+        request = build_request(self.processor, image, prompt, history or [])
         return self._run(
             [request],
             max_new_tokens=max_new_tokens,
@@ -138,7 +125,7 @@ class GroundedLlava:
         answers: list[GroundedAnswer] = []
         for start in range(0, len(images), batch_size):
             chunk = zip(images[start : start + batch_size], prompts[start : start + batch_size], strict=True)
-            requests = [self._request(image, prompt, []) for image, prompt in chunk]
+            requests = [build_request(self.processor, image, prompt, []) for image, prompt in chunk]
             answers += self._run(
                 requests,
                 max_new_tokens=max_new_tokens,
@@ -160,8 +147,9 @@ class GroundedLlava:
         """Ground a given `answer` to `prompt` (text with its grounding tokens: a reference, another model's
         or an edited answer) as `chat` grounds its own: one teacher-forced pass scores each box by the
         probability of its four `<loc_k>` tokens under this model and masks each `<seg>`."""
-        request = self._request(image, prompt, history or [])
+        request = build_request(self.processor, image, prompt, history or [])
         features, pyramid = self._encode([request])
+        request = with_scene_lines(self.model, [request], pyramid)[0]
         decoded = forced_answers(
             self.model,
             [request.encoded.input_ids.tolist()],
@@ -207,33 +195,18 @@ class GroundedLlava:
         )
 
     # ------------------------------------------------------------------ steps
-    def _request(self, image: ImageInput, prompt: str, history: History) -> _Request:
-        turns: list[dict[str, str]] = []
-        for index, (question, answer) in enumerate([*history, (prompt, None)]):
-            if not isinstance(question, str) or not question.strip():
-                raise ValueError(f"empty prompt (turn {index})" if history else "empty prompt")
-            turns.append(human_turn(question, first=index == 0))
-            if answer is not None:
-                turns.append(
-                    {
-                        "from": "gpt",
-                        "value": answer.raw_text if isinstance(answer, GroundedAnswer) else answer,
-                    }
-                )
-        encoded = self.processor.encode_conversation(turns, load_image(image), add_generation_prompt=True)
-        return _Request(encoded=encoded, meta=encoded.image_meta, question=prompt)
-
     def _run(
-        self, requests: list[_Request], *, max_new_tokens: int, temperature: float, masks_for_detections: bool
+        self, requests: list[Request], *, max_new_tokens: int, temperature: float, masks_for_detections: bool
     ) -> list[GroundedAnswer]:
         features, pyramid = self._encode(requests)
+        requests = with_scene_lines(self.model, requests, pyramid)
         decoded = self._generate(
             requests, features, pyramid, max_new_tokens=max_new_tokens, temperature=temperature
         )
         return self._ground(requests, features, pyramid, decoded, masks_for_detections=masks_for_detections)
 
     @torch.inference_mode()
-    def _encode(self, requests: list[_Request]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    def _encode(self, requests: list[Request]) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """(I, N, D) projected image features, one row per request, and the neck's pyramid of them."""
         pixel_values = torch.stack([r.encoded.pixel_values for r in requests]).to(self.device)
         features = self.model.encode_images(pixel_values)
@@ -242,7 +215,7 @@ class GroundedLlava:
     @torch.inference_mode()
     def _generate(
         self,
-        requests: list[_Request],
+        requests: list[Request],
         features: torch.Tensor,
         pyramid: list[torch.Tensor],
         *,
@@ -274,7 +247,7 @@ class GroundedLlava:
     @torch.inference_mode()
     def _ground(
         self,
-        requests: list[_Request],
+        requests: list[Request],
         features: torch.Tensor,
         pyramid: list[torch.Tensor],
         decoded: decoding.DecodedAnswers,

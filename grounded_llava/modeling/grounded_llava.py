@@ -18,8 +18,9 @@ from ..config import GroundedLlavaConfig
 from ..grammar import box_groups_in_ids
 from ..tokenizer import GroundingTokenIds
 from .base import adapters_merged, extend_trainable_rows, merge_adapters, unmerge_adapters
+from .copy_head import language_logits
 from .detection import DetectionTargets
-from .heads import build_heads
+from .heads import OPTIONAL_PARTS, build_heads
 from .heads_step import heads_losses
 from .lm_loss import answer_positions, language_loss, phrase_token_weights
 from .outputs import GroundedLlavaOutput
@@ -63,6 +64,7 @@ class GroundedLlavaForConditionalGeneration(nn.Module):
         parts = build_heads(
             config.heads,
             region_tokens=config.region_tokens,
+            copy_head=config.copy_head,
             num_classes=max(len(config.heads.categories), 1),
             text_hidden_size=text_hidden,
             grid_size=grid_size,
@@ -71,7 +73,7 @@ class GroundedLlavaForConditionalGeneration(nn.Module):
         )
         self.neck, self.detection_head = parts["neck"], parts["detection_head"]
         self.mask_head, self.pointer = parts["mask_head"], parts["pointer"]
-        for name in ("spatial_prior", "region_encoder", "chooser"):  # optional parts (ModuleDict has no .get)
+        for name in OPTIONAL_PARTS:  # optional parts (ModuleDict has no .get)
             setattr(self, name, parts[name] if name in parts else None)  # noqa: SIM401
         self.mask_level = 0 if config.heads.mask_from_finest else 1
         self.processor = None  # set by from_config / from_pretrained (a GroundedProcessor)
@@ -323,9 +325,9 @@ class GroundedLlavaForConditionalGeneration(nn.Module):
             # (training only: evaluation and decoding read `logits` everywhere; E34).
             out.answer_mask = answer_positions(labels)
             if self.training:
-                out.answer_logits = llava.lm_head(hidden[:, :-1][out.answer_mask])
+                out.answer_logits = language_logits(self, hidden, input_ids, attention_mask, out.answer_mask)
             else:
-                out.logits = llava.lm_head(hidden)
+                out.logits = language_logits(self, hidden, input_ids, attention_mask)
                 out.answer_logits = out.logits[:, :-1][out.answer_mask]
             weights = (
                 None
@@ -335,7 +337,7 @@ class GroundedLlavaForConditionalGeneration(nn.Module):
             out.lm_loss = language_loss(out.answer_logits, labels, weights)
             losses.append(self.config.loss.lm * out.lm_loss)
         else:
-            out.logits = llava.lm_head(hidden)
+            out.logits = language_logits(self, hidden, input_ids, attention_mask)
         if image_features is None:
             out.loss = sum(losses) if losses else None
             return out

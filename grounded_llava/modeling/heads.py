@@ -5,12 +5,17 @@ from __future__ import annotations
 from torch import nn
 
 from ..config import HeadSettings
+from .attributes import AttributeHead
+from .copy_head import CopyHead
 from .detection import DetectionHead
 from .masks import MaskHead
 from .neck import VisionNeck
 from .pointer import ProposalPointer
 from .region_tokens import RegionTokenEncoder
 from .spatial_prior import SpatialPrior
+
+OPTIONAL_PARTS = ("spatial_prior", "region_encoder", "chooser", "attribute_head", "copy_head")
+"""The parts `build_heads` makes only when the settings ask for them (the model holds None otherwise)."""
 
 
 def build_heads(
@@ -22,12 +27,14 @@ def build_heads(
     canvas_size: int,
     patch_size: int,
     region_tokens: bool = False,
+    copy_head: bool = False,
 ) -> nn.ModuleDict:
     """The heads, sized from `heads` and the vision tower's geometry: "neck" (LLM-space image tokens ->
     pyramid at strides patch/2, patch, 2*patch), "spatial_prior" (pixels -> the same strides; when
     `heads.spatial_prior`), "detection_head" (Detect), "mask_head" (SAM), "pointer" (`<box>` -> proposal)
     "region_encoder" (proposals -> LLM input tokens; when `region_tokens`) and "chooser" (the choice
-    pointer; when `heads.chooser`)."""
+    pointer; when `heads.chooser`), "attribute_head" (when `heads.attribute`) and "copy_head" (the LM's copy
+    route; when `copy_head`)."""
     channels = heads.neck_channels
     strides = (patch_size / 2, float(patch_size), patch_size * 2.0)
     mask_level = 0 if heads.mask_from_finest else 1
@@ -79,6 +86,13 @@ def build_heads(
             stride=strides[0],
             num_classes=num_classes,
         )
+    if heads.attribute:  # one attribute of every box (`heads.attribute`), built after the others likewise
+        parts["attribute_head"] = AttributeHead(
+            channels=channels + 3, num_values=len(heads.attribute_values), canvas_size=canvas_size,
+            stride=strides[0],
+        )  # fmt: skip
+    if copy_head:
+        parts["copy_head"] = CopyHead(text_hidden_size)
     if heads.chooser:  # the choice pointer (`GroundedLlava.add_chooser`), built last for the same reason
         parts["chooser"] = parts["pointer"].fresh_copy(reads="words")
     return parts

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from .attributes import attribute_loss
 from .detection import DetectionTargets
 from .outputs import GroundedLlavaOutput
 
@@ -16,6 +17,9 @@ def heads_losses(
     mask_image: torch.Tensor,
     mask_boxes: torch.Tensor,
     mask_targets: torch.Tensor,
+    attribute_image: torch.Tensor | None = None,
+    attribute_boxes: torch.Tensor | None = None,
+    attribute_targets: torch.Tensor | None = None,
 ) -> GroundedLlavaOutput:
     """The heads stage's step, without the LLM: Detect on every box, SAM on every instance mask.
 
@@ -23,6 +27,8 @@ def heads_losses(
         pixel_values: (I, 3, S, S) canvas pixels. det_targets: every instance of the images.
         mask_image: (M,) image of each mask prompt; mask_boxes: (M, 4) xyxy canvas px (jittered true
             boxes); mask_targets: (M, r, r) {0, 1} canvas-frame masks (r = `mask_head.mask_resolution`).
+        attribute_image (A,), attribute_boxes (A, 4) xyxy canvas px (jittered true boxes), attribute_targets
+            (A,) value ids (`attributes.IGNORE`: unknown): the attribute head's, when the model has one.
     """
     features = model.encode_images(pixel_values)
     pyramid = model.image_pyramid(features, pixel_values)
@@ -42,4 +48,11 @@ def heads_losses(
         prediction, mask_targets, bce_weight=loss.mask_bce, dice_weight=loss.mask_dice
     )
     out.loss = loss.det * out.det_loss + out.mask_loss
+    if model.attribute_head is not None and attribute_targets is not None:
+        logits = model.attribute_head(
+            model.pointer_features(pyramid, pixel_values), attribute_image, attribute_boxes
+        )
+        out.attribute_loss, out.attribute_accuracy = attribute_loss(logits, attribute_targets)
+        if out.attribute_loss is not None:
+            out.loss = out.loss + out.attribute_loss
     return out

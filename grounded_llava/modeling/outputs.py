@@ -29,6 +29,8 @@ class GroundedLlavaOutput(ModelOutput):
     mask_loss: torch.Tensor | None = None
     pointer_loss: torch.Tensor | None = None
     pointer_accuracy: torch.Tensor | None = None
+    attribute_loss: torch.Tensor | None = None
+    attribute_accuracy: torch.Tensor | None = None
     logits: torch.Tensor | None = None
     answer_logits: torch.Tensor | None = None
     answer_mask: torch.Tensor | None = None

@@ -22,6 +22,7 @@ from ..data.bad_data import BadDataPolicy
 from ..data.coco import ImageRecord
 from ..data.dataset import load_image
 from ..data.unreadable import SkipUnreadable
+from ..modeling.attributes import IGNORE
 from ..modeling.detection import DetectionTargets
 from ..processor import GroundedProcessor
 from .config import SourceConfig, TrainConfig
@@ -31,25 +32,44 @@ from .data_sources import LoadedSource, ensure_synthetic_world, load_instances, 
 @dataclass
 class HeadsItem:
     """pixel_values (3, S, S); class_ids (n,); boxes_canvas (n, 4) xyxy canvas px; masks (m, r, r) {0, 1};
-    mask_instances (m,) the instance (row of boxes_canvas) of each mask."""
+    mask_instances (m,) the instance (row of boxes_canvas) of each mask; attribute_ids (n,) each instance's
+    attribute value (`attributes.IGNORE`: none known)."""
 
     pixel_values: torch.Tensor
     class_ids: torch.Tensor
     boxes_canvas: torch.Tensor
     masks: torch.Tensor
     mask_instances: torch.Tensor
+    attribute_ids: torch.Tensor
 
 
 @dataclass
 class HeadsBatch:
     """A collated batch: pixel_values (I, 3, S, S), det_targets (every instance), mask_image (M,),
-    mask_boxes (M, 4) true boxes (xyxy canvas px, before jitter), mask_targets (M, r, r)."""
+    mask_boxes (M, 4) true boxes (xyxy canvas px, before jitter), mask_targets (M, r, r); boxes (N, 4)
+    every instance's true box (xyxy canvas px, det_targets' order) and attribute_ids (N,) its attribute."""
 
     pixel_values: torch.Tensor
     det_targets: DetectionTargets
     mask_image: torch.Tensor
     mask_boxes: torch.Tensor
     mask_targets: torch.Tensor
+    boxes: torch.Tensor
+    attribute_ids: torch.Tensor
+
+    def box_prompts(
+        self, *, jitter: float, canvas_size: int, device: torch.device
+    ) -> dict[str, torch.Tensor]:
+        """The heads step's box inputs (`heads_step.heads_losses`): SAM's prompts and the attribute head's
+        boxes, the true boxes jittered by `jitter` (`jitter_boxes`), on `device`."""
+        return {
+            "mask_image": self.mask_image.to(device),
+            "mask_boxes": jitter_boxes(self.mask_boxes, scale=jitter, canvas_size=canvas_size).to(device),
+            "mask_targets": self.mask_targets.to(device),
+            "attribute_image": self.det_targets.image_index.to(device),
+            "attribute_boxes": jitter_boxes(self.boxes, scale=jitter, canvas_size=canvas_size).to(device),
+            "attribute_targets": self.attribute_ids.to(device),
+        }
 
 
 def load_heads_records(
@@ -105,7 +125,8 @@ class HeadsDataset(Dataset):
         records: COCO image records; categories: the head's label space (class id = index).
         mask_resolution: side of SAM's mask output. hflip_prob / zoom_prob: augmentation rates;
         zoom_range: (min, max) scale of the zoom-out. on_bad_data: the source's policy for an image
-        that cannot be decoded (`data/unreadable.py`).
+        that cannot be decoded (`data/unreadable.py`). attribute / attribute_values: the annotation
+        attribute the attribute head learns (`heads.attribute`) and its values (id = index).
     """
 
     def __init__(
@@ -120,8 +141,12 @@ class HeadsDataset(Dataset):
         zoom_range: tuple[float, float] = (0.5, 0.9),
         seed: int = 0,
         on_bad_data: BadDataPolicy = "strict",
+        attribute: str = "",
+        attribute_values: Sequence[str] = (),
     ) -> None:
         self.records = list(records)
+        self.attribute = attribute
+        self.value_of = {value: index for index, value in enumerate(attribute_values)}
         self.unreadable = SkipUnreadable(on_bad_data)
         self.processor = processor
         self.class_of = {name: index for index, name in enumerate(categories)}
@@ -164,6 +189,10 @@ class HeadsDataset(Dataset):
             boxes_canvas=torch.as_tensor(meta.boxes_to_canvas(boxes.astype(np.float64)), dtype=torch.float32),
             masks=torch.stack(canvas_masks) if canvas_masks else torch.zeros((0, r, r)),
             mask_instances=torch.tensor(with_mask, dtype=torch.long),
+            attribute_ids=torch.tensor(
+                [self.value_of.get(i.attributes.get(self.attribute), IGNORE) for i in instances],
+                dtype=torch.long,
+            ),
         )
 
 
@@ -198,6 +227,8 @@ def collate_heads(items: Sequence[HeadsItem]) -> HeadsBatch:
         ),
         mask_boxes=torch.cat([item.boxes_canvas[item.mask_instances] for item in items]),
         mask_targets=torch.cat([item.masks for item in items]),
+        boxes=boxes,
+        attribute_ids=torch.cat([item.attribute_ids for item in items]),
     )
 
 

@@ -16,9 +16,9 @@ from ..processor import GroundedBatch
 
 # Parameter groups, by what their names contain (peft injects "lora_" and "trainable_tokens_delta").
 _DETECTOR = ("neck.", "detection_head.", "spatial_prior.")
-_HEADS = ("mask_head.",)
+_HEADS = ("mask_head.", "attribute_head.")
 _POINTER = ("pointer.",)  # `<box>` -> proposal: trains wherever grounded answers train the LLM
-_REGIONS = ("region_encoder.",)  # the LLM's region-token projector: trains with the LLM
+_REGIONS = ("region_encoder.", "copy_head.")  # the LLM's region-token projector and copy route: train with it
 _CHOOSER = ("chooser.",)  # the choice pointer: trains in `chooser` stages only
 
 

@@ -34,7 +34,7 @@ from .config import StageConfig, TrainConfig
 from .data_sources import LoadedSource
 from .distribution import check_distribution
 from .eval_hook import evaluation_losses, model_kwargs
-from .heads_data import HeadsBatch, HeadsDataset, collate_heads, jitter_boxes
+from .heads_data import HeadsBatch, HeadsDataset, collate_heads
 from .metrics_log import MetricsLogger
 from .nonfinite import NonFiniteGuard, check_finite, finite_or_none
 from .plots import plot_loss_curves
@@ -297,6 +297,8 @@ class Trainer:
                 hflip_prob=stage.hflip_prob,
                 zoom_prob=stage.zoom_prob,
                 seed=seed,
+                attribute=model.config.heads.attribute,
+                attribute_values=model.config.heads.attribute_values,
                 **common,
             )
         return GroundedDataset(
@@ -313,13 +315,9 @@ class Trainer:
         device = self.accelerator.device
         if isinstance(batch, HeadsBatch):
             pixel_values = batch.pixel_values.to(device)
-            prompts = {
-                "mask_image": batch.mask_image.to(device),
-                "mask_boxes": jitter_boxes(
-                    batch.mask_boxes, scale=stage.mask_jitter, canvas_size=model.canvas_size
-                ).to(device),
-                "mask_targets": batch.mask_targets.to(device),
-            }
+            prompts = batch.box_prompts(
+                jitter=stage.mask_jitter, canvas_size=model.canvas_size, device=device
+            )
             out = wrapped(
                 pixel_values=pixel_values, det_targets=batch.det_targets.to(device), mask_prompts=prompts
             )
@@ -332,7 +330,8 @@ class Trainer:
                 )
             pixel_values = batch.batch.pixel_values
         losses = {"lm_loss": out.lm_loss, "det_loss": out.det_loss, "mask_loss": out.mask_loss,
-                  "pointer_loss": out.pointer_loss, "pointer_accuracy": out.pointer_accuracy}  # fmt: skip
+                  "pointer_loss": out.pointer_loss, "pointer_accuracy": out.pointer_accuracy,
+                  "attribute_loss": out.attribute_loss, "attribute_accuracy": out.attribute_accuracy}  # fmt: skip
         total = out.loss if out.loss is not None else out.last_hidden_state.sum() * 0.0
         if stage.kl_weight > 0 and not isinstance(batch, HeadsBatch):
             losses["kl_loss"] = chat_kl_loss(model, batch.batch, out, batch.is_chat)

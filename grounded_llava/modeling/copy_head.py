@@ -1,0 +1,114 @@
+"""`CopyHead`: a pointer-generator's copy distribution (See et al. 2017) beside a small LM's vocabulary.
+
+A 4-layer LM trained from scratch for a few minutes does not learn to copy words from its prompt (the
+question's noun, a number or a colour of the scene line; docs/EXPERIMENTS.md E36). The copy head gives it
+a direct route: from the last hidden state h_t it attends over the positions read so far (s <= t, text
+tokens only: no image, region or padding slot), with keys from their last hidden states, and puts that
+attention on the tokens at those positions. A gate mixes it with the LM head's softmax:
+
+    p(v | t) = (1 - g_t) softmax(lm_head(h_t))_v + g_t sum_{s <= t, x_s = v} a_ts,   g_t = sigmoid(w . h_t)
+
+The result is returned as log-probabilities, which every consumer of logits (the LM loss, softmax,
+sampling, teacher-forced scores) reads unchanged. A key at s sees the tokens up to s, so a word is copied
+from what precedes it: the scene line writes "circles 2" and "cross blue" for that reason.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+GATE_INIT = -2.0
+"""Initial gate bias: the LM generates (g ~ 0.12) until the copy is learnt."""
+
+
+class CopyHead(nn.Module):
+    """Hidden states (..., D) -> copy queries and keys (..., d) and the copy gate logit (...)."""
+
+    def __init__(self, hidden_size: int, dim: int = 64) -> None:
+        super().__init__()
+        self.query = nn.Linear(hidden_size, dim)
+        self.key = nn.Linear(hidden_size, dim)
+        self.gate = nn.Linear(hidden_size, 1)
+        nn.init.constant_(self.gate.bias, GATE_INIT)
+        self.scale = dim**-0.5
+
+    def _mix(
+        self, logits: torch.Tensor, hidden: torch.Tensor, scores: torch.Tensor, source_ids: torch.Tensor,
+        allowed: torch.Tensor,
+    ) -> torch.Tensor:  # fmt: skip
+        """(P, V) log-probabilities of the mixture at P positions: logits (P, V) the LM head's, hidden (P, D)
+        their last hidden states, scores (P, S) their attention scores over S sources, source_ids (P, S)
+        the tokens there, allowed (P, S) bool the sources each reads."""
+        attention = scores.float().masked_fill(~allowed, float("-inf")).softmax(-1).nan_to_num(0.0)
+        copy = torch.zeros_like(logits, dtype=torch.float32).scatter_add_(1, source_ids, attention)
+        gate = self.gate(hidden).float()
+        generate = F.logsigmoid(-gate) + logits.float().log_softmax(-1)
+        copied = F.logsigmoid(gate) + copy.clamp(min=1e-12).log()
+        return torch.logaddexp(generate, copied).to(logits.dtype)
+
+    def mix_sequences(
+        self, logits: torch.Tensor, hidden: torch.Tensor, ids: torch.Tensor, readable: torch.Tensor,
+        rows: torch.Tensor, cols: torch.Tensor,
+    ) -> torch.Tensor:  # fmt: skip
+        """Teacher forcing: (P, V) mixture log-probs at positions (rows, cols) (P,) of (B, T) sequences.
+
+        logits: (P, V) the LM head's there; hidden: (B, T, D) all last hidden states; ids: (B, T) the input
+        tokens; readable: (B, T) bool, the positions that may be copied from (text tokens, not padding).
+        Position (b, t) reads the sources s <= t of row b."""
+        scores = torch.bmm(self.query(hidden), self.key(hidden).transpose(1, 2)) * self.scale  # (B, T, T)
+        positions = torch.arange(ids.shape[1], device=ids.device)
+        allowed = readable[rows] & (positions[None, :] <= cols[:, None])
+        return self._mix(logits, hidden[rows, cols], scores[rows, cols], ids[rows], allowed)
+
+
+class CopySources:
+    """Decoding: the keys, tokens and readability of every position each row has read so far (B, S)."""
+
+    def __init__(
+        self, head: CopyHead, hidden: torch.Tensor, ids: torch.Tensor, readable: torch.Tensor
+    ) -> None:
+        self.head = head
+        self.keys, self.ids, self.readable = head.key(hidden), ids, readable.clone()
+
+    def append(self, hidden: torch.Tensor, ids: torch.Tensor, readable: torch.Tensor) -> None:
+        """One more position per row: (B, D) its hidden state, (B,) its token, (B,) bool copyable."""
+        self.keys = torch.cat([self.keys, self.head.key(hidden)[:, None]], dim=1)
+        self.ids = torch.cat([self.ids, ids[:, None]], dim=1)
+        self.readable = torch.cat([self.readable, readable[:, None]], dim=1)
+
+    def forget_last(self, row: int) -> None:
+        """The row's last position is taken back (a retracted `<box>`): it is no longer read."""
+        self.readable[row, -1] = False
+
+    def mix(self, logits: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
+        """(B, V) mixture log-probs of the next token from (B, V) LM logits and (B, D) last hidden states."""
+        scores = torch.einsum("bd,bsd->bs", self.head.query(hidden), self.keys) * self.head.scale
+        return self.head._mix(logits, hidden, scores, self.ids, self.readable)
+
+
+def language_logits(
+    model, hidden: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+    where: torch.Tensor | None = None,
+) -> torch.Tensor:  # fmt: skip
+    """The next-token logits of `model` (the grounded model) from its last hidden states (B, T, D): (B, T, V)
+    at every position, or (P, V) at the positions `where` (B, T - 1) bool marks (row-major), the LM head's
+    alone or, with a copy head, the mixture's log-probabilities. input_ids: (B, T) the tokens read (image and
+    region slots hold the image token, which is never copied); attention_mask: (B, T) (None: all read)."""
+    lm_head = model.base_llava.lm_head
+    if model.copy_head is None:
+        return lm_head(hidden) if where is None else lm_head(hidden[:, :-1][where])
+    if where is None:
+        rows, cols = torch.ones(input_ids.shape, dtype=torch.bool, device=input_ids.device).nonzero(
+            as_tuple=True
+        )
+    else:
+        rows, cols = where.nonzero(as_tuple=True)
+    readable = input_ids != model.image_token_id
+    if attention_mask is not None:
+        readable = readable & attention_mask.bool()
+    mixed = model.copy_head.mix_sequences(
+        lm_head(hidden[rows, cols]), hidden, input_ids, readable, rows, cols
+    )
+    return mixed if where is not None else mixed.view(*input_ids.shape, -1)

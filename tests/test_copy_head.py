@@ -1,0 +1,58 @@
+"""The copy head (`modeling/copy_head.py`): its mixture on known inputs, and decoding that reads the same
+distribution as a teacher-forced pass (so `chat` and `score` agree with a copy head too)."""
+
+import numpy as np
+import torch
+
+from grounded_llava import GroundedLlavaForConditionalGeneration
+from grounded_llava.inference import GroundedLlava
+from grounded_llava.inference.forced import forced_answers
+from grounded_llava.inference.requests import build_request
+from grounded_llava.modeling.copy_head import CopyHead
+
+from .conftest import tiny_test_config
+
+
+def _mix(head: CopyHead, logits, hidden, scores, ids, allowed):
+    return head._mix(logits, hidden, scores, ids, allowed)
+
+
+def test_the_mixture_is_a_distribution_whose_gate_chooses_generating_or_copying():
+    torch.manual_seed(0)
+    head = CopyHead(8, dim=4)
+    logits, hidden, scores = torch.randn(2, 10), torch.randn(2, 8), torch.zeros(2, 5)
+    ids = torch.tensor([[3, 3, 7, 1, 9], [2, 4, 4, 4, 0]])
+    allowed = torch.tensor([[True, True, True, False, False], [True, True, True, True, True]])
+    with torch.no_grad():
+        head.gate.weight.zero_()
+        mixed = _mix(head, logits, hidden, scores, ids, allowed)
+        torch.testing.assert_close(mixed.exp().sum(-1), torch.ones(2))
+        head.gate.bias.fill_(-40.0)  # generate: the LM head's softmax
+        torch.testing.assert_close(_mix(head, logits, hidden, scores, ids, allowed), logits.log_softmax(-1))
+        head.gate.bias.fill_(40.0)  # copy: equal scores spread the mass evenly over the allowed sources
+        copied = _mix(head, logits, hidden, scores, ids, allowed).exp()
+    expected = torch.zeros(2, 10)
+    expected[0, 3], expected[0, 7] = 2 / 3, 1 / 3  # sources 3, 3, 7 (1 and 9 not allowed)
+    expected[1, 2], expected[1, 4], expected[1, 0] = 1 / 5, 3 / 5, 1 / 5
+    torch.testing.assert_close(copied, expected, atol=1e-6, rtol=0)
+
+
+def test_decoding_reads_the_distribution_a_teacher_forced_pass_computes(random_image):
+    torch.manual_seed(3)
+    config = tiny_test_config()
+    config.copy_head = True
+    model = GroundedLlavaForConditionalGeneration.from_config(config)
+    with torch.no_grad():
+        model.copy_head.gate.bias.zero_()  # half copied, half generated: both routes count
+    predictor = GroundedLlava(model, device="cpu")
+    history = [("Name a red circle and a blue star.", "A red circle.")]
+    request = build_request(model.processor, random_image(48, 40), "And the star?", history)
+    features, pyramid = predictor._encode([request])
+    generated = predictor._generate([request], features, pyramid, max_new_tokens=16, temperature=0.0)
+    assert len(generated.ids[0]) >= 8
+    forced = forced_answers(
+        model, [request.encoded.input_ids.tolist()], generated.ids, features=features, pyramid=pyramid,
+        pixel_values=request.encoded.pixel_values[None], original_sizes=torch.tensor([request.meta.original_size]),
+        pad_token_id=model.processor.tokenizer.pad_token_id,
+    )  # fmt: skip
+    np.testing.assert_allclose(generated.log_probs[0], forced.log_probs[0], atol=1e-4)
