@@ -1,6 +1,8 @@
 """The copy head (`modeling/copy_head.py`): its mixture on known inputs, and decoding that reads the same
 distribution as a teacher-forced pass (so `chat` and `score` agree with a copy head too)."""
 
+import random
+
 import numpy as np
 import torch
 
@@ -9,6 +11,7 @@ from grounded_llava.inference import GroundedLlava
 from grounded_llava.inference.forced import forced_answers
 from grounded_llava.inference.requests import build_request
 from grounded_llava.modeling.copy_head import CopyHead
+from grounded_llava.training.stages import set_trainable
 
 from .conftest import tiny_test_config
 
@@ -56,3 +59,51 @@ def test_decoding_reads_the_distribution_a_teacher_forced_pass_computes(random_i
         pad_token_id=model.processor.tokenizer.pad_token_id,
     )  # fmt: skip
     np.testing.assert_allclose(generated.log_probs[0], forced.log_probs[0], atol=1e-4)
+
+
+def _repeat_words(copy: bool, steps: int) -> tuple[float, float]:
+    """A 2-layer tiny LM (with or without the copy head) trained for `steps` steps to answer "Say W please."
+    with "W." for 20 words; returns its last loss and its accuracy at the first answer token for 10 words
+    it never saw in an answer."""
+    torch.manual_seed(0)
+    config = tiny_test_config()
+    config.copy_head = copy
+    model = GroundedLlavaForConditionalGeneration.from_config(config)
+    set_trainable(model, "base")
+    tokenizer = model.processor.tokenizer
+    words = sorted(
+        w[1:] for w in tokenizer.get_vocab() if w.startswith("Ġ") and w[1:].isalpha() and len(w) > 4
+    )
+    random.Random(0).shuffle(words)
+    seen, unseen = words[:20], words[20:30]
+    rng = random.Random(1)
+
+    def batch(chosen):
+        turns = [
+            [{"from": "human", "value": f"Say {w} please."}, {"from": "gpt", "value": f"{w}."}]
+            for w in chosen
+        ]
+        return model.processor(turns, [None] * len(turns)).model_inputs()
+
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=5e-3)
+    model.train()
+    for _ in range(steps):
+        out = model(**batch([rng.choice(seen) for _ in range(8)]))
+        out.lm_loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    inputs = batch(unseen)
+    with torch.no_grad():
+        held = model.eval()(**inputs)
+    first = held.answer_mask.float().argmax(1)  # the position that predicts each answer's first token
+    rows = torch.arange(len(unseen))
+    right = held.logits[rows, first].argmax(-1) == inputs["labels"][rows, first + 1]
+    return float(out.lm_loss), float(right.float().mean())
+
+
+def test_with_the_copy_head_a_small_lm_repeats_words_it_never_answered_with():
+    """The copy route generalises to words never seen as answers; the LM head alone cannot (E36)."""
+    copy_loss, copy_accuracy = _repeat_words(True, steps=200)
+    plain_loss, plain_accuracy = _repeat_words(False, steps=200)
+    assert copy_accuracy >= 0.8 and plain_accuracy <= 0.3, (copy_accuracy, plain_accuracy)
+    assert copy_loss < 0.5, copy_loss

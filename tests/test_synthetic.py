@@ -183,9 +183,7 @@ def test_chat_json_is_valid_and_counts_are_right(world):
         for question, answer in zip(turns[::2], turns[1::2], strict=True):
             if question["value"].endswith("How many shapes are there in the image?"):
                 n = per_image[sample.image_path.name]
-                expected = {0: "There are no shapes.", 1: "There is 1 shape."}.get(
-                    n, f"There are {n} shapes."
-                )
+                expected = {0: "I count no shapes.", 1: "I count 1 shape."}.get(n, f"I count {n} shapes.")
                 assert answer["value"] == expected
 
 

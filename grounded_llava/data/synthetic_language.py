@@ -130,9 +130,9 @@ def referring_expressions(
 
 
 def _count_answer(n: int, noun: str) -> str:
-    if n == 0:
-        return f"There are no {pluralize(noun)}."
-    return f"There is 1 {noun}." if n == 1 else f"There are {n} {pluralize(noun)}."
+    """The number first ("I count 2 circles."): a small LM that says "There is" or "There are" has
+    decided on the number before it writes it (docs/EXPERIMENTS.md E27, E36)."""
+    return f"I count {n or 'no'} {noun if n == 1 else pluralize(noun)}."
 
 
 def describe_scene(objects: Sequence[SceneObject], background: str) -> str:

@@ -281,10 +281,10 @@ def decode_grounded(
         use_cache=True,
     )
     cache, hidden = out.cache, out.last_hidden_state[:, -1]
-    sources = None  # with a copy head: what each row may copy from (`modeling/copy_head.py`)
-    if model.copy_head is not None:
-        readable = attention_mask.bool() & (input_ids != model.image_token_id)
-        sources = CopySources(model.copy_head, out.last_hidden_state, input_ids, readable)
+    sources = None if model.copy_head is None else CopySources(  # what each row may copy from (copy_head.py)
+        model.copy_head, llava.get_input_embeddings(), out.last_hidden_state, input_ids,
+        attention_mask.bool() & (input_ids != model.image_token_id),
+    )  # fmt: skip
     next_position = position_ids[:, -1] + 1
     answers: list[list[int]] = [[] for _ in range(batch)]
     log_probs: list[list[float]] = [[] for _ in range(batch)]

@@ -4,7 +4,9 @@ A 4-layer LM trained from scratch for a few minutes does not learn to copy words
 question's noun, a number or a colour of the scene line; docs/EXPERIMENTS.md E36). The copy head gives it
 a direct route: from the last hidden state h_t it attends over the positions read so far (s <= t, text
 tokens only: no image, region or padding slot), with keys from their last hidden states, and puts that
-attention on the tokens at those positions. A gate mixes it with the LM head's softmax:
+attention on the tokens at those positions (a key also reads the embedding of the token before its position:
+which word a number or a colour follows, without waiting for the LM to learn a previous-token head). A
+gate mixes it with the LM head's softmax:
 
     p(v | t) = (1 - g_t) softmax(lm_head(h_t))_v + g_t sum_{s <= t, x_s = v} a_ts,   g_t = sigmoid(w . h_t)
 
@@ -30,9 +32,15 @@ class CopyHead(nn.Module):
         super().__init__()
         self.query = nn.Linear(hidden_size, dim)
         self.key = nn.Linear(hidden_size, dim)
+        self.previous_key = nn.Linear(hidden_size, dim, bias=False)
         self.gate = nn.Linear(hidden_size, 1)
         nn.init.constant_(self.gate.bias, GATE_INIT)
         self.scale = dim**-0.5
+
+    def keys(self, hidden: torch.Tensor, previous_embeddings: torch.Tensor) -> torch.Tensor:
+        """(..., d) keys of positions from their last hidden states and the input embeddings of the tokens
+        before them (both (..., D))."""
+        return self.key(hidden) + self.previous_key(previous_embeddings)
 
     def _mix(
         self, logits: torch.Tensor, hidden: torch.Tensor, scores: torch.Tensor, source_ids: torch.Tensor,
@@ -50,14 +58,16 @@ class CopyHead(nn.Module):
 
     def mix_sequences(
         self, logits: torch.Tensor, hidden: torch.Tensor, ids: torch.Tensor, readable: torch.Tensor,
-        rows: torch.Tensor, cols: torch.Tensor,
+        rows: torch.Tensor, cols: torch.Tensor, embed: nn.Module,
     ) -> torch.Tensor:  # fmt: skip
         """Teacher forcing: (P, V) mixture log-probs at positions (rows, cols) (P,) of (B, T) sequences.
 
         logits: (P, V) the LM head's there; hidden: (B, T, D) all last hidden states; ids: (B, T) the input
-        tokens; readable: (B, T) bool, the positions that may be copied from (text tokens, not padding).
-        Position (b, t) reads the sources s <= t of row b."""
-        scores = torch.bmm(self.query(hidden), self.key(hidden).transpose(1, 2)) * self.scale  # (B, T, T)
+        tokens; readable: (B, T) bool, the positions that may be copied from (text tokens, not padding);
+        embed: the LM's input embeddings. Position (b, t) reads the sources s <= t of row b."""
+        previous = embed(torch.cat([ids[:, :1], ids[:, :-1]], dim=1)).to(hidden.dtype)
+        keys = self.keys(hidden, previous)
+        scores = torch.bmm(self.query(hidden), keys.transpose(1, 2)) * self.scale  # (B, T, T)
         positions = torch.arange(ids.shape[1], device=ids.device)
         allowed = readable[rows] & (positions[None, :] <= cols[:, None])
         return self._mix(logits, hidden[rows, cols], scores[rows, cols], ids[rows], allowed)
@@ -67,14 +77,21 @@ class CopySources:
     """Decoding: the keys, tokens and readability of every position each row has read so far (B, S)."""
 
     def __init__(
-        self, head: CopyHead, hidden: torch.Tensor, ids: torch.Tensor, readable: torch.Tensor
+        self,
+        head: CopyHead,
+        embed: nn.Module,
+        hidden: torch.Tensor,
+        ids: torch.Tensor,
+        readable: torch.Tensor,
     ) -> None:
-        self.head = head
-        self.keys, self.ids, self.readable = head.key(hidden), ids, readable.clone()
+        self.head, self.embed = head, embed
+        previous = embed(torch.cat([ids[:, :1], ids[:, :-1]], dim=1)).to(hidden.dtype)
+        self.keys, self.ids, self.readable = head.keys(hidden, previous), ids, readable.clone()
 
     def append(self, hidden: torch.Tensor, ids: torch.Tensor, readable: torch.Tensor) -> None:
         """One more position per row: (B, D) its hidden state, (B,) its token, (B,) bool copyable."""
-        self.keys = torch.cat([self.keys, self.head.key(hidden)[:, None]], dim=1)
+        previous = self.embed(self.ids[:, -1]).to(hidden.dtype)  # the token before the new position
+        self.keys = torch.cat([self.keys, self.head.keys(hidden, previous)[:, None]], dim=1)
         self.ids = torch.cat([self.ids, ids[:, None]], dim=1)
         self.readable = torch.cat([self.readable, readable[:, None]], dim=1)
 
@@ -108,7 +125,8 @@ def language_logits(
     readable = input_ids != model.image_token_id
     if attention_mask is not None:
         readable = readable & attention_mask.bool()
+    embed = model.base_llava.get_input_embeddings()
     mixed = model.copy_head.mix_sequences(
-        lm_head(hidden[rows, cols]), hidden, input_ids, readable, rows, cols
+        lm_head(hidden[rows, cols]), hidden, input_ids, readable, rows, cols, embed
     )
     return mixed if where is not None else mixed.view(*input_ids.shape, -1)
