@@ -65,10 +65,11 @@ def test_the_predictor_reads_the_line_of_the_heads_detections(tiny_model, random
         line = scene_lines(model, pyramid, pixels)[0]
         assert with_scene_lines(model, [request], pyramid)[0] is request  # scene_line off: as it was
         model.config.scene_line = True
-        encoded = with_scene_lines(model, [request], pyramid)[0].encoded
+        read = with_scene_lines(model, [request], pyramid)[0]
+        encoded = read.encoded
         rows = model.detection_head.postprocess(
             model.detection_head(pyramid), conf_threshold=0.0, iou_threshold=model.config.heads.nms_iou,
             agnostic=True,
         )[0]  # fmt: skip
-    assert line.startswith(f"Seen {len(rows)} object")
+    assert read.scene_line == line and line.startswith(f"Seen {len(rows)} object")
     assert line in model.processor.decode(encoded.input_ids)

@@ -271,6 +271,7 @@ class GroundedLlava:
                 detections=detections[r],
                 meta=metas[r],
                 choices=decoded.choices[r],
+                scene_line=requests[r].scene_line,
             )
             for r in range(len(requests))
         ]
@@ -322,6 +323,7 @@ class GroundedLlava:
         detections: Detections,
         meta: ImageMeta,
         choices: Sequence[decoding.PointerChoice] = (),
+        scene_line: str | None = None,
     ) -> GroundedAnswer:
         """One answer: parse its text, score and mask its boxes, reconcile them with the head.
 
@@ -332,6 +334,7 @@ class GroundedLlava:
             answer_ids: the generated ids; log_probs: each one's log-probability as generated.
             seg_mask_logits: position of each `<seg>` in `answer_ids` -> its (r, r) canvas mask logits.
             choices: the pointer's decisions, by `<box>` position in `answer_ids`.
+            scene_line: the scene line the LLM read (None: none).
         """
         chosen = {c.position: c for c in choices if c.proposal is not None}
         raw_text = self.processor.decode(answer_ids)
@@ -368,4 +371,5 @@ class GroundedLlava:
             image_size=meta.original_size,
             agreement=matched.agreement,
             num_dropped_groups=parsed.num_dropped,
+            scene_line=scene_line,
         )

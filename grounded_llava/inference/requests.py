@@ -23,13 +23,14 @@ History = Sequence[tuple[str, "str | GroundedAnswer"]]
 @dataclass
 class Request:
     """One prompt to answer: the conversation encoded up to "ASSISTANT:", its image geometry, the question;
-    the turns and the image it was encoded from (the scene line re-encodes them)."""
+    the turns and the image it was encoded from (the scene line re-encodes them), and that line (None: none)."""
 
     encoded: EncodedConversation
     meta: ImageMeta
     question: str
     turns: list[dict[str, str]]
     image: Image.Image
+    scene_line: str | None = None
 
 
 def build_request(processor: GroundedProcessor, image: ImageInput, prompt: str, history: History) -> Request:
@@ -58,7 +59,7 @@ def with_scene_lines(
     device = pyramid[0].device
     pixel_values = torch.stack([r.encoded.pixel_values for r in requests]).to(device)
     return [
-        replace(r, encoded=model.processor.encode_conversation(
+        replace(r, scene_line=line, encoded=model.processor.encode_conversation(
             with_scene_line(r.turns, line), r.image, add_generation_prompt=True))
         for r, line in zip(requests, scene_lines(model, pyramid, pixel_values), strict=True)
     ]  # fmt: skip

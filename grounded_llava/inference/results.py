@@ -88,6 +88,8 @@ class GroundedAnswer:
         image_size: (W, H) of the original image.
         agreement: fraction of text boxes matched to a head box (None when the answer has no box).
         num_dropped_groups: malformed grounding groups dropped while parsing.
+        scene_line: the line of the head's objects the LLM read before the question (`scene_line.py`;
+            None for a model without `scene_line`).
     """
 
     text: str
@@ -97,6 +99,7 @@ class GroundedAnswer:
     image_size: tuple[int, int]
     agreement: float | None = None
     num_dropped_groups: int = 0
+    scene_line: str | None = None
 
     def __post_init__(self) -> None:
         self.image_size = check_image_size(self.image_size, "GroundedAnswer")
@@ -186,7 +189,8 @@ class GroundedAnswer:
 
     def to_json(self) -> dict[str, Any]:
         """`{"text", "spans": [{"phrase", "box", "score", "category", "mask_rle"}], "detections": [{"box", "score",
-        "category"(, "mask_rle")}]}`: a detection's `mask_rle` when masks were asked for (`masks_for_detections`).
+        "category"(, "mask_rle")}](, "scene_line")}`: a detection's `mask_rle` when masks were asked for
+        (`masks_for_detections`), the scene line when the model reads one.
 
         Boxes in original pixels; plain floats and str RLE counts, so `json.dumps` works as is.
         """
@@ -194,4 +198,4 @@ class GroundedAnswer:
             "text": self.text,
             "spans": [span.to_json() for span in self.spans],
             "detections": self.detections.to_json(masks=self.detections.masks is not None),
-        }
+        } | ({} if self.scene_line is None else {"scene_line": self.scene_line})
