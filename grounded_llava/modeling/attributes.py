@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .pointer import Proposals, region_inputs
+from .pointer import box_regions
 
 IGNORE = -1
 """Attribute target of a box whose annotation has no (known) value: it teaches nothing."""
@@ -37,15 +37,11 @@ class AttributeHead(nn.Module):
         """region_map (I, C, h, w) at `stride`; images (M,) long, each box's image; boxes (M, 4) canvas px."""
         if boxes.shape[0] == 0:
             return region_map.new_zeros((0, self.mlp[-1].out_features))
-        one_each = Proposals(
-            boxes=boxes[:, None].to(region_map.dtype),
-            scores=boxes.new_ones((boxes.shape[0], 1)),
-            valid=torch.ones((boxes.shape[0], 1), dtype=torch.bool, device=boxes.device),
-        )
-        pooled, geometry = region_inputs(
-            region_map[images], one_each, pool=self.pool, stride=self.stride, canvas_size=self.canvas_size
-        )
-        return self.mlp(torch.cat([pooled[:, 0], geometry[:, 0].to(pooled.dtype)], dim=-1))
+        pooled, geometry = box_regions(
+            region_map, images, boxes, boxes.new_ones(boxes.shape[0]), pool=self.pool, stride=self.stride,
+            canvas_size=self.canvas_size,
+        )  # fmt: skip
+        return self.mlp(torch.cat([pooled, geometry.to(pooled.dtype)], dim=-1))
 
 
 def attribute_loss(

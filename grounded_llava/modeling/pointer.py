@@ -65,20 +65,32 @@ def region_inputs(
         canvas fractions (x0, y0, x1, y1, cx, cy, w, h) and the head's score.
     """
     count, k = proposals.valid.shape
-    boxes = proposals.boxes.to(feature_map.dtype)
-    rois = torch.cat(
-        [torch.arange(count, device=boxes.device, dtype=boxes.dtype).repeat_interleave(k)[:, None],
-         boxes.reshape(-1, 4)], dim=1)  # fmt: skip
+    images = torch.arange(count, device=proposals.boxes.device).repeat_interleave(k)
+    pooled, geometry = box_regions(
+        feature_map, images, proposals.boxes.reshape(-1, 4), proposals.scores.reshape(-1), pool=pool,
+        stride=stride, canvas_size=canvas_size,
+    )  # fmt: skip
+    return pooled.view(count, k, -1), geometry.view(count, k, -1)
+
+
+def box_regions(
+    feature_map: torch.Tensor, images: torch.Tensor, boxes: torch.Tensor, scores: torch.Tensor, *, pool: int,
+    stride: float, canvas_size: int,
+) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """`region_inputs` of M boxes (M, 4) xyxy canvas px of images `images` (M,) with scores (M,): pooled
+    (M, C * pool * pool) and geometry (M, 9)."""
+    boxes = boxes.to(feature_map.dtype)
+    rois = torch.cat([images.to(boxes.dtype)[:, None], boxes], dim=1)
     pooled = roi_align(
         feature_map, rois, output_size=pool, spatial_scale=1.0 / stride, sampling_ratio=SAMPLING_RATIO,
         aligned=True,
     )  # fmt: skip
     norm = boxes / canvas_size
-    size = (norm[..., 2:] - norm[..., :2]).clamp(min=1e-4)
+    size = (norm[:, 2:] - norm[:, :2]).clamp(min=1e-4)
     geometry = torch.cat(
-        [norm, (norm[..., :2] + norm[..., 2:]) / 2, size, proposals.scores.to(norm.dtype)[..., None]], dim=-1
+        [norm, (norm[:, :2] + norm[:, 2:]) / 2, size, scores.to(norm.dtype)[:, None]], dim=-1
     )
-    return pooled.flatten(1).view(count, k, -1), geometry
+    return pooled.flatten(1), geometry
 
 
 class ProposalPointer(nn.Module):
