@@ -187,6 +187,9 @@ class GroundedLlavaConfig:
     """The image's turn opens with the scene line (`scene_line.py`): the objects the head sees (and their
     `heads.attribute`) as words, with counts; written from the annotations in training, from the head's
     detections at inference (OSCAR's object tags; docs/EXPERIMENTS.md E36)."""
+    scene_conf_threshold: float = 0.25
+    """The score a detection needs to be named in the scene line (a count is right only when every object
+    of the image is named once)."""
     system_prompt: str = (
         "A chat between a curious human and an artificial intelligence assistant. "
         "The assistant gives helpful, detailed, and polite answers to the human's questions."

@@ -8,7 +8,7 @@ context. So the first human turn can open with one line, e.g.
     Seen 3 objects, left to right: circle red, cross blue, circle red. Kinds: circles 2, cross 1. Colours: red 2, blue 1.
 
 Training writes it from the annotations (every instance of the image, after any flip), inference from
-the head's detections above `heads.conf_threshold` and the attribute head (`modeling/attributes.py`).
+the head's detections above `scene_conf_threshold` and the attribute head (`modeling/attributes.py`).
 The attribute part is left out for objects without one (e.g. COCO, which has no colours). Each value comes
 after the word it belongs to ("circles 2", "cross blue"): a causal LM's state at "2" has read "circles",
 so a copy head (`modeling/copy_head.py`) finds the number by the noun the question asks about.

@@ -57,7 +57,7 @@ def test_the_dataset_writes_the_annotated_line_after_the_flip(tiny_model, random
 
 def test_the_predictor_reads_the_line_of_the_heads_detections(tiny_model, random_image):
     model = tiny_model.eval()
-    model.config.heads.conf_threshold = 0.0  # an untrained head: every box it keeps is a detection
+    model.config.scene_conf_threshold = 0.0  # an untrained head: every box it keeps is named
     request = build_request(model.processor, random_image(64, 64), "How many?", [])
     with torch.inference_mode():
         pixels = request.encoded.pixel_values[None]

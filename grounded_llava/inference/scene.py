@@ -13,7 +13,7 @@ from grounded_llava.scene_line import SeenObject, scene_line
 def scene_lines(
     model: GroundedLlavaForConditionalGeneration, pyramid: list[torch.Tensor], pixel_values: torch.Tensor
 ) -> list[str]:
-    """One scene line per image: the Detect head's detections (score >= `heads.conf_threshold`, one box per
+    """One scene line per image: the Detect head's detections (score >= `scene_conf_threshold`, one box per
     object: class-agnostic NMS) named by class and, with an attribute head, by attribute.
 
     pyramid: the neck's maps of I images; pixel_values: (I, 3, S, S) their canvases (the attribute head
@@ -21,7 +21,7 @@ def scene_lines(
     heads = model.config.heads
     rows = model.detection_head.postprocess(
         model.detection_head(pyramid),
-        conf_threshold=heads.conf_threshold,
+        conf_threshold=model.config.scene_conf_threshold,
         iou_threshold=heads.nms_iou,
         agnostic=True,
     )

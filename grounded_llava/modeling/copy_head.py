@@ -8,7 +8,11 @@ attention on the tokens at those positions (a key also reads the embedding of th
 which word a number or a colour follows, without waiting for the LM to learn a previous-token head). A
 gate mixes it with the LM head's softmax:
 
-    p(v | t) = (1 - g_t) softmax(lm_head(h_t))_v + g_t sum_{s <= t, x_s = v} a_ts,   g_t = sigmoid(w . h_t)
+    p(v | t) = (1 - g_t) softmax(lm_head(h_t))_v + g_t sum_{s <= t, x_s = v} a_ts,
+    g_t = sigmoid(w . h_t + b + m max_s score_ts)
+
+The gate also reads how well the best source matches (m, learnt from 0): with nothing to copy (a count of a
+kind the scene line does not list) the LM generates ("no") instead of copying the nearest number.
 
 The result is returned as log-probabilities, which every consumer of logits (the LM loss, softmax,
 sampling, teacher-forced scores) reads unchanged. A key at s sees the tokens up to s, so a word is copied
@@ -35,6 +39,7 @@ class CopyHead(nn.Module):
         self.previous_key = nn.Linear(hidden_size, dim, bias=False)
         self.gate = nn.Linear(hidden_size, 1)
         nn.init.constant_(self.gate.bias, GATE_INIT)
+        self.match_gain = nn.Parameter(torch.zeros(()))
         self.scale = dim**-0.5
 
     def keys(self, hidden: torch.Tensor, previous_embeddings: torch.Tensor) -> torch.Tensor:
@@ -49,9 +54,11 @@ class CopyHead(nn.Module):
         """(P, V) log-probabilities of the mixture at P positions: logits (P, V) the LM head's, hidden (P, D)
         their last hidden states, scores (P, S) their attention scores over S sources, source_ids (P, S)
         the tokens there, allowed (P, S) bool the sources each reads."""
-        attention = scores.float().masked_fill(~allowed, float("-inf")).softmax(-1).nan_to_num(0.0)
+        masked = scores.float().masked_fill(~allowed, float("-inf"))
+        attention = masked.softmax(-1).nan_to_num(0.0)
         copy = torch.zeros_like(logits, dtype=torch.float32).scatter_add_(1, source_ids, attention)
-        gate = self.gate(hidden).float()
+        best = masked.amax(-1, keepdim=True).nan_to_num(0.0, neginf=0.0)  # how well the best source matches
+        gate = self.gate(hidden).float() + self.match_gain * best
         generate = F.logsigmoid(-gate) + logits.float().log_softmax(-1)
         copied = F.logsigmoid(gate) + copy.clamp(min=1e-12).log()
         return torch.logaddexp(generate, copied).to(logits.dtype)
