@@ -3,7 +3,8 @@
 It reads what the pointer reads of a region (`pointer.region_inputs`: the finest neck level and the
 canvas colour roi-aligned in the box, and the box geometry) and scores the values of one annotation
 attribute (`heads.attribute`, e.g. "color" over `heads.attribute_values`). The heads stages train it on
-every annotated instance (true boxes, jittered); inference labels the head's detections with it, for the
+every annotated instance (true boxes, jittered) on the detached map (it reads the detector's features, it
+does not shape them); inference labels the head's detections with it, for the
 scene line (`scene_line.py`) and the detections' results. Boxes are xyxy canvas pixels.
 """
 
