@@ -2,7 +2,9 @@
 wrong answers of each kind: where the contract's `chat_accuracy` is lost. Counts are split by their
 subject (all shapes, a shape, a colour) and by whether the true answer is zero.
 
-    python experiments/chat_breakdown.py MODEL WORLD_DIR [EXAMPLES]
+    python experiments/chat_breakdown.py MODEL WORLD_DIR [EXAMPLES] [SCENE_CONF]
+
+SCENE_CONF overrides the model's `scene_conf_threshold` (the score a detection needs to be in the scene line).
 """
 
 import collections
@@ -27,9 +29,11 @@ def kind_of(question: str, truth: str) -> str:
     return f"count/{subject}:{'zero' if answer_fact('count', truth) == 0 else 'nonzero'}"
 
 
-def main(model_dir: str, world: str, examples: int = 3) -> None:
+def main(model_dir: str, world: str, examples: int = 3, scene_conf: float | None = None) -> None:
     questions = chat_questions(Path(world) / "chat.json", Path(world) / "images")
     predictor = GroundedLlava.from_pretrained(model_dir, device="cpu")
+    if scene_conf is not None:
+        predictor.model.config.scene_conf_threshold = scene_conf
     answers = predictor.predict(questions.images, questions.prompts, batch_size=8, max_new_tokens=64)
     scored: dict[str, list[bool]] = collections.defaultdict(list)
     wrong: dict[str, list[str]] = collections.defaultdict(list)
@@ -45,7 +49,9 @@ def main(model_dir: str, world: str, examples: int = 3) -> None:
         print(f"{kind:22s} {sum(results):3d} / {len(results):3d} = {sum(results) / len(results):.3f}")
         for line in wrong[kind]:
             print("   ", line)
+    total = [r for results in scored.values() for r in results]
+    print(f"total {sum(total)} / {len(total)} = {sum(total) / len(total):.3f}")
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2], *(int(a) for a in sys.argv[3:]))
+    main(sys.argv[1], sys.argv[2], *(int(a) for a in sys.argv[3:4]), *(float(a) for a in sys.argv[4:5]))
