@@ -24,6 +24,7 @@ from transformers import LlavaForConditionalGeneration
 from grounded_llava import GroundedLlavaConfig, GroundedLlavaForConditionalGeneration
 from grounded_llava.conversation import human_turn
 from grounded_llava.inference.predictor import GroundedLlava
+from grounded_llava.inference.requests import build_request, with_scene_lines
 from grounded_llava.modeling.base import base_state_dict, merge_adapters
 
 from .timing import interleaved
@@ -80,8 +81,9 @@ def chat_latency(*, config: GroundedLlavaConfig, new_tokens: int, repeats: int, 
 
     def grounded_answer_length() -> int:
         """The length `chat` generates: its own generate step, run once on the same request."""
-        request = predictor._request(image, PROMPT, [])
+        request = build_request(processor, image, PROMPT, [])
         features, pyramid = predictor._encode([request])
+        request = with_scene_lines(predictor.model, [request], pyramid)[0]
         decoded = predictor._generate(
             [request], features, pyramid, max_new_tokens=new_tokens, temperature=0.0
         )
