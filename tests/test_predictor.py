@@ -12,7 +12,7 @@ from grounded_llava.codec import encode_phrase
 from grounded_llava.inference import Detections, GroundedAnswer, GroundedLlava, checkpoint_paths
 from grounded_llava.inference.forced import forced_answers
 from grounded_llava.inference.grounding import find_box_groups
-from grounded_llava.inference.requests import build_request
+from grounded_llava.inference.requests import build_request, with_scene_lines
 from grounded_llava.modeling import CheckpointError
 from grounded_llava.modeling.base import BaseModelUnavailableError
 
@@ -226,6 +226,7 @@ def test_generation_keeps_what_a_second_pass_would_compute():
     for prompt in ("Segment every circle.", "Where is the red square?"):
         request = build_request(shipped.processor, image, prompt, [])
         features, pyramid = shipped._encode([request])
+        request = with_scene_lines(shipped.model, [request], pyramid)[0]  # as `chat` reads it
         generated = shipped._generate([request], features, pyramid, max_new_tokens=48, temperature=0.0)
         forced = forced_answers(
             shipped.model, [request.encoded.input_ids.tolist()], generated.ids, features=features,
