@@ -98,7 +98,7 @@ def _repeat_words(copy: bool, steps: int) -> tuple[float, float]:
     first = held.answer_mask.float().argmax(1)  # the position that predicts each answer's first token
     rows = torch.arange(len(unseen))
     right = held.logits[rows, first].argmax(-1) == inputs["labels"][rows, first + 1]
-    return float(out.lm_loss), float(right.float().mean())
+    return float(out.lm_loss.detach()), float(right.float().mean())
 
 
 def test_with_the_copy_head_a_small_lm_repeats_words_it_never_answered_with():
