@@ -16,10 +16,6 @@ from grounded_llava.training.stages import set_trainable
 from .conftest import tiny_test_config
 
 
-def _mix(head: CopyHead, logits, hidden, scores, ids, allowed):
-    return head._mix(logits, hidden, scores, ids, allowed)
-
-
 def test_the_mixture_is_a_distribution_whose_gate_chooses_generating_or_copying():
     torch.manual_seed(0)
     head = CopyHead(8, dim=4)
@@ -28,12 +24,12 @@ def test_the_mixture_is_a_distribution_whose_gate_chooses_generating_or_copying(
     allowed = torch.tensor([[True, True, True, False, False], [True, True, True, True, True]])
     with torch.no_grad():
         head.gate.weight.zero_()
-        mixed = _mix(head, logits, hidden, scores, ids, allowed)
+        mixed = head.mix(logits, hidden, scores, ids, allowed)
         torch.testing.assert_close(mixed.exp().sum(-1), torch.ones(2))
         head.gate.bias.fill_(-40.0)  # generate: the LM head's softmax
-        torch.testing.assert_close(_mix(head, logits, hidden, scores, ids, allowed), logits.log_softmax(-1))
+        torch.testing.assert_close(head.mix(logits, hidden, scores, ids, allowed), logits.log_softmax(-1))
         head.gate.bias.fill_(40.0)  # copy: equal scores spread the mass evenly over the allowed sources
-        copied = _mix(head, logits, hidden, scores, ids, allowed).exp()
+        copied = head.mix(logits, hidden, scores, ids, allowed).exp()
     expected = torch.zeros(2, 10)
     expected[0, 3], expected[0, 7] = 2 / 3, 1 / 3  # sources 3, 3, 7 (1 and 9 not allowed)
     expected[1, 2], expected[1, 4], expected[1, 0] = 1 / 5, 3 / 5, 1 / 5

@@ -47,7 +47,13 @@ class CopyHead(nn.Module):
         before them (both (..., D))."""
         return self.key(hidden) + self.previous_key(previous_embeddings)
 
-    def _mix(
+    def sequence_keys(self, hidden: torch.Tensor, ids: torch.Tensor, embed: nn.Module) -> torch.Tensor:
+        """(B, T, d) keys of every position of (B, T) `ids` read into (B, T, D) `hidden` (`embed`: the LM's
+        input embeddings; the first position's "previous" token is itself)."""
+        previous = embed(torch.cat([ids[:, :1], ids[:, :-1]], dim=1)).to(hidden.dtype)
+        return self.keys(hidden, previous)
+
+    def mix(
         self, logits: torch.Tensor, hidden: torch.Tensor, scores: torch.Tensor, source_ids: torch.Tensor,
         allowed: torch.Tensor,
     ) -> torch.Tensor:  # fmt: skip
@@ -72,12 +78,11 @@ class CopyHead(nn.Module):
         logits: (P, V) the LM head's there; hidden: (B, T, D) all last hidden states; ids: (B, T) the input
         tokens; readable: (B, T) bool, the positions that may be copied from (text tokens, not padding);
         embed: the LM's input embeddings. Position (b, t) reads the sources s <= t of row b."""
-        previous = embed(torch.cat([ids[:, :1], ids[:, :-1]], dim=1)).to(hidden.dtype)
-        keys = self.keys(hidden, previous)
+        keys = self.sequence_keys(hidden, ids, embed)
         scores = torch.bmm(self.query(hidden), keys.transpose(1, 2)) * self.scale  # (B, T, T)
         positions = torch.arange(ids.shape[1], device=ids.device)
         allowed = readable[rows] & (positions[None, :] <= cols[:, None])
-        return self._mix(logits, hidden[rows, cols], scores[rows, cols], ids[rows], allowed)
+        return self.mix(logits, hidden[rows, cols], scores[rows, cols], ids[rows], allowed)
 
 
 class CopySources:
@@ -92,8 +97,7 @@ class CopySources:
         readable: torch.Tensor,
     ) -> None:
         self.head, self.embed = head, embed
-        previous = embed(torch.cat([ids[:, :1], ids[:, :-1]], dim=1)).to(hidden.dtype)
-        self.keys, self.ids, self.readable = head.keys(hidden, previous), ids, readable.clone()
+        self.keys, self.ids, self.readable = head.sequence_keys(hidden, ids, embed), ids, readable.clone()
 
     def append(self, hidden: torch.Tensor, ids: torch.Tensor, readable: torch.Tensor) -> None:
         """One more position per row: (B, D) its hidden state, (B,) its token, (B,) bool copyable."""
@@ -109,7 +113,7 @@ class CopySources:
     def mix(self, logits: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
         """(B, V) mixture log-probs of the next token from (B, V) LM logits and (B, D) last hidden states."""
         scores = torch.einsum("bd,bsd->bs", self.head.query(hidden), self.keys) * self.head.scale
-        return self.head._mix(logits, hidden, scores, self.ids, self.readable)
+        return self.head.mix(logits, hidden, scores, self.ids, self.readable)
 
 
 def language_logits(
