@@ -9,7 +9,7 @@ from grounded_llava.data.dataset import GroundedDataset
 from grounded_llava.data.sample import GroundedSample
 from grounded_llava.inference.requests import build_request, with_scene_lines
 from grounded_llava.inference.scene import scene_lines
-from grounded_llava.scene_line import MAX_LISTED, SeenObject, scene_line, with_scene_line
+from grounded_llava.scene_line import MAX_LISTED, MAX_VOCABULARY, SeenObject, scene_line, with_scene_line
 
 
 def test_the_line_lists_objects_left_to_right_and_counts_kinds_and_colours():
@@ -19,13 +19,24 @@ def test_the_line_lists_objects_left_to_right_and_counts_kinds_and_colours():
         SeenObject("circle", "red", 90.0),
     ]
     assert scene_line(objects) == (
-        "Seen 3 objects, left to right: circle red, cross blue, circle red. Kinds: circles 2, cross 1. "
+        "Seen 3 objects, left to right: circle red, cross blue, circle red. Kinds: circle 2, cross 1. "
         "Colours: red 2, blue 1."
     )
     assert scene_line([SeenObject("bus", None, 1.0)]) == "Seen 1 object, left to right: bus. Kinds: bus 1."
     assert scene_line([]) == "Seen no objects."
     many = scene_line([SeenObject("dog", None, float(x)) for x in range(MAX_LISTED + 3)])
-    assert many.count("dog,") == MAX_LISTED - 1 and f"Kinds: dogs {MAX_LISTED + 3}." in many
+    assert many.count("dog,") == MAX_LISTED - 1 and f"Kinds: dog {MAX_LISTED + 3}." in many
+
+
+def test_a_small_vocabulary_is_listed_whole_with_no_for_what_is_not_seen():
+    objects = [SeenObject("cross", "blue", 50.0), SeenObject("circle", "red", 10.0)]
+    line = scene_line(objects, kinds=["circle", "square", "cross"], attribute_values=["red", "green", "blue"])
+    assert line.endswith("Kinds: circle 1, square no, cross 1. Colours: red 1, green no, blue 1.")
+    empty = scene_line([], kinds=["circle", "square"], attribute_values=["red"])
+    assert empty == "Seen no objects. Kinds: circle no, square no. Colours: red no."
+    coco = [f"class{i}" for i in range(MAX_VOCABULARY + 1)]  # too many to list: only what is seen
+    assert scene_line([SeenObject("class3", None, 1.0)], kinds=coco).endswith("Kinds: class3 1.")
+    assert scene_line([], kinds=coco) == "Seen no objects."
 
 
 def test_the_line_goes_right_after_the_image_token():
@@ -45,12 +56,13 @@ def test_the_dataset_writes_the_annotated_line_after_the_flip(tiny_model, random
         det_attributes=[{"color": "red"}, {}],
     )  # fmt: skip
     processor = tiny_model.processor
-    for flip, order, kinds in ((0.0, "circle red, square", "circle 1, square 1"),
-                               (1.0, "square, circle red", "square 1, circle 1")):  # fmt: skip
+    for flip, order in ((0.0, "circle red, square"), (1.0, "square, circle red")):
+        kinds = "circle 1, square 1"  # the head's vocabulary, in its order
         dataset = GroundedDataset([sample], processor, categories=["circle", "square"], mask_resolution=8,
-                                  hflip_prob=flip, scene_line=True, attribute="color")  # fmt: skip
+                                  hflip_prob=flip, scene_line=True, attribute="color",
+                                  attribute_values=["red", "blue"])  # fmt: skip
         text = processor.decode(dataset[0].encoded.input_ids)
-        assert f"Seen 2 objects, left to right: {order}. Kinds: {kinds}. Colours: red 1." in text
+        assert f"Seen 2 objects, left to right: {order}. Kinds: {kinds}. Colours: red 1, blue no." in text
     plain = GroundedDataset([sample], processor, categories=["circle", "square"], mask_resolution=8)
     assert "Seen" not in processor.decode(plain[0].encoded.input_ids)
 

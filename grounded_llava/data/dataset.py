@@ -60,13 +60,20 @@ def flip_sample(
     return flipped, image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
 
 
-def annotated_scene_line(sample: GroundedSample, attribute: str) -> str:
-    """The scene line of every instance a sample lists (its boxes as they are: after any flip)."""
+def annotated_scene_line(
+    sample: GroundedSample, attribute: str, *, kinds: Sequence[str] = (), attribute_values: Sequence[str] = ()
+) -> str:
+    """The scene line of every instance a sample lists (its boxes as they are: after any flip); `kinds` and
+    `attribute_values` are the vocabularies it lists whole (`scene_line`)."""
     attributes = sample.det_attributes or [{}] * len(sample.det_categories)
-    return scene_line([
-        SeenObject(name, attrs.get(attribute) if attribute else None, float(box[0] + box[2]) / 2)
-        for name, attrs, box in zip(sample.det_categories, attributes, sample.det_boxes, strict=True)
-    ])  # fmt: skip
+    return scene_line(
+        [
+            SeenObject(name, attrs.get(attribute) if attribute else None, float(box[0] + box[2]) / 2)
+            for name, attrs, box in zip(sample.det_categories, attributes, sample.det_boxes, strict=True)
+        ],
+        kinds=kinds,
+        attribute_values=attribute_values,
+    )
 
 
 def load_image(path: Path, *, source: str = "") -> Image.Image:
@@ -107,7 +114,8 @@ class GroundedDataset(Dataset):
         hflip_prob: probability of a horizontal flip, deterministic per (seed, epoch, index).
         on_bad_data: the source's policy for an image that cannot be decoded (`unreadable.py`).
         scene_line: open the image's turn with the scene line of its annotations (`scene_line.py`), for
-            samples that list every instance (`has_det_targets`); its attribute words are `attributes[attribute]`.
+            samples that list every instance (`has_det_targets`); its attribute words are `attributes[attribute]`,
+            and it lists every one of `categories` and `attribute_values` (`scene_line`).
     """
 
     def __init__(
@@ -122,8 +130,11 @@ class GroundedDataset(Dataset):
         on_bad_data: BadDataPolicy = "strict",
         scene_line: bool = False,
         attribute: str = "",
+        attribute_values: Sequence[str] = (),
     ) -> None:
         self.samples = list(samples)
+        self.categories = list(categories)
+        self.attribute_values = list(attribute_values) if attribute else []
         self.scene_line = scene_line
         self.attribute = attribute
         self.unreadable = SkipUnreadable(on_bad_data)
@@ -153,7 +164,10 @@ class GroundedDataset(Dataset):
             sample, image = flip_sample(sample, image, self.processor.num_bins)
         turns = sample.conversation
         if self.scene_line and image is not None and sample.has_det_targets:
-            turns = with_scene_line(turns, annotated_scene_line(sample, self.attribute))
+            line = annotated_scene_line(
+                sample, self.attribute, kinds=self.categories, attribute_values=self.attribute_values
+            )
+            turns = with_scene_line(turns, line)
         encoded = self.processor.encode_conversation(turns, image)
         seg_count = sum(turn["value"].count(SEG) for turn in sample.conversation if turn["from"] == "gpt")
         if seg_count != len(sample.seg_masks):

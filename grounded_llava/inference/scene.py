@@ -35,12 +35,13 @@ def scene_lines(
             model.pointer_features(pyramid, pixel_values), images.to(boxes.device), boxes
         )
         values = [heads.attribute_values[v] for v in logits.argmax(-1).tolist()]
+    listed_values = heads.attribute_values if model.attribute_head is not None else ()
     lines, start = [], 0
     for r, n in zip(rows, counts, strict=True):
         seen = [
             SeenObject(names[int(row[5])], value, (row[0] + row[2]) / 2)
             for row, value in zip(r.float().tolist(), values[start : start + n], strict=True)
         ]
-        lines.append(scene_line(seen))
+        lines.append(scene_line(seen, kinds=names, attribute_values=listed_values))
         start += n
     return lines

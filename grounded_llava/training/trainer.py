@@ -303,7 +303,8 @@ class Trainer:
             )
         return GroundedDataset(
             source.samples, model.processor, hflip_prob=stage.hflip_prob, seed=seed,
-            scene_line=model.config.scene_line, attribute=model.config.heads.attribute, **common,
+            scene_line=model.config.scene_line, attribute=model.config.heads.attribute,
+            attribute_values=model.config.heads.attribute_values, **common,
         )  # fmt: skip
 
     def _losses(
