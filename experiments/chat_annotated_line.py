@@ -17,8 +17,9 @@ from grounded_llava.inference.predictor import GroundedLlava
 from grounded_llava.scene_line import SeenObject, scene_line
 
 
-def annotated_lines(world: Path) -> dict[str, str]:
-    """Image file name -> the scene line of its annotations (colours from `attributes.color`)."""
+def annotated_lines(world: Path, kinds: list[str], values: list[str]) -> dict[str, str]:
+    """Image file name -> the scene line of its annotations (colours from `attributes.color`), listing the
+    vocabularies `kinds` and `values` whole as the model's line does."""
     data = json.loads((world / "annotations.json").read_text())
     names = {c["id"]: c["name"] for c in data["categories"]}
     objects = collections.defaultdict(list)
@@ -27,14 +28,18 @@ def annotated_lines(world: Path) -> dict[str, str]:
         objects[a["image_id"]].append(
             SeenObject(names[a["category_id"]], a["attributes"].get("color"), x + w / 2)
         )
-    return {image["file_name"]: scene_line(objects[image["id"]]) for image in data["images"]}
+    return {
+        image["file_name"]: scene_line(objects[image["id"]], kinds=kinds, attribute_values=values)
+        for image in data["images"]
+    }
 
 
 def main(model_dir: str, world: str) -> None:
     world_dir = Path(world)
     questions = chat_questions(world_dir / "chat.json", world_dir / "images")
-    lines = annotated_lines(world_dir)
     predictor = GroundedLlava.from_pretrained(model_dir, device="cpu")
+    heads = predictor.model.config.heads
+    lines = annotated_lines(world_dir, list(heads.categories), list(heads.attribute_values))
     predictor.model.config.scene_line = False  # the annotated line goes in instead of the head's
     prompts = [
         f"{lines[Path(image).name]}\n{p}"

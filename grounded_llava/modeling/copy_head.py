@@ -11,15 +11,25 @@ gate mixes it with the LM head's softmax:
     p(v | t) = (1 - g_t) softmax(lm_head(h_t))_v + g_t sum_{s <= t, x_s = v} a_ts,
     g_t = sigmoid(w . h_t + b + m max_s score_ts)
 
-The gate also reads how well the best source matches (m, learnt from 0): with nothing to copy (a count of a
-kind the scene line does not list) the LM generates ("no") instead of copying the nearest number.
+The gate also reads how well the best source matches (m, learnt from 0): with nothing to copy the LM
+generates instead.
+
+A score also has an identity term, an induction head built in: a first attention (its own query and keys)
+picks the subject the step is about (the question's noun), and a source scores by how much the token before
+it IS that word (cosine of input embeddings, times a learnt gain). Without it, a 4-layer LM's copy query
+found "a number" but not "the number after `square`": its hidden state does not carry the noun's identity to
+the answer (docs/EXPERIMENTS.md E37):
+
+    score_ts = q_t . k_s / sqrt(d) + gamma cos(sum_u b_tu e(x_u), e(x_{s-1})),   b_t = softmax_u(q'_t . k'_u / sqrt(d))
 
 The result is returned as log-probabilities, which every consumer of logits (the LM loss, softmax,
 sampling, teacher-forced scores) reads unchanged. A key at s sees the tokens up to s, so a word is copied
-from what precedes it: the scene line writes "circles 2" and "cross blue" for that reason.
+from what precedes it: the scene line writes "circle 2" and "cross blue" for that reason.
 """
 
 from __future__ import annotations
+
+from dataclasses import astuple, dataclass
 
 import torch
 import torch.nn.functional as F
@@ -27,6 +37,31 @@ from torch import nn
 
 GATE_INIT = -2.0
 """Initial gate bias: the LM generates (g ~ 0.12) until the copy is learnt."""
+
+IDENTITY_GAIN_INIT = 4.0
+"""Initial gain of the identity term: large enough that the subject attention learns from the first step."""
+
+RECENCY_INIT = -3.0
+"""The subject attention's learnt recency slope before softplus (~0.05 logits per token back): of the nouns
+after "How many", the last question's is the one asked."""
+
+
+@dataclass
+class CopyKeys:
+    """What the sources of (B, S) positions offer a query: content keys (B, S, d) from their hidden states and
+    the tokens before them, subject keys (B, S, d) for the first attention, and the unit-norm input embeddings
+    (B, S, D) of their own tokens and of the tokens before them."""
+
+    content: torch.Tensor
+    subject: torch.Tensor
+    own: torch.Tensor
+    previous: torch.Tensor
+
+    def extended(self, other: CopyKeys) -> CopyKeys:
+        """These sources followed by `other`'s (along S)."""
+        return CopyKeys(
+            *(torch.cat([a, b], dim=1) for a, b in zip(astuple(self), astuple(other), strict=True))
+        )
 
 
 class CopyHead(nn.Module):
@@ -40,18 +75,45 @@ class CopyHead(nn.Module):
         self.gate = nn.Linear(hidden_size, 1)
         nn.init.constant_(self.gate.bias, GATE_INIT)
         self.match_gain = nn.Parameter(torch.zeros(()))
+        self.subject_query = nn.Linear(hidden_size, dim)
+        self.subject_key = nn.Linear(hidden_size, dim)
+        self.subject_previous_key = nn.Linear(hidden_size, dim, bias=False)
+        self.identity_gain = nn.Parameter(torch.tensor(IDENTITY_GAIN_INIT))
+        self.subject_recency = nn.Parameter(torch.tensor(RECENCY_INIT))
         self.scale = dim**-0.5
 
-    def keys(self, hidden: torch.Tensor, previous_embeddings: torch.Tensor) -> torch.Tensor:
-        """(..., d) keys of positions from their last hidden states and the input embeddings of the tokens
-        before them (both (..., D))."""
-        return self.key(hidden) + self.previous_key(previous_embeddings)
+    def keys(
+        self, hidden: torch.Tensor, own_embeddings: torch.Tensor, previous_embeddings: torch.Tensor
+    ) -> CopyKeys:
+        """The `CopyKeys` of (B, S) positions from their last hidden states and the input embeddings of their
+        own tokens and of the tokens before them (all (B, S, D))."""
+        return CopyKeys(
+            content=self.key(hidden) + self.previous_key(previous_embeddings),
+            subject=self.subject_key(hidden) + self.subject_previous_key(previous_embeddings),
+            own=F.normalize(own_embeddings.float(), dim=-1),
+            previous=F.normalize(previous_embeddings.float(), dim=-1),
+        )
 
-    def sequence_keys(self, hidden: torch.Tensor, ids: torch.Tensor, embed: nn.Module) -> torch.Tensor:
-        """(B, T, d) keys of every position of (B, T) `ids` read into (B, T, D) `hidden` (`embed`: the LM's
+    def sequence_keys(self, hidden: torch.Tensor, ids: torch.Tensor, embed: nn.Module) -> CopyKeys:
+        """The `CopyKeys` of every position of (B, T) `ids` read into (B, T, D) `hidden` (`embed`: the LM's
         input embeddings; the first position's "previous" token is itself)."""
-        previous = embed(torch.cat([ids[:, :1], ids[:, :-1]], dim=1)).to(hidden.dtype)
-        return self.keys(hidden, previous)
+        own = embed(ids).to(hidden.dtype)
+        previous = torch.cat([own[:, :1], own[:, :-1]], dim=1)
+        return self.keys(hidden, own, previous)
+
+    def scores(
+        self, hidden: torch.Tensor, keys: CopyKeys, allowed: torch.Tensor, distance: torch.Tensor
+    ) -> torch.Tensor:
+        """(B, Q, S) scores of Q queries per row ((B, Q, D) last hidden states) over the row's S sources;
+        allowed (B, Q, S) bool: the sources each query reads (the subject attention reads them too);
+        distance (1 or B, Q, S): how many positions back each source is from each query."""
+        content = torch.bmm(self.query(hidden), keys.content.transpose(1, 2)) * self.scale
+        subject_scores = torch.bmm(self.subject_query(hidden), keys.subject.transpose(1, 2)) * self.scale
+        subject_scores = subject_scores.float() - F.softplus(self.subject_recency) * distance
+        attention = subject_scores.masked_fill(~allowed, float("-inf")).softmax(-1).nan_to_num(0.0)
+        subject = F.normalize(torch.bmm(attention, keys.own), dim=-1)  # (B, Q, D): the word asked about
+        identity = torch.bmm(subject, keys.previous.transpose(1, 2))  # does the token before s match it?
+        return content.float() + self.identity_gain * identity
 
     def mix(
         self, logits: torch.Tensor, hidden: torch.Tensor, scores: torch.Tensor, source_ids: torch.Tensor,
@@ -78,11 +140,11 @@ class CopyHead(nn.Module):
         logits: (P, V) the LM head's there; hidden: (B, T, D) all last hidden states; ids: (B, T) the input
         tokens; readable: (B, T) bool, the positions that may be copied from (text tokens, not padding);
         embed: the LM's input embeddings. Position (b, t) reads the sources s <= t of row b."""
-        keys = self.sequence_keys(hidden, ids, embed)
-        scores = torch.bmm(self.query(hidden), keys.transpose(1, 2)) * self.scale  # (B, T, T)
         positions = torch.arange(ids.shape[1], device=ids.device)
-        allowed = readable[rows] & (positions[None, :] <= cols[:, None])
-        return self.mix(logits, hidden[rows, cols], scores[rows, cols], ids[rows], allowed)
+        distance = (positions[:, None] - positions[None, :])[None]  # (1, T, T): query t, source s
+        causal = readable[:, None, :] & (distance >= 0)  # (B, T, T)
+        scores = self.scores(hidden, self.sequence_keys(hidden, ids, embed), causal, distance)
+        return self.mix(logits, hidden[rows, cols], scores[rows, cols], ids[rows], causal[rows, cols])
 
 
 class CopySources:
@@ -101,8 +163,9 @@ class CopySources:
 
     def append(self, hidden: torch.Tensor, ids: torch.Tensor, readable: torch.Tensor) -> None:
         """One more position per row: (B, D) its hidden state, (B,) its token, (B,) bool copyable."""
-        previous = self.embed(self.ids[:, -1]).to(hidden.dtype)  # the token before the new position
-        self.keys = torch.cat([self.keys, self.head.keys(hidden, previous)[:, None]], dim=1)
+        own = self.embed(ids[:, None]).to(hidden.dtype)
+        previous = self.embed(self.ids[:, -1:]).to(hidden.dtype)  # the token before the new position
+        self.keys = self.keys.extended(self.head.keys(hidden[:, None], own, previous))
         self.ids = torch.cat([self.ids, ids[:, None]], dim=1)
         self.readable = torch.cat([self.readable, readable[:, None]], dim=1)
 
@@ -112,7 +175,9 @@ class CopySources:
 
     def mix(self, logits: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
         """(B, V) mixture log-probs of the next token from (B, V) LM logits and (B, D) last hidden states."""
-        scores = torch.einsum("bd,bsd->bs", self.head.query(hidden), self.keys) * self.head.scale
+        count = self.ids.shape[1]  # the query is the last position read
+        distance = (count - 1 - torch.arange(count, device=self.ids.device))[None, None]
+        scores = self.head.scores(hidden[:, None], self.keys, self.readable[:, None], distance)[:, 0]
         return self.head.mix(logits, hidden, scores, self.ids, self.readable)
 
 
