@@ -105,12 +105,12 @@ def test_with_the_copy_head_a_small_lm_repeats_words_it_never_answered_with():
     assert copy_loss < 0.5, copy_loss
 
 
-def _look_up(identity: bool, steps: int) -> float:
+def _look_up(identity: bool, steps: int, seed: int = 0) -> float:
     """A 2-layer tiny LM with the copy head trained for `steps` steps on chats that list "Values: W1 v1, ...,
     W6 v6." (v: no, 1, 2 or 3) and then ask three times "How many Wi?", answered "I count vi."; returns its
     accuracy at the last answer's value on 48 chats about words never seen in training. `identity` False
     fixes the identity term's gain at 0."""
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     config = tiny_test_config()
     config.copy_head = True
     model = GroundedLlavaForConditionalGeneration.from_config(config)
@@ -122,9 +122,9 @@ def _look_up(identity: bool, steps: int) -> float:
         for w in model.processor.tokenizer.get_vocab()
         if w.startswith("Ġ") and w[1:].isalpha() and len(w) > 3
     )
-    random.Random(0).shuffle(words)
+    random.Random(seed).shuffle(words)
     seen, unseen = words[:30], words[30:]
-    rng = random.Random(1)
+    rng = random.Random(seed + 1)
 
     def batch(pool: list[str], size: int):
         chats = []

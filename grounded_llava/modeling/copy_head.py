@@ -41,6 +41,9 @@ GATE_INIT = -2.0
 IDENTITY_GAIN_INIT = 4.0
 """Initial gain of the identity term: large enough that the subject attention learns from the first step."""
 
+IDENTITY_GATE_INIT = 2.0
+"""Initial bias of the per-query identity gate (sigmoid 0.88): open, so that look-ups learn from the start."""
+
 RECENCY_INIT = -3.0
 """The subject attention's learnt recency slope before softplus (~0.05 logits per token back): of the nouns
 after "How many", the last question's is the one asked."""
@@ -79,6 +82,8 @@ class CopyHead(nn.Module):
         self.subject_key = nn.Linear(hidden_size, dim)
         self.subject_previous_key = nn.Linear(hidden_size, dim, bias=False)
         self.identity_gain = nn.Parameter(torch.tensor(IDENTITY_GAIN_INIT))
+        self.identity_gate = nn.Linear(hidden_size, 1)  # per query: is this step a look-up?
+        nn.init.constant_(self.identity_gate.bias, IDENTITY_GATE_INIT)
         self.subject_recency = nn.Parameter(torch.tensor(RECENCY_INIT))
         self.scale = dim**-0.5
 
@@ -113,7 +118,8 @@ class CopyHead(nn.Module):
         attention = subject_scores.masked_fill(~allowed, float("-inf")).softmax(-1).nan_to_num(0.0)
         subject = F.normalize(torch.bmm(attention, keys.own), dim=-1)  # (B, Q, D): the word asked about
         identity = torch.bmm(subject, keys.previous.transpose(1, 2))  # does the token before s match it?
-        return content.float() + self.identity_gain * identity
+        gate = torch.sigmoid(self.identity_gate(hidden).float())  # (B, Q, 1)
+        return content.float() + self.identity_gain * gate * identity
 
     def mix(
         self, logits: torch.Tensor, hidden: torch.Tensor, scores: torch.Tensor, source_ids: torch.Tensor,
