@@ -108,7 +108,9 @@ def _chat_dataset(tmp_path, on_bad_data):
     stage = StageConfig(name="chat", kind="align", data=[chat], hflip_prob=0.0)
     model = SimpleNamespace(
         processor=_Processor(),
-        config=SimpleNamespace(heads=SimpleNamespace(categories=["red"], attribute=""), scene_line=False),
+        config=SimpleNamespace(
+            heads=SimpleNamespace(categories=["red"], attribute="", attribute_values=[]), scene_line=False
+        ),
         mask_head=SimpleNamespace(mask_resolution=8),
     )
     source = LoadedSource(samples, [], {}, on_bad_data=on_bad_data)
