@@ -163,6 +163,10 @@ class GroundedLlavaConfig:
     heads: HeadSettings = field(default_factory=HeadSettings)
     loss: LossWeights = field(default_factory=LossWeights)
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    base_save_dtype: Literal["same", "bfloat16", "float16"] = "same"
+    """The dtype a checkpoint stores the tiny base's weights in (`modeling/checkpoint.py`; a hub base is not
+    stored): "same" as in memory; "float16" halves the file (weights rounded to ~3 significant digits) and
+    loading casts them back to `dtype`."""
     quantization: Literal["none", "4bit", "8bit"] = "none"
     """The base LLM's weights through bitsandbytes (CUDA only), as the original LLaVA builder's `load_4bit` /
     `load_8bit`: "4bit" NF4 (QLoRA), "8bit" LLM.int8; the vision tower, projector and LM head stay unquantised."""

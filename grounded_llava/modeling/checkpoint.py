@@ -83,6 +83,16 @@ def build_model(
     return _assemble(config, wrap_with_lora(config, llava, token_ids.all_ids), tokenizer, settings)
 
 
+def _cast_floats(state: dict[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """`state` with its floating tensors in `dtype`; tensors that share storage (tied input and output
+    embeddings) stay one tensor, so that `save_pretrained` still writes them once."""
+    cast: dict[int, torch.Tensor] = {}
+    for tensor in state.values():
+        if tensor.is_floating_point() and tensor.data_ptr() not in cast:
+            cast[tensor.data_ptr()] = tensor.detach().to(dtype)
+    return {k: cast.get(v.data_ptr(), v) if v.is_floating_point() else v for k, v in state.items()}
+
+
 def _write_checkpoint(
     model: GroundedLlavaForConditionalGeneration, processor: GroundedProcessor, directory: Path
 ) -> None:
@@ -93,7 +103,10 @@ def _write_checkpoint(
         directory / HEADS_FILE,
     )
     if model.config.is_tiny:
-        model.base_llava.save_pretrained(directory / BASE_DIR, state_dict=base_state_dict(model.llava))
+        base = base_state_dict(model.llava)
+        if model.config.base_save_dtype != "same":
+            base = _cast_floats(base, DTYPES[model.config.base_save_dtype])
+        model.base_llava.save_pretrained(directory / BASE_DIR, state_dict=base)
     geometry = {
         "num_image_tokens": model.num_image_tokens,
         "canvas_size": model.canvas_size,

@@ -1,0 +1,38 @@
+"""`base_save_dtype`: a checkpoint that stores the tiny base in float16 is half the size, writes tied
+embeddings once, and loads back as the model's own dtype with the weights rounded, nothing else changed."""
+
+import torch
+from safetensors import safe_open
+
+from grounded_llava import GroundedLlavaForConditionalGeneration
+from grounded_llava.modeling.checkpoint import BASE_DIR
+
+from .conftest import tiny_test_config
+
+
+def _stored(directory) -> dict[str, torch.Tensor]:
+    with safe_open(str(directory / BASE_DIR / "model.safetensors"), "pt") as file:
+        return {key: file.get_tensor(key) for key in file.keys()}
+
+
+def test_a_float16_base_is_half_the_file_and_loads_back_rounded(tmp_path):
+    config = tiny_test_config()
+    config.tiny.tie_word_embeddings = True
+    model = GroundedLlavaForConditionalGeneration.from_config(config)
+    full = _stored(model.save_pretrained(tmp_path / "same"))
+    model.config.base_save_dtype = "float16"
+    half_dir = model.save_pretrained(tmp_path / "half")
+    half = _stored(half_dir)
+    assert half.keys() == full.keys()  # the tied output layer is not written a second time
+    assert {tensor.dtype for tensor in half.values()} == {torch.float16}
+    size = (half_dir / BASE_DIR / "model.safetensors").stat().st_size
+    assert size < 0.55 * (tmp_path / "same" / BASE_DIR / "model.safetensors").stat().st_size
+    loaded = GroundedLlavaForConditionalGeneration.from_pretrained(half_dir)
+    assert loaded.config.base_save_dtype == "float16"
+    original = dict(model.base_llava.named_parameters())
+    for name, parameter in loaded.base_llava.named_parameters():
+        assert parameter.dtype == torch.float32
+        expected = original[name].detach()
+        if "lora_" not in name and "trainable_tokens" not in name:  # adapters are stored as they are
+            expected = expected.half().float()
+        assert torch.equal(parameter.detach(), expected), name
