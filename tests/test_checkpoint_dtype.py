@@ -12,7 +12,8 @@ from .conftest import tiny_test_config
 
 def _stored(directory) -> dict[str, torch.Tensor]:
     with safe_open(str(directory / BASE_DIR / "model.safetensors"), "pt") as file:
-        return {key: file.get_tensor(key) for key in file.keys()}
+        names = file.keys()  # a safe_open handle is not iterable
+        return {name: file.get_tensor(name) for name in names}
 
 
 def test_a_float16_base_is_half_the_file_and_loads_back_rounded(tmp_path):
