@@ -1,7 +1,7 @@
 """Evaluate a checkpoint: detection / segmentation AP, referring expressions, chat retention, forgetting.
 
     python -m grounded_llava.evaluate --model runs/tiny-shapes/final --data DIR/annotations.json \\
-        --images DIR/images --out outputs/eval [--tasks det,seg,rec,res,chat] \\
+        --images DIR/images --out outputs/eval [--tasks det,seg,rec,res,find,chat] \\
         [--chat-data DIR/chat.json [--reference runs/tiny-shapes/stages/align]] [--stages runs/tiny-shapes]
 
 Writes OUT/metrics.json (null = not evaluated) and OUT/metrics.md, and prints the table. The options are

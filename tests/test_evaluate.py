@@ -221,6 +221,7 @@ def test_cli_writes_every_key_twice_identically(world, checkpoint, tmp_path, cap
     for key in set(METRIC_KEYS) - {"text_head_agreement"}:  # a random model may write no box at all
         assert isinstance(metrics[key], float), key
     assert metrics["bwt"] is None  # no --stages
+    assert isinstance(metrics["find_name_acc"], float) and metrics["num_find_questions"] >= 2
     assert metrics["num_images"] == 2.0 and metrics["categories_evaluated"] == 3.0  # not hexagon
     entries = json.loads((world / "chat.json").read_text())[:2]
     assert metrics["num_chat_prompts"] == sum(len(e["conversations"]) // 2 for e in entries)  # every question
@@ -243,6 +244,7 @@ def test_cli_tasks_not_run_are_null(world, checkpoint, tmp_path, capsys):
         "chat_accuracy",
         "chat_description_f1",
         "text_head_agreement",
+        "find_f1",
     ):
         assert metrics[key] is None, key
 

@@ -22,6 +22,7 @@ from grounded_llava.evaluation import (
     coco_report_entries,
     detections_to_coco_results,
     empty_metrics,
+    find_metrics,
     forgetting,
     mask_to_rle,
     mean_token_kl,
@@ -228,6 +229,25 @@ def test_res_ciou_and_giou_differ_by_hand():
     assert metrics["res_ciou"] == pytest.approx(4 / (4 + 100))
     with pytest.raises(ValueError, match=r"pred_masks\[0\]"):
         res_metrics([np.zeros((3, 3), dtype=bool)], [empty])
+
+
+def test_find_metrics_by_hand():
+    circles = np.array([[0, 0, 10, 10], [20, 0, 30, 10]], dtype=float)
+    answers = [
+        np.array([[0, 0, 10, 10], [20, 0, 30, 10]], dtype=float),  # both circles: exact
+        np.array([[0, 0, 10, 10], [1, 0, 11, 10], [50, 50, 60, 60]]),  # one circle twice (the 2nd IoU 0.82
+        np.zeros((0, 4)),  # is not matched again: the first took it) and a stray box; no box at all
+    ]
+    metrics = find_metrics(answers, [True, True, False], [circles, circles, circles[:1]])
+    assert metrics["find_name_acc"] == pytest.approx(2 / 3)
+    assert metrics["find_precision50"] == pytest.approx(3 / 5)  # 2 + 1 matched of 5 boxes written
+    assert metrics["find_recall50"] == pytest.approx(3 / 5)  # of 2 + 2 + 1 instances
+    assert metrics["find_f1"] == pytest.approx(3 / 5)
+    assert metrics["find_exact"] == pytest.approx(1 / 3)
+    named_wrong = find_metrics(answers[:1], [False], [circles])
+    assert named_wrong["find_recall50"] == 1.0 and named_wrong["find_exact"] == 0.0
+    with pytest.raises(ValueError, match="as many answers"):
+        find_metrics(answers, [True], [circles])
 
 
 def test_text_head_agreement():

@@ -17,6 +17,7 @@ _EXPORTS = {
     "coco_report_entries": ".report",
     "detections_to_coco_results": ".coco_metrics",
     "empty_metrics": ".report",
+    "find_metrics": ".grounding_metrics",
     "forgetting": ".forgetting_metrics",
     "mask_to_rle": "grounded_llava.rle",
     "mean_token_kl": ".chat_metrics",

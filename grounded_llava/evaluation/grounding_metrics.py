@@ -1,4 +1,4 @@
-"""Referring-expression metrics (REC boxes, RES masks) and the text <-> head agreement rate.
+"""Referring-expression metrics (REC boxes, RES masks), `find` answers and the text <-> head agreement rate.
 
 One prediction per referring expression; a missing prediction (the model named no box, or no mask)
 scores IoU 0 against a non-empty target instead of being skipped, so a model cannot gain by abstaining.
@@ -10,7 +10,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from grounded_llava.box_iou import box_iou_pairs
+from grounded_llava.box_iou import box_iou_pairs, pairwise_iou
 
 
 def rec_metrics(
@@ -108,3 +108,53 @@ def text_head_agreement(matched_counts: Sequence[int], total_counts: Sequence[in
             raise ValueError(f"entry {index}: need 0 <= matched ({matched}) <= total ({total})")
     total = sum(total_counts)
     return sum(matched_counts) / total if total else None
+
+
+FIND_IOU = 0.5
+
+
+def find_metrics(
+    pred_boxes: Sequence[np.ndarray], names_right: Sequence[bool], gt_boxes: Sequence[np.ndarray]
+) -> dict[str, float]:
+    """Answers to "Find all the X.": one question per (image, category present), its answer's boxes against
+    every instance of that category in the image.
+
+    Args:
+        pred_boxes: per question, the answer's boxes (K, 4) xyxy original pixels in answer order (K may be 0).
+        names_right: per question, whether the answer has a phrase and every phrase names the asked category.
+        gt_boxes: per question, the category's instances (M, 4) xyxy original pixels, M >= 1.
+
+    Returns:
+        {"find_name_acc": share of answers that name the asked category, "find_precision50" / "find_recall50":
+        answer boxes matched (greedily in answer order, IoU >= 0.5, each instance once) over all answer boxes /
+        over all instances, pooled over the questions, "find_f1": their harmonic mean,
+        "find_exact": share of answers that name the category and match every instance with no extra box}.
+        Precision is 0 when no answer has a box.
+    """
+    if not len(pred_boxes) == len(names_right) == len(gt_boxes) or not gt_boxes:
+        raise ValueError(
+            f"find_metrics needs as many answers ({len(pred_boxes)}), name checks ({len(names_right)}) and "
+            f"instance sets ({len(gt_boxes)}), at least one"
+        )
+    matched = predicted = instances = exact = 0
+    for boxes, named, gt in zip(pred_boxes, names_right, gt_boxes, strict=True):
+        boxes, gt = np.asarray(boxes, np.float64).reshape(-1, 4), np.asarray(gt, np.float64).reshape(-1, 4)
+        if len(gt) == 0:
+            raise ValueError("find_metrics: a question without an instance of its category")
+        free = np.ones(len(gt), dtype=bool)
+        for iou in pairwise_iou(boxes, gt):
+            candidates = np.where(free & (iou >= FIND_IOU), iou, -1.0)
+            if candidates.max() >= 0:
+                free[candidates.argmax()] = False
+        hits = int((~free).sum())
+        matched, predicted, instances = matched + hits, predicted + len(boxes), instances + len(gt)
+        exact += named and hits == len(gt) == len(boxes)
+    precision, recall = (matched / predicted if predicted else 0.0), matched / instances
+    f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+    return {
+        "find_name_acc": float(np.mean(names_right)),
+        "find_precision50": precision,
+        "find_recall50": recall,
+        "find_f1": f1,
+        "find_exact": exact / len(gt_boxes),
+    }

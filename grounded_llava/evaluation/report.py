@@ -28,7 +28,16 @@ METRIC_KEYS: tuple[str, ...] = (
     "text_head_agreement",
 )
 # Reported when available; also part of `empty_metrics()`.
-OPTIONAL_METRIC_KEYS: tuple[str, ...] = ("bbox_AP75", "segm_AP75", "bwt")
+OPTIONAL_METRIC_KEYS: tuple[str, ...] = (
+    "bbox_AP75",
+    "segm_AP75",
+    "bwt",
+    "find_name_acc",
+    "find_precision50",
+    "find_recall50",
+    "find_f1",
+    "find_exact",
+)
 
 
 def empty_metrics() -> dict[str, float | None]:

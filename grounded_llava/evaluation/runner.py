@@ -6,6 +6,9 @@ Tasks (`tasks.py` holds their prompts and the aggregation):
   prompt, scored by their token probability -> `text_bbox_AP(50)`; the share of those text boxes that
   matched a head box -> `text_head_agreement`.
 - `seg`: the head's detections with box-prompted masks -> COCO mask AP.
+- `find`: "Find all the {names} in the image." for every category an image shows -> `find_name_acc` (every
+  phrase names it), `find_precision50` / `find_recall50` / `find_f1` (its boxes against the category's
+  instances) and `find_exact` (`grounding_metrics.find_metrics`).
 - `rec` / `res`: the first referring expression of every annotation, asked with the `refer` prompt; the
   answer's first grounded span -> its box (`rec_*`) and its `<seg>` mask (`res_*`).
 - `chat`: every human turn of each `--chat-data` entry, asked as its own single-turn prompt and answered
@@ -45,6 +48,8 @@ from grounded_llava.evaluation.tasks import (
     EvalData,
     answers_agreement,
     coco_entries,
+    find_entries,
+    find_questions,
     head_results,
     load_eval_data,
     map_categories,
@@ -144,6 +149,19 @@ def _run_referring(
         else:
             notes.append("res skipped: no referred instance has a segmentation")
     return metrics
+
+
+def _run_find(
+    predictor: GroundedLlava, data: EvalData, categories: CategoryMap, config: EvaluationConfig
+) -> dict[str, float]:
+    questions = find_questions(data.records, categories)
+    answers = predictor.predict(
+        [q.image.path for q in questions],
+        [q.prompt for q in questions],
+        batch_size=config.batch_size,
+        max_new_tokens=config.max_new_tokens,
+    )
+    return find_entries(answers, questions, categories) | {"num_find_questions": float(len(questions))}
 
 
 @dataclass
@@ -249,11 +267,14 @@ def evaluate(config: EvaluationConfig) -> Evaluation:
     evaluation.metrics["num_images"] = float(len(data.records))
     out = Path(config.out)
     tasks: list[tuple[str, Callable[[], dict]]] = []
-    if {"det", "seg"} & set(config.tasks):
+    if {"det", "seg", "find"} & set(config.tasks):
         categories = map_categories(predictor.categories, data.categories, source=str(data.source))
+    if {"det", "seg"} & set(config.tasks):
         tasks.append(("det/seg", lambda: _run_detection(predictor, data, categories, config)))
     if {"rec", "res"} & set(config.tasks):
         tasks.append(("rec/res", lambda: _run_referring(predictor, data, config, evaluation.notes)))
+    if "find" in config.tasks:
+        tasks.append(("find", lambda: _run_find(predictor, data, categories, config)))
     if chat is not None:
         tasks.append(("chat", lambda: _run_chat(predictor, chat, config, evaluation.notes)))
     if plan is not None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from grounded_llava.errors import UsageError
 
-TASKS = ("det", "seg", "rec", "res", "chat")
+TASKS = ("det", "seg", "rec", "res", "find", "chat")
 
 
 def parse_tasks(text: str) -> tuple[str, ...]:

@@ -23,7 +23,12 @@ from grounded_llava.data import phrasing
 from grounded_llava.data.bad_data import DataError
 from grounded_llava.data.coco import Category, ImageRecord, InstanceRecord, load_coco_instances
 from grounded_llava.evaluation.coco_metrics import IouType, coco_detection_metrics, detections_to_coco_results
-from grounded_llava.evaluation.grounding_metrics import rec_metrics, res_metrics, text_head_agreement
+from grounded_llava.evaluation.grounding_metrics import (
+    find_metrics,
+    rec_metrics,
+    res_metrics,
+    text_head_agreement,
+)
 from grounded_llava.evaluation.report import coco_report_entries
 from grounded_llava.inference.detections import Detections
 from grounded_llava.inference.reconciliation import phrase_category
@@ -34,6 +39,7 @@ from grounded_llava.inference.results import GroundedAnswer
 # (`TaskConfig.refer_seg`), while the `segment` templates name categories, not expressions.
 DETECT_PROMPT = phrasing.QUESTIONS["detect"][0]  # "Detect every object in the image."
 REFER_PROMPT = phrasing.QUESTIONS["refer"][0]  # "Where is {expr}?"
+FIND_PROMPT = phrasing.QUESTIONS["find"][0]  # "Find all the {names} in the image."
 
 
 @dataclass
@@ -218,3 +224,45 @@ def res_entries(answers: Sequence[GroundedAnswer], targets: Sequence[ReferringTa
     predictions = [answer.spans[0].mask if answer.spans else None for answer, _ in pairs]
     masks = [target.instance.decode_mask(target.image.image_size) for _, target in pairs]
     return res_metrics(predictions, masks)
+
+
+# ---------------------------------------------------------------------------- find
+@dataclass(frozen=True)
+class FindQuestion:
+    """ "Find all the X": one category present in one image, and its non-crowd instances."""
+
+    image: ImageRecord
+    category: str
+    instances: tuple[InstanceRecord, ...]
+
+    @property
+    def prompt(self) -> str:
+        return FIND_PROMPT.format(names=phrasing.pluralize(self.category))
+
+
+def find_questions(records: Sequence[ImageRecord], categories: CategoryMap) -> list[FindQuestion]:
+    """One question per image and category that both the model and the ground truth know and the image
+    shows, by image then category name."""
+    questions = []
+    for record in records:
+        present = sorted({i.category_name for i in record.non_crowd()} & set(categories.name_to_gt))
+        for name in present:
+            instances = tuple(i for i in record.non_crowd() if i.category_name == name)
+            questions.append(FindQuestion(image=record, category=name, instances=instances))
+    return questions
+
+
+def find_entries(
+    answers: Sequence[GroundedAnswer], questions: Sequence[FindQuestion], categories: CategoryMap
+) -> dict[str, float]:
+    """`find_*` of the answers (`grounding_metrics.find_metrics`): every span's box, and whether every
+    phrase names the asked category (`phrase_category`)."""
+    names = categories.model_categories
+    return find_metrics(
+        [np.array([span.box for span in answer.spans]).reshape(-1, 4) for answer in answers],
+        [
+            bool(answer.spans) and all(phrase_category(s.phrase, names) == q.category for s in answer.spans)
+            for answer, q in zip(answers, questions, strict=True)
+        ],
+        [np.array([i.box_xyxy for i in q.instances]) for q in questions],
+    )
