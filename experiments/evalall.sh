@@ -27,7 +27,7 @@ import json
 m = json.load(open("outputs/eval-$S-$N/metrics.json"))
 n = json.load(open("outputs/eval-$S-$N-new/metrics.json"))
 keys = ["bbox_AP50", "segm_AP50", "rec_acc50", "res_giou", "text_head_agreement", "chat_accuracy",
-        "chat_description_f1", "old_class_AP_before", "old_class_AP_after"]
+        "chat_description_f1", "find_name_acc", "find_f1", "old_class_AP_before", "old_class_AP_after"]
 row = {k: round(m[k], 3) for k in keys if m.get(k) is not None} | {"new_AP50": round(n["bbox_AP50"], 3)}
 print("$S", json.dumps(row))
 PY
