@@ -229,7 +229,7 @@ def res_entries(answers: Sequence[GroundedAnswer], targets: Sequence[ReferringTa
 # ---------------------------------------------------------------------------- find
 @dataclass(frozen=True)
 class FindQuestion:
-    """ "Find all the X": one category present in one image, and its non-crowd instances."""
+    """A "Find all the X" question: one category present in one image, and its non-crowd instances."""
 
     image: ImageRecord
     category: str
