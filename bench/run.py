@@ -127,8 +127,8 @@ def run(out_dir: Path, *, quick: bool) -> dict:
     return report
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def main(argv: list[str] | None = None, prog: str | None = None) -> int:
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
     parser.add_argument(
         "--out", required=True, type=Path, help="output folder (bench.json, bench.md, bench.png)"
     )

@@ -1,4 +1,4 @@
-"""The command lines: one console script over train/infer/evaluate/demo/convert, and answers to --help and argument
+"""The command lines: one console script over train/infer/evaluate/demo/convert/bench, and answers to --help and argument
 mistakes that come before the model stack (torch, transformers) is imported."""
 
 import subprocess
@@ -33,6 +33,7 @@ def imported_modules(*command: str) -> set[str]:
         ("-m", "grounded_llava.convert", "--from-llava", "no-such-dir", "--out", "o"),
         ("infer.py", "--image", "no-such-image.png", "--prompt", "Where?"),
         ("-m", "grounded_llava.commands", "infer", "--image", "no-such-image.png", "--prompt", "Where?"),
+        ("-m", "grounded_llava.commands", "bench", "--help"),
     ],
 )
 def test_help_and_argument_mistakes_answer_without_loading_torch(command):
@@ -52,6 +53,9 @@ def test_the_console_script_dispatches_to_each_command(capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["train", "--help"])
     assert exit_info.value.code == 0 and "usage: grounded-llava train" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as exit_info:
+        main(["bench"])  # bench/run.py of this clone: --out is required
+    assert exit_info.value.code == 2 and "usage: grounded-llava bench" in capsys.readouterr().err
 
 
 def test_one_error_policy_user_errors_are_one_line_and_bugs_keep_their_traceback(capsys):
