@@ -1,11 +1,13 @@
-"""`base_save_dtype`: a checkpoint that stores the tiny base in float16 is half the size, writes tied
-embeddings once, and loads back as the model's own dtype with the weights rounded, nothing else changed."""
+"""The tiny base in a checkpoint: `base_save_dtype` float16 is half the size, writes tied embeddings once, and
+loads back as the model's own dtype with the weights rounded; a re-saved checkpoint names no local base path."""
+
+import json
 
 import torch
 from safetensors import safe_open
 
 from grounded_llava import GroundedLlavaForConditionalGeneration
-from grounded_llava.modeling.checkpoint import BASE_DIR
+from grounded_llava.modeling.checkpoint import ADAPTER_DIR, BASE_DIR
 
 from .conftest import tiny_test_config
 
@@ -37,3 +39,17 @@ def test_a_float16_base_is_half_the_file_and_loads_back_rounded(tmp_path):
         if "lora_" not in name and "trainable_tokens" not in name:  # adapters are stored as they are
             expected = expected.half().float()
         assert torch.equal(parameter.detach(), expected), name
+
+
+def test_a_reloaded_tiny_checkpoint_saves_no_path_of_this_machine(tmp_path):
+    """A fine-tune of a tiny checkpoint (`init_from`) loads its base from `base/`; its own checkpoint carries
+    that base beside the adapter, so the adapter config names no base path (as a from-scratch run's)."""
+    first = GroundedLlavaForConditionalGeneration.from_config(tiny_test_config()).save_pretrained(
+        tmp_path / "a"
+    )
+    loaded = GroundedLlavaForConditionalGeneration.from_pretrained(first)
+    second = loaded.save_pretrained(tmp_path / "b")
+    for directory in (first, second):
+        adapter_config = json.loads((directory / ADAPTER_DIR / "adapter_config.json").read_text())
+        assert adapter_config["base_model_name_or_path"] is None
+        assert str(tmp_path) not in (directory / ADAPTER_DIR / "README.md").read_text()  # peft's model card

@@ -167,6 +167,9 @@ def load_pretrained(
         llava = LlavaForConditionalGeneration.from_pretrained(
             directory / BASE_DIR, dtype=DTYPES[config.dtype]
         )
+        # a base stored in the checkpoint is saved with it again: peft's adapter config and model card must
+        # not record this machine's path to it
+        llava.name_or_path = llava.config.name_or_path = ""
         settings = image_settings_for(
             llava.config,
             processor.image_mean,
@@ -183,6 +186,8 @@ def load_pretrained(
         )
     with peft_wrapping():
         peft_model = PeftModel.from_pretrained(llava, directory / ADAPTER_DIR, is_trainable=is_trainable)
+    if (directory / BASE_DIR).is_dir():  # (and an adapter saved before that rule names none either)
+        peft_model.peft_config[peft_model.active_adapter].base_model_name_or_path = None
     model, _ = _assemble(config, peft_model, processor.tokenizer, settings)
     heads = read_safetensors(directory / HEADS_FILE)
     check_shapes(model, heads, directory / HEADS_FILE)
