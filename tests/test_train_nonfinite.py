@@ -113,3 +113,14 @@ def test_a_checkpoint_with_a_nan_weight_is_refused_and_the_earlier_one_kept(tmp_
 def test_max_nonfinite_steps_must_be_positive():
     with pytest.raises(ConfigError, match="max_nonfinite_steps must be >= 1"):
         TrainConfig.from_yaml(CONFIG, ["train.max_nonfinite_steps=0"])
+
+
+def test_an_init_from_that_does_not_exist_is_named_with_its_file(tmp_path):
+    with pytest.raises(
+        ConfigError, match=r"train_tiny\.yaml: field 'init_from': no checkpoint directory .*no-run"
+    ):
+        TrainConfig.from_yaml(CONFIG, [f"init_from={tmp_path / 'no-run'}"])
+    (tmp_path / "a-run").mkdir()
+    assert TrainConfig.from_yaml(CONFIG, [f"init_from={tmp_path / 'a-run'}"]).init_from == str(
+        tmp_path / "a-run"
+    )

@@ -199,9 +199,15 @@ class TrainConfig:
         data = apply_overrides(load_yaml(path), overrides)
         data.setdefault("config_dir", str(path.resolve().parent))
         try:
-            return from_dict(cls, data)
+            config = from_dict(cls, data)
         except ConfigError as err:
             raise ConfigError(f"{path}: {err}") from None
+        if config.init_from and not config.resolve(config.init_from).is_dir():
+            raise ConfigError(
+                f"{path}: field 'init_from': no checkpoint directory {config.resolve(config.init_from)} "
+                "(the run it names has to be trained first)"
+            )
+        return config
 
     def to_dict(self) -> dict:
         return to_dict(self)
