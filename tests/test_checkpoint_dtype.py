@@ -53,3 +53,14 @@ def test_a_reloaded_tiny_checkpoint_saves_no_path_of_this_machine(tmp_path):
         adapter_config = json.loads((directory / ADAPTER_DIR / "adapter_config.json").read_text())
         assert adapter_config["base_model_name_or_path"] is None
         assert str(tmp_path) not in (directory / ADAPTER_DIR / "README.md").read_text()  # peft's model card
+
+    # a checkpoint saved before the rule, its adapter naming where its base was once read from
+    old_config = first / ADAPTER_DIR / "adapter_config.json"
+    old_config.write_text(
+        json.dumps(json.loads(old_config.read_text()) | {"base_model_name_or_path": "/elsewhere/base"})
+    )
+    third = GroundedLlavaForConditionalGeneration.from_pretrained(first).save_pretrained(tmp_path / "c")
+    assert (
+        json.loads((third / ADAPTER_DIR / "adapter_config.json").read_text())["base_model_name_or_path"]
+        is None
+    )

@@ -163,12 +163,13 @@ def load_pretrained(
             raise CheckpointError(f"{directory / required} is missing: incomplete checkpoint")
     verify_safetensors(directory)
     processor = GroundedProcessor.from_pretrained(directory)
-    if (directory / BASE_DIR).is_dir():
+    # A base stored in the checkpoint is saved with it again: peft's adapter config and model card must not
+    # record this machine's path to it (nor keep one that an older checkpoint recorded).
+    stored_base = (directory / BASE_DIR).is_dir()
+    if stored_base:
         llava = LlavaForConditionalGeneration.from_pretrained(
             directory / BASE_DIR, dtype=DTYPES[config.dtype]
         )
-        # a base stored in the checkpoint is saved with it again: peft's adapter config and model card must
-        # not record this machine's path to it
         llava.name_or_path = llava.config.name_or_path = ""
         settings = image_settings_for(
             llava.config,
@@ -186,7 +187,7 @@ def load_pretrained(
         )
     with peft_wrapping():
         peft_model = PeftModel.from_pretrained(llava, directory / ADAPTER_DIR, is_trainable=is_trainable)
-    if (directory / BASE_DIR).is_dir():  # (and an adapter saved before that rule names none either)
+    if stored_base:
         peft_model.peft_config[peft_model.active_adapter].base_model_name_or_path = None
     model, _ = _assemble(config, peft_model, processor.tokenizer, settings)
     heads = read_safetensors(directory / HEADS_FILE)
